@@ -1,0 +1,3 @@
+from tcpgc.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,224 @@
+"""The Connect-Connect node (the agent): dials out to each LL, proves the join token,
+and for every OPEN it is sent, connects to that service's server and gives the LL a
+data connection carrying the client.
+
+The agent verifies the LL first (pinned certificate, then the LL's proof of the
+secret) and only then acts on requests; it dials only the servers of its own config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import random
+import ssl
+import time
+
+from tcpgc.channel import FrameChannel
+from tcpgc.config import Address, CCConfig
+from tcpgc.errors import PeerRefused, ProtocolError, TcpgcError, UsageError
+from tcpgc.identity import JoinToken, agent_context, format_fingerprint
+from tcpgc.link import Link
+from tcpgc.protocol.handshake import AgentHandshake, State
+from tcpgc.protocol.messages import MAX_VERSION, Data, Error, Open, OpenFailed, Ping, Pong, encode
+from tcpgc.relay import Relay
+from tcpgc.tasks import TaskGroup
+
+log = logging.getLogger("tcpgc.cc")
+
+#: A session that lasted this long resets the reconnect backoff.
+STABLE_SESSION = 30.0
+
+
+class PinMismatch(TcpgcError):
+    pass
+
+
+class ConnectNode:
+    """The CC node. Use as ``async with ConnectNode(config, token) as node:``; it keeps
+    one session per LL address, reconnecting with backoff, until closed."""
+
+    def __init__(self, config: CCConfig, token: JoinToken) -> None:
+        if not config.ll:
+            raise UsageError("no LL address: give --ll HOST:PORT or 'll' in the config file")
+        if not config.services:
+            raise UsageError("no service: give --server HOST:PORT or [services.NAME] in the config file")
+        self.config = config
+        self.token = token
+        self._tls = None if config.insecure_plaintext else agent_context()
+        self._tasks = TaskGroup()
+        self.connected: dict[str, asyncio.Event] = {str(a): asyncio.Event() for a in config.ll}
+
+    async def start(self) -> None:
+        for address in self.config.ll:
+            self._tasks.spawn(self._keep_session(address), f"session to {address}")
+
+    async def close(self) -> None:
+        await self._tasks.close()
+
+    async def __aenter__(self) -> ConnectNode:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _keep_session(self, address: Address) -> None:
+        delay = self.config.reconnect_min
+        while True:
+            started = time.monotonic()
+            try:
+                await self._session(address)
+            except (TcpgcError, OSError, ssl.SSLError, TimeoutError) as exc:
+                log.error("cannot connect to LL %s: %s", address, _describe(exc))
+            finally:
+                self.connected[str(address)].clear()
+            if time.monotonic() - started > STABLE_SESSION:
+                delay = self.config.reconnect_min
+            # Full jitter: agents restarted together do not come back together.
+            wait = random.uniform(self.config.reconnect_min, delay)
+            log.info("reconnecting to %s in %.1f s", address, wait)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, self.config.reconnect_max)
+
+    async def _dial_ll(self, address: Address) -> Link:
+        """A verified link to the LL: TCP, TLS, and the pinned certificate checked."""
+        loop = asyncio.get_running_loop()
+        _, link = await loop.create_connection(lambda: Link(self._tls), address.host, address.port)
+        try:
+            await link.ready
+            if self._tls is not None:
+                self._check_pin(link)
+        except BaseException:
+            link.abort()
+            raise
+        return link
+
+    def _check_pin(self, link: Link) -> None:
+        der = link.peer_certificate or b""
+        actual = hashlib.sha256(der).digest()
+        if not hmac.compare_digest(actual, self.token.fingerprint):
+            raise PinMismatch(
+                f"the LL's certificate is {format_fingerprint(actual)} but the join token pins "
+                f"{format_fingerprint(self.token.fingerprint)}: refusing to talk to it "
+                "(wrong address, a token from another LL, or someone in the middle)"
+            )
+
+    async def _session(self, address: Address) -> None:
+        async with asyncio.timeout(self.config.connect_timeout):
+            link = await self._dial_ll(address)
+            channel = FrameChannel(link)
+            handshake = AgentHandshake(
+                self.token.secret, services=tuple(self.config.services), binding=self.token.fingerprint
+            )
+            channel.send(handshake.start())
+            while handshake.state is not State.DONE:
+                message = await channel.recv()
+                if message is None:
+                    raise ProtocolError("the LL closed the connection during the handshake")
+                reply = handshake.receive(message)
+                if reply is not None:
+                    channel.send(reply)
+        agent_id = handshake.agent_id.hex()[:12]
+        log.info("connected to LL %s as agent %s (services: %s)", address, agent_id, ", ".join(self.config.services))
+        self.connected[str(address)].set()
+        heartbeat = max(handshake.heartbeat_ms, 100) / 1000
+        pinger = self._tasks.spawn(self._ping(channel, heartbeat), f"heartbeat to {address}")
+        try:
+            await self._serve(address, channel, heartbeat)
+        finally:
+            pinger.cancel()
+            link.abort()
+
+    async def _serve(self, address: Address, channel: FrameChannel, heartbeat: float) -> None:
+        while True:
+            try:
+                message = await channel.recv(timeout=3 * heartbeat)
+            except TimeoutError:
+                raise ProtocolError(f"no heartbeat from the LL for {3 * heartbeat:.0f} s") from None
+            if message is None:
+                raise ProtocolError("the LL closed the control connection")
+            if isinstance(message, Open):
+                self._tasks.spawn(self._open(address, channel, message), f"open {message.service}")
+            elif isinstance(message, Ping):
+                channel.send(Pong(message.token))
+            elif isinstance(message, Pong):
+                pass
+            elif isinstance(message, Error):
+                raise PeerRefused(f"the LL closed the session: {message.message}")
+            else:
+                raise ProtocolError(f"unexpected {message.TYPE.name} from the LL")
+
+    async def _ping(self, channel: FrameChannel, interval: float) -> None:
+        token = 0
+        while True:
+            await asyncio.sleep(interval)
+            token += 1
+            channel.send(Ping(token))
+
+    async def _open(self, ll: Address, channel: FrameChannel, request: Open) -> None:
+        server = self.config.services.get(request.service)
+        if server is None:
+            log.warning("LL %s asked for service '%s', which this agent does not serve", ll, request.service)
+            channel.send(OpenFailed(request.conn_id, f"service '{request.service}' is not served by this agent"))
+            return
+        loop = asyncio.get_running_loop()
+        server_task = asyncio.ensure_future(
+            loop.create_connection(Link, server.host, server.port)  # type: ignore[arg-type]
+        )
+        data_task = asyncio.ensure_future(self._dial_ll(ll))
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                await asyncio.wait([server_task, data_task])
+        except TimeoutError:
+            pass
+        for task in (server_task, data_task):
+            task.cancel()
+        server_link = _result_link(server_task)
+        data_link = _result_link(data_task)
+        if server_link is None:
+            reason = _task_error(server_task)
+            log.warning("cannot reach server %s for service '%s': %s", server, request.service, reason)
+            channel.send(OpenFailed(request.conn_id, f"cannot reach its server: {reason}"))
+            if data_link is not None:
+                data_link.abort()
+            return
+        if data_link is None:
+            log.warning("cannot open a data connection to LL %s: %s", ll, _task_error(data_task))
+            server_link.abort()
+            return
+        data_link.write(encode(Data(MAX_VERSION, request.conn_id)))
+        result = await Relay(server_link, data_link).done
+        log.info(
+            "service '%s' connection done after %.3f s: %d bytes to server, %d bytes from it, %s",
+            request.service, result.duration, result.bytes_b_to_a, result.bytes_a_to_b, result.ended,
+        )
+
+
+def _result_link(task: asyncio.Future[object]) -> Link | None:
+    if task.cancelled() or task.exception() is not None:
+        return None
+    result = task.result()
+    link = result[1] if isinstance(result, tuple) else result
+    return link if isinstance(link, Link) else None
+
+
+def _task_error(task: asyncio.Future[object]) -> str:
+    if task.cancelled():
+        return "timed out"
+    exc = task.exception()
+    return _describe(exc) if exc is not None else "unknown error"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed ({exc.reason or exc}); is the LL running with --insecure-plaintext?"
+    if isinstance(exc, ConnectionResetError) and "TLS" in str(exc):
+        return f"{exc}; is the LL running with --insecure-plaintext?"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,70 @@
+"""Awaitable frames over a Link, for the control connection and a data connection's
+first frame. Decoding stays in the sans-I/O codec; this only waits for it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tcpgc.errors import ProtocolError
+from tcpgc.link import Link
+from tcpgc.protocol.messages import MAX_PAYLOAD, FrameDecoder, Message, encode
+
+
+class FrameChannel:
+    """The handler of a link that carries frames."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self._decoder = FrameDecoder()
+        self._buffered = 0
+        self._eof = False
+        self._lost = False
+        self._wakeup = asyncio.Event()
+        link.attach(self)
+
+    # LinkHandler
+    def on_data(self, data: bytes) -> None:
+        self._decoder.receive_data(data)
+        self._buffered += len(data)
+        if self._buffered > 2 * MAX_PAYLOAD:
+            # The peer sends faster than we handle frames: stop reading until we catch up.
+            self.link.pause_reading()
+        self._wakeup.set()
+
+    def on_eof(self) -> None:
+        self._eof = True
+        self._wakeup.set()
+
+    def on_lost(self, exc: BaseException | None) -> None:
+        self._lost = True
+        self._wakeup.set()
+
+    def on_pause(self) -> None:
+        pass
+
+    def on_resume(self) -> None:
+        pass
+
+    async def recv(self, timeout: float | None = None) -> Message | None:
+        """The next message; None when the peer closed cleanly between frames.
+        Raises ProtocolError for bad bytes and TimeoutError after `timeout` seconds."""
+        async with asyncio.timeout(timeout):
+            while True:
+                message = self._decoder.next_message()
+                if message is not None:
+                    self._buffered = 0
+                    self.link.resume_reading()
+                    return message
+                if self._eof or self._lost:
+                    self._decoder.receive_data(b"")
+                    self._decoder.next_message()  # raises if the stream ended mid-frame
+                    return None
+                self._wakeup.clear()
+                await self._wakeup.wait()
+
+    def send(self, message: Message) -> None:
+        self.link.write(encode(message))
+
+    def detach(self) -> None:
+        """Hand the link back to buffering, with any bytes read past the last frame."""
+        self.link.detach(self._decoder.leftover(), self._eof)

@@ -1,0 +1,195 @@
+"""Command line → configuration → the node APIs. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from tcpgc import __version__
+from tcpgc.config import (
+    DEFAULT_SERVICE,
+    CCConfig,
+    LLConfig,
+    cc_config_from,
+    ll_config_from,
+    parse_address,
+    read_toml,
+)
+from tcpgc.errors import UsageError
+from tcpgc.identity import default_state_dir, format_fingerprint, load_identity, read_token
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage block: say what is wrong and where help is.
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tcpgc", description="TCP gender changer: reach a server behind a firewall "
+                     "that drops inbound connections, through an outside node it dials out to.")
+    parser.add_argument("--version", action="version", version=f"tcpgc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    token = sub.add_parser("token", help="create the LL identity if missing and print its join token")
+    token.add_argument("--state-dir", type=Path, help=f"LL state dir (default {default_state_dir()})")
+
+    ll = sub.add_parser("ll", help="run the outside node: listen for clients and for agents")
+    ll.add_argument("--clients", metavar="HOST:PORT", help="where clients of service 'default' connect")
+    ll.add_argument("--cc", metavar="HOST:PORT", help="where agents (tcpgc cc) connect")
+    ll.add_argument("--state-dir", type=Path, help=f"LL state dir (default {default_state_dir()})")
+    ll.add_argument("--client-wait", type=float, metavar="SECONDS",
+                    help="how long a client may wait for an agent (default 10)")
+    _common(ll)
+
+    cc = sub.add_parser("cc", help="run the inside node: dial the LL and the server")
+    cc.add_argument("--ll", metavar="HOST:PORT", action="append",
+                    help="the LL's agent address (repeat to serve several LLs)")
+    cc.add_argument("--server", metavar="HOST:PORT", help="the server of service 'default'")
+    cc.add_argument("--token-file", type=Path, metavar="FILE",
+                    help="file holding the join token (default: $TCPGC_TOKEN)")
+    _common(cc)
+
+    demo = sub.add_parser("demo", help="run a web server, an LL and a CC on loopback and fetch a page")
+    demo.add_argument("--once", action="store_true", help="fetch the page once, report, and exit")
+    return parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", type=Path, metavar="FILE", help="TOML config file")
+    p.add_argument("--insecure-plaintext", action="store_true", default=None,
+                   help="no TLS between LL and CC (authentication stays on); both sides must agree")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def ll_config(args: argparse.Namespace) -> LLConfig:
+    config = ll_config_from(read_toml(args.config), str(args.config)) if args.config else LLConfig()
+    if args.cc:
+        config.cc = parse_address(args.cc, "--cc")
+    if args.clients:
+        config.services[DEFAULT_SERVICE] = parse_address(args.clients, "--clients")
+    if args.state_dir:
+        config.state_dir = args.state_dir
+    if args.client_wait is not None:
+        if args.client_wait <= 0:
+            raise UsageError("--client-wait must be a positive number of seconds")
+        config.client_wait = args.client_wait
+    if args.insecure_plaintext:
+        config.insecure_plaintext = True
+    if config.cc is None:
+        raise UsageError("tcpgc ll needs --cc HOST:PORT (where agents connect) or a config file with 'cc'")
+    if not config.services:
+        raise UsageError("tcpgc ll needs --clients HOST:PORT or a config file with [services.NAME] sections")
+    return config
+
+
+def cc_config(args: argparse.Namespace) -> CCConfig:
+    config = cc_config_from(read_toml(args.config), str(args.config)) if args.config else CCConfig()
+    if args.ll:
+        config.ll = [parse_address(a, "--ll") for a in args.ll]
+    if args.server:
+        config.services[DEFAULT_SERVICE] = parse_address(args.server, "--server")
+    if args.token_file:
+        config.token_file = args.token_file
+    if args.insecure_plaintext:
+        config.insecure_plaintext = True
+    if not config.ll:
+        raise UsageError("tcpgc cc needs --ll HOST:PORT (the LL's agent address) or a config file with 'll'")
+    if not config.services:
+        raise UsageError("tcpgc cc needs --server HOST:PORT or a config file with [services.NAME] sections")
+    return config
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _run_until_signal(node: object) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with node:  # type: ignore[attr-defined]
+            if hasattr(node, "agent_address"):
+                _print_instructions(node)  # type: ignore[arg-type]
+            await stop.wait()
+            logging.getLogger("tcpgc").info("stopping")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _print_instructions(node: object) -> None:
+    from tcpgc.ll import ListenNode
+
+    assert isinstance(node, ListenNode) and node.identity is not None and node.agent_address is not None
+    agent = node.agent_address
+    host = agent.host if agent.host not in ("0.0.0.0", "::", "") else "THIS_HOST"
+    where = f"[{host}]:{agent.port}" if ":" in host else f"{host}:{agent.port}"
+    plain = " --insecure-plaintext" if node.config.insecure_plaintext else ""
+    print(
+        f"tcpgc LL is up; its identity is {format_fingerprint(node.identity.fingerprint)}.\n"
+        f"On the inside host, put the join token in the environment (paste the output of\n"
+        f"'tcpgc token --state-dir {node.identity.state_dir}' run here), then start the agent:\n"
+        f"  read -rs TCPGC_TOKEN && export TCPGC_TOKEN\n"
+        f"  tcpgc cc --ll {where} --server SERVER_HOST:PORT{plain}",
+        flush=True,
+    )
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "token":
+        identity = load_identity(args.state_dir or default_state_dir(), create=True)
+        print(identity.token)
+        return 0
+    if args.command == "demo":
+        from tcpgc.demo import run_demo
+
+        return asyncio.run(run_demo(once=args.once))
+    _setup_logging(args.log_level)
+    if args.command == "ll":
+        from tcpgc.ll import ListenNode
+
+        ll_cfg = ll_config(args)
+        if ll_cfg.insecure_plaintext:
+            logging.getLogger("tcpgc.ll").warning(
+                "--insecure-plaintext: the LL-CC leg is NOT encrypted; anyone on the path can read it"
+            )
+        asyncio.run(_run_until_signal(ListenNode(ll_cfg)))
+        return 0
+    from tcpgc.cc import ConnectNode
+
+    cc_cfg = cc_config(args)
+    token = read_token(os.environ.get("TCPGC_TOKEN"), cc_cfg.token_file)
+    if cc_cfg.insecure_plaintext:
+        logging.getLogger("tcpgc.cc").warning(
+            "--insecure-plaintext: the LL-CC leg is NOT encrypted and the LL is not pinned"
+        )
+    asyncio.run(_run_until_signal(ConnectNode(cc_cfg, token)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except UsageError as exc:
+        for line in str(exc).splitlines():
+            print(f"tcpgc: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,225 @@
+"""Join tokens, the LL's secret and TLS identity, and the TLS contexts built from them.
+
+A join token is one line: ``tcpgc1.<secret>.<fingerprint>``, both fields base64url
+without padding. `tcpgc1` versions the format. The secret is 32 random bytes; the
+fingerprint is the SHA-256 of the LL's certificate (DER), so one string gives an agent
+both what it proves and whom it may talk to.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import os
+import secrets
+import ssl
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from tcpgc.errors import UsageError
+
+TOKEN_PREFIX = "tcpgc1"
+SECRET_SIZE = 32
+FINGERPRINT_SIZE = 32
+
+SECRET_FILE = "secret"
+KEY_FILE = "key.pem"
+CERT_FILE = "cert.pem"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str, size: int, what: str) -> bytes:
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, TypeError):
+        raw = b""
+    if len(raw) != size:
+        raise UsageError(f"malformed join token: its {what} field is not {size} bytes of base64url")
+    return raw
+
+
+def format_fingerprint(fingerprint: bytes) -> str:
+    """How fingerprints are shown to people (as OpenSSH shows host keys)."""
+    return "SHA256:" + _b64(fingerprint)
+
+
+@dataclass(frozen=True)
+class JoinToken:
+    secret: bytes
+    fingerprint: bytes
+
+    def __str__(self) -> str:
+        return f"{TOKEN_PREFIX}.{_b64(self.secret)}.{_b64(self.fingerprint)}"
+
+    def __repr__(self) -> str:  # never let the secret reach a log through a repr
+        return f"JoinToken(fingerprint={format_fingerprint(self.fingerprint)})"
+
+    @classmethod
+    def parse(cls, text: str) -> JoinToken:
+        parts = text.strip().split(".")
+        if len(parts) != 3 or not parts[0].startswith("tcpgc"):
+            raise UsageError(
+                "malformed join token: expected 'tcpgc1.<secret>.<fingerprint>' "
+                "as printed by 'tcpgc token' on the LL host"
+            )
+        if parts[0] != TOKEN_PREFIX:
+            raise UsageError(
+                f"join token format {parts[0]!r} is not supported by this tcpgc "
+                f"(it reads {TOKEN_PREFIX!r}): upgrade tcpgc on this host"
+            )
+        return cls(_unb64(parts[1], SECRET_SIZE, "secret"), _unb64(parts[2], FINGERPRINT_SIZE, "fingerprint"))
+
+
+def default_state_dir() -> Path:
+    """Where the LL keeps its identity: /var/lib/tcpgc for root, else the XDG state dir."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return Path("/var/lib/tcpgc")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "tcpgc"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Create `path` 0600 atomically; an existing file is never overwritten."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # fails if another process created it first: theirs wins
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+
+
+def check_private(path: Path) -> None:
+    """Refuse a secret file that others can read, with the fix in the message."""
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise UsageError(
+            f"{path} is accessible by other users (mode {stat.S_IMODE(mode):04o}); "
+            f"it holds a secret: run 'chmod 600 {path}'"
+        )
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The LL's secret, certificate and key, as kept in its state dir."""
+
+    state_dir: Path
+    secret: bytes
+    cert_pem: bytes
+    fingerprint: bytes
+
+    @property
+    def cert_path(self) -> Path:
+        return self.state_dir / CERT_FILE
+
+    @property
+    def key_path(self) -> Path:
+        return self.state_dir / KEY_FILE
+
+    @property
+    def token(self) -> JoinToken:
+        return JoinToken(self.secret, self.fingerprint)
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_cert_chain(self.cert_path, self.key_path)
+        return ctx
+
+
+def load_identity(state_dir: Path, *, create: bool) -> Identity:
+    """Read the LL identity from `state_dir`, creating what is missing if `create`."""
+    try:
+        if create:
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not (state_dir / SECRET_FILE).exists():
+                _write_private(state_dir / SECRET_FILE, (_b64(secrets.token_bytes(SECRET_SIZE)) + "\n").encode())
+            if not (state_dir / KEY_FILE).exists() or not (state_dir / CERT_FILE).exists():
+                key_pem, cert_pem = _new_certificate()
+                for name in (KEY_FILE, CERT_FILE):
+                    (state_dir / name).unlink(missing_ok=True)
+                _write_private(state_dir / KEY_FILE, key_pem)
+                _write_private(state_dir / CERT_FILE, cert_pem)
+        for name in (SECRET_FILE, KEY_FILE):
+            check_private(state_dir / name)
+        secret = _unb64((state_dir / SECRET_FILE).read_text().strip(), SECRET_SIZE, "secret")
+        cert_pem = (state_dir / CERT_FILE).read_bytes()
+    except FileNotFoundError as exc:
+        raise UsageError(f"no LL identity in {state_dir} ({exc.filename} missing): run 'tcpgc token "
+                         f"--state-dir {state_dir}' to create one") from None
+    except PermissionError as exc:
+        raise UsageError(f"cannot use state dir {state_dir}: {exc.strerror} ({exc.filename})") from None
+    except UsageError as exc:
+        if "malformed join token" in str(exc):
+            raise UsageError(f"{state_dir / SECRET_FILE} is corrupt: remove it to create a new secret") from None
+        raise
+    return Identity(state_dir, secret, cert_pem, fingerprint_of_pem(cert_pem))
+
+
+def fingerprint_of_pem(cert_pem: bytes) -> bytes:
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert_pem.decode("ascii"))).digest()
+
+
+def _new_certificate() -> tuple[bytes, bytes]:
+    """A fresh P-256 key and a self-signed certificate for it (key PEM, cert PEM).
+    Nobody checks its names or dates: agents pin its fingerprint."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tcpgc LL")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def agent_context() -> ssl.SSLContext:
+    """TLS 1.3 client context for agents. Chain validation is off because the LL's
+    certificate is pinned by fingerprint instead (see `verify_pin`)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def read_token(env_value: str | None, token_file: Path | None) -> JoinToken:
+    """The agent's token: from --token-file / config, else $TCPGC_TOKEN."""
+    if token_file is not None:
+        try:
+            check_private(token_file)
+            text = token_file.read_text()
+        except OSError as exc:
+            raise UsageError(f"cannot read token file {token_file}: {exc.strerror}") from None
+        return JoinToken.parse(text)
+    if env_value:
+        return JoinToken.parse(env_value)
+    raise UsageError(
+        "no join token: set TCPGC_TOKEN or pass --token-file FILE "
+        "(print it on the LL host with 'tcpgc token')"
+    )

@@ -1,0 +1,292 @@
+"""One TCP connection as the nodes see it: plain, or TLS through `ssl.SSLObject`.
+
+asyncio's own TLS transport cannot half-close (no `write_eof`) and keeps large buffers
+per connection, so TLS is done here over memory BIOs: bytes from the socket go into
+the SSLObject, records it produces go straight to the socket transport. TLS 1.3 lets
+one side send close_notify and keep reading, which is how half-close crosses the tunnel.
+
+A `Link` hands what it reads to its `handler`. Until a real handler is attached, a
+buffering one holds the first bytes (and pauses reading beyond a small bound), so a
+client that talks first while it waits for an agent loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import struct
+from collections.abc import Callable
+from typing import Protocol
+
+#: What the buffering handler holds before it stops reading: a client's first request
+#: while it waits for an agent, or bytes that followed a frame. Bounded so a waiting
+#: client cannot make us buffer without limit.
+PREATTACH_LIMIT = 64 * 1024
+
+#: How much decrypted data one SSLObject.read call returns at most.
+TLS_READ_SIZE = 64 * 1024
+
+
+class LinkHandler(Protocol):
+    def on_data(self, data: bytes) -> None: ...
+    def on_eof(self) -> None: ...
+    def on_lost(self, exc: BaseException | None) -> None: ...
+    def on_pause(self) -> None: ...
+    def on_resume(self) -> None: ...
+
+
+class _Buffer:
+    """Holds events until a real handler is attached."""
+
+    def __init__(self, link: Link, data: bytes = b"", eof: bool = False) -> None:
+        self.link = link
+        self.data = bytearray(data)
+        self.eof = eof
+        self.lost: tuple[BaseException | None] | None = None
+        self.paused = False
+
+    def on_data(self, data: bytes) -> None:
+        self.data += data
+        if len(self.data) >= PREATTACH_LIMIT and not self.paused:
+            self.paused = True
+            self.link.pause_reading()
+
+    def on_eof(self) -> None:
+        self.eof = True
+
+    def on_lost(self, exc: BaseException | None) -> None:
+        self.lost = (exc,)
+
+    def on_pause(self) -> None:
+        pass
+
+    def on_resume(self) -> None:
+        pass
+
+
+class Link(asyncio.Protocol):
+    """A TCP connection with an optional TLS layer and a swappable handler."""
+
+    def __init__(
+        self,
+        tls: ssl.SSLContext | None = None,
+        *,
+        server_side: bool = False,
+        on_made: Callable[[Link], None] | None = None,
+    ) -> None:
+        self._tls_context = tls
+        self._server_side = server_side
+        self._on_made = on_made
+        self._ssl: ssl.SSLObject | None = None
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.transport: asyncio.Transport | None = None
+        self.handler: LinkHandler = _Buffer(self)
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = loop.create_future()  # TLS handshake done
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.peer = "?"
+        self.got_eof = False
+        self.sent_eof = False
+        self._reading_paused = False
+
+    # ---- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # A small request must never wait for Nagle's 40 ms.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peer = format_peer(transport.get_extra_info("peername"))
+        if self._tls_context is not None:
+            self._ssl = self._tls_context.wrap_bio(self._incoming, self._outgoing, server_side=self._server_side)
+            self._handshake()
+        else:
+            self.ready.set_result(None)
+        if self._on_made is not None:
+            self._on_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._ssl is None:
+            self.handler.on_data(data)
+            return
+        self._incoming.write(data)
+        if not self.ready.done():
+            self._handshake()
+            if not self.ready.done():
+                return
+        self._read_tls()
+
+    def eof_received(self) -> bool:
+        if self._ssl is not None and not self.ready.done():
+            self._fail_handshake(ConnectionResetError("peer closed the connection during the TLS handshake"))
+            return False
+        self._got_eof()
+        return True  # keep our write side open: half-close
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(exc or ConnectionResetError("connection closed before it was ready"))
+            self.ready.exception()  # mark retrieved: a refused handshake is logged by the caller
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.handler.on_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.handler.on_pause()
+
+    def resume_writing(self) -> None:
+        self.handler.on_resume()
+
+    # ---- TLS -------------------------------------------------------------------------
+
+    def _handshake(self) -> None:
+        assert self._ssl is not None
+        try:
+            self._ssl.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._flush()
+            self._fail_handshake(exc)
+            return
+        self._flush()
+        self.ready.set_result(None)
+
+    def _fail_handshake(self, exc: BaseException) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+            self.ready.exception()
+        self.abort()
+
+    def _read_tls(self) -> None:
+        assert self._ssl is not None
+        while self.transport is not None:
+            try:
+                chunk = self._ssl.read(TLS_READ_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self._got_eof()
+                break
+            except ssl.SSLError:
+                self.reset()
+                break
+            if not chunk:
+                self._got_eof()
+                break
+            self.handler.on_data(chunk)
+        self._flush()  # TLS 1.3 session tickets and key updates are written during reads
+
+    def _flush(self) -> None:
+        if self._outgoing.pending and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(self._outgoing.read())
+
+    @property
+    def peer_certificate(self) -> bytes | None:
+        """DER of the peer's certificate (TLS only)."""
+        return self._ssl.getpeercert(binary_form=True) if self._ssl is not None else None
+
+    @property
+    def tls_version(self) -> str | None:
+        return self._ssl.version() if self._ssl is not None else None
+
+    # ---- what handlers call ----------------------------------------------------------
+
+    def _got_eof(self) -> None:
+        if not self.got_eof:
+            self.got_eof = True
+            self.handler.on_eof()
+
+    def attach(self, handler: LinkHandler) -> None:
+        """Give this link its real handler, replaying what was buffered before."""
+        previous = self.handler
+        self.handler = handler
+        if isinstance(previous, _Buffer):
+            if previous.paused:
+                # Resumed before the replay: if the replay fills the new handler's
+                # peer, flow control pauses us again, and that pause must stand.
+                self.resume_reading()
+            if previous.data:
+                handler.on_data(bytes(previous.data))
+            if previous.eof:
+                handler.on_eof()
+            if previous.lost is not None:
+                handler.on_lost(previous.lost[0])
+
+    def detach(self, leftover: bytes = b"", eof: bool = False) -> None:
+        """Go back to buffering, starting with `leftover` (bytes read past a frame)."""
+        buffer = _Buffer(self, leftover, eof)
+        if self.closed.done():
+            buffer.lost = (None,)
+        self.handler = buffer
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing() or self.sent_eof:
+            return
+        if self._ssl is None:
+            self.transport.write(data)
+            return
+        try:
+            self._ssl.write(data)
+        except ssl.SSLError:
+            self.reset()
+            return
+        self._flush()
+
+    def write_eof(self) -> None:
+        """Half-close: the peer sees the end of our stream, and we keep reading."""
+        if self.transport is None or self.sent_eof or self.transport.is_closing():
+            return
+        self.sent_eof = True
+        if self._ssl is not None:
+            try:
+                self._ssl.unwrap()  # sends close_notify; TLS 1.3 lets us go on reading
+            except (ssl.SSLWantReadError, ssl.SSLError):
+                pass
+            self._flush()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self._reading_paused and not self.transport.is_closing():
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self._reading_paused and not self.transport.is_closing():
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        """Close after what we wrote is sent."""
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def reset(self) -> None:
+        """Close with a TCP RST, so the peer sees a reset as we did."""
+        if self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        self.transport.abort()
+
+
+def format_peer(address: object) -> str:
+    """'1.2.3.4:5' or '[::1]:5' for a socket address tuple."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)

@@ -1,0 +1,1 @@
+"""Sans-I/O protocol: frame codec and handshake state machines (bytes in, events out)."""

@@ -1,0 +1,197 @@
+"""The mutual challenge-response that opens every control connection.
+
+    agent (CC)                                  LL
+    HELLO(versions, key_id, nonce_c)   ─────▶
+                                       ◀─────   CHALLENGE(version, nonce_l, proof_l)
+    AUTH(proof_c, agent_id, services)  ─────▶
+                                       ◀─────   READY(heartbeat)  or  ERROR
+
+Both proofs are HMAC-SHA256 under the shared secret over a transcript holding both
+nonces, the chosen version and the LL's certificate fingerprint (the `binding`), under
+different labels, so neither proof can be reflected as the other. The secret never
+crosses the wire; a captured handshake is useless because the other side's nonce is
+fresh. The agent checks the LL's proof before it sends its own, and before it will act
+on any request: a fake LL learns nothing and can make the agent dial nothing.
+
+No I/O here: each side takes decoded messages and returns the message to send.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from enum import Enum, auto
+
+from tcpgc.errors import AuthenticationError, PeerRefused, ProtocolError
+from tcpgc.protocol.messages import (
+    AGENT_ID_SIZE,
+    MAX_VERSION,
+    MIN_VERSION,
+    NONCE_SIZE,
+    Auth,
+    Challenge,
+    Error,
+    ErrorCode,
+    Hello,
+    Message,
+    Ready,
+    services_blob,
+)
+
+_LL_LABEL = b"tcpgc ll proof\x00"
+_CC_LABEL = b"tcpgc cc proof\x00"
+
+
+def key_id(secret: bytes) -> bytes:
+    """Public 8-byte name of a secret, so an LL holding several (during a rotation)
+    knows which one the agent uses without the secret being revealed."""
+    return hashlib.sha256(b"tcpgc key id\x00" + secret).digest()[:8]
+
+
+def _mac(secret: bytes, label: bytes, *parts: bytes) -> bytes:
+    return hmac.new(secret, label + b"".join(parts), hashlib.sha256).digest()
+
+
+class VersionMismatch(ProtocolError):
+    """The two sides share no protocol version."""
+
+
+class State(Enum):
+    START = auto()
+    WAIT_CHALLENGE = auto()
+    WAIT_HELLO = auto()
+    WAIT_AUTH = auto()
+    WAIT_READY = auto()
+    DONE = auto()
+
+
+def _transcript(hello: Hello, version: int, ll_nonce: bytes, binding: bytes) -> bytes:
+    return hello.payload() + bytes([version]) + ll_nonce + binding
+
+
+class AgentHandshake:
+    """The agent's (CC's) side."""
+
+    def __init__(
+        self,
+        secret: bytes,
+        *,
+        services: tuple[str, ...],
+        agent_id: bytes | None = None,
+        binding: bytes = b"",
+        nonce: bytes | None = None,
+        versions: tuple[int, int] = (MIN_VERSION, MAX_VERSION),
+    ) -> None:
+        self._secret = secret
+        self._services = services
+        self.agent_id = agent_id or secrets.token_bytes(AGENT_ID_SIZE)
+        self._binding = binding
+        self._hello = Hello(versions[0], versions[1], key_id(secret), nonce or secrets.token_bytes(NONCE_SIZE))
+        self.state = State.START
+        self.version = 0
+        self.heartbeat_ms = 0
+
+    def start(self) -> Hello:
+        self._expect(State.START, "start")
+        self.state = State.WAIT_CHALLENGE
+        return self._hello
+
+    def receive(self, message: Message) -> Message | None:
+        """Process one message from the LL; returns the reply to send, if any."""
+        if isinstance(message, Error):
+            raise PeerRefused(f"the LL refused us: {message.message}")
+        if isinstance(message, Challenge):
+            self._expect(State.WAIT_CHALLENGE, "CHALLENGE")
+            if not self._hello.min_version <= message.version <= self._hello.max_version:
+                raise VersionMismatch(
+                    f"the LL chose protocol version {message.version}, we speak "
+                    f"{self._hello.min_version}-{self._hello.max_version}"
+                )
+            transcript = _transcript(self._hello, message.version, message.nonce, self._binding)
+            if not hmac.compare_digest(message.proof, _mac(self._secret, _LL_LABEL, transcript)):
+                raise AuthenticationError(
+                    "the LL does not hold our token's secret (wrong token, or not the LL we think)"
+                )
+            self.version = message.version
+            self.state = State.WAIT_READY
+            proof = _mac(self._secret, _CC_LABEL, transcript, self.agent_id, services_blob(self._services))
+            return Auth(proof, self.agent_id, self._services)
+        if isinstance(message, Ready):
+            self._expect(State.WAIT_READY, "READY")
+            self.heartbeat_ms = message.heartbeat_ms
+            self.state = State.DONE
+            return None
+        raise ProtocolError(f"unexpected {message.TYPE.name} during the handshake (state {self.state.name})")
+
+    def _expect(self, state: State, what: str) -> None:
+        if self.state is not state:
+            raise ProtocolError(f"unexpected {what} in handshake state {self.state.name}")
+
+
+class LLHandshake:
+    """The LL's side. `secrets_by_id` maps key ids to secrets: more than one while a
+    secret is being rotated."""
+
+    def __init__(
+        self,
+        secrets_by_id: dict[bytes, bytes],
+        *,
+        heartbeat_ms: int,
+        binding: bytes = b"",
+        nonce: bytes | None = None,
+    ) -> None:
+        self._secrets = secrets_by_id
+        self._heartbeat_ms = heartbeat_ms
+        self._binding = binding
+        self._nonce = nonce or secrets.token_bytes(NONCE_SIZE)
+        self._secret = b""
+        self._transcript = b""
+        self.state = State.WAIT_HELLO
+        self.version = 0
+        self.agent_id = b""
+        self.services: tuple[str, ...] = ()
+
+    def receive(self, message: Message) -> Message:
+        """Process one message from the agent; returns the reply to send."""
+        if isinstance(message, Hello):
+            self._expect(State.WAIT_HELLO, "HELLO")
+            version = min(message.max_version, MAX_VERSION)
+            if version < max(message.min_version, MIN_VERSION):
+                raise VersionMismatch(
+                    f"agent speaks protocol versions {message.min_version}-{message.max_version}, "
+                    f"this LL speaks {MIN_VERSION}-{MAX_VERSION}: upgrade the older side"
+                )
+            secret = self._secrets.get(message.key_id)
+            if secret is None:
+                raise AuthenticationError("agent presented a token this LL does not accept")
+            self._secret = secret
+            self.version = version
+            self._transcript = _transcript(message, version, self._nonce, self._binding)
+            self.state = State.WAIT_AUTH
+            return Challenge(version, self._nonce, _mac(secret, _LL_LABEL, self._transcript))
+        if isinstance(message, Auth):
+            self._expect(State.WAIT_AUTH, "AUTH")
+            expected = _mac(
+                self._secret, _CC_LABEL, self._transcript, message.agent_id, services_blob(message.services)
+            )
+            if not hmac.compare_digest(message.proof, expected):
+                raise AuthenticationError("agent's proof of the secret is wrong")
+            self.agent_id = message.agent_id
+            self.services = message.services
+            self.state = State.DONE
+            return Ready(self._heartbeat_ms)
+        raise ProtocolError(f"unexpected {message.TYPE.name} during the handshake (state {self.state.name})")
+
+    def _expect(self, state: State, what: str) -> None:
+        if self.state is not state:
+            raise ProtocolError(f"unexpected {what} in handshake state {self.state.name}")
+
+
+def error_code(exc: ProtocolError) -> ErrorCode:
+    """The code to send the peer for a failed handshake."""
+    if isinstance(exc, VersionMismatch):
+        return ErrorCode.VERSION
+    if isinstance(exc, AuthenticationError):
+        return ErrorCode.AUTHENTICATION
+    return ErrorCode.BAD_MESSAGE

@@ -1,0 +1,362 @@
+"""The tcpgc wire format: frames and the messages they carry.
+
+Every message travels in one frame: a 3-byte header (type: u8, payload length: u16,
+network byte order) followed by the payload. The decoder consumes a frame only when it
+is whole, so it can be fed any split of the byte stream, down to one byte at a time.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import ClassVar, Union
+
+from tcpgc.errors import ProtocolError
+
+#: Protocol versions this implementation speaks. A peer offering a disjoint range is
+#: refused with a message naming both ranges.
+MIN_VERSION = 1
+MAX_VERSION = 1
+
+#: Every tcpgc connection from an agent starts with this, so a stray HTTP client or a
+#: port scanner is told apart from a real agent at the first bytes.
+MAGIC = b"TGC"
+
+HEADER = struct.Struct("!BH")
+
+#: Largest payload accepted. The biggest legitimate message is an AUTH listing every
+#: service of an agent (names are at most 64 bytes); 16 KiB leaves room for 200 of them
+#: while keeping what one unauthenticated peer can make us buffer small.
+MAX_PAYLOAD = 16 * 1024
+
+NONCE_SIZE = 32
+PROOF_SIZE = 32
+KEY_ID_SIZE = 8
+CONN_ID_SIZE = 16
+AGENT_ID_SIZE = 16
+MAX_NAME = 64
+MAX_TEXT = 512
+
+
+class MessageType(IntEnum):
+    HELLO = 1
+    CHALLENGE = 2
+    AUTH = 3
+    READY = 4
+    ERROR = 5
+    OPEN = 6
+    OPEN_FAILED = 7
+    PING = 8
+    PONG = 9
+    DATA = 10
+
+
+class ErrorCode(IntEnum):
+    VERSION = 1
+    AUTHENTICATION = 2
+    BAD_MESSAGE = 3
+    UNAVAILABLE = 4
+
+
+class _Reader:
+    """Reads fields off a payload; any shortfall or leftover is a ProtocolError."""
+
+    def __init__(self, kind: MessageType, payload: bytes) -> None:
+        self.kind = kind
+        self.view = memoryview(payload)
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.view):
+            raise ProtocolError(f"{self.kind.name} message is truncated")
+        out = bytes(self.view[self.pos : self.pos + n])
+        self.pos += n
+        return out
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u32(self) -> int:
+        value: int = struct.unpack("!I", self.take(4))[0]
+        return value
+
+    def u64(self) -> int:
+        value: int = struct.unpack("!Q", self.take(8))[0]
+        return value
+
+    def name(self) -> str:
+        raw = self.take(self.u8())
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(f"{self.kind.name} message has a name that is not UTF-8") from None
+        if not is_valid_name(text):
+            raise ProtocolError(f"{self.kind.name} message has an invalid name {text[:64]!r}")
+        return text
+
+    def text(self) -> str:
+        return self.take(len(self.view) - self.pos).decode("utf-8", errors="replace")
+
+    def end(self) -> None:
+        if self.pos != len(self.view):
+            raise ProtocolError(f"{self.kind.name} message has {len(self.view) - self.pos} extra bytes")
+
+
+def is_valid_name(name: str) -> bool:
+    """Service names: 1-64 of ASCII letters, digits, '-', '_' and '.'."""
+    return 0 < len(name) <= MAX_NAME and all(c.isascii() and (c.isalnum() or c in "-_.") for c in name)
+
+
+def _name(value: str) -> bytes:
+    raw = value.encode("utf-8")
+    if not is_valid_name(value):
+        raise ValueError(f"invalid service name {value!r}")
+    return bytes([len(raw)]) + raw
+
+
+def _text(value: str) -> bytes:
+    return value.encode("utf-8")[:MAX_TEXT]
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Agent → LL, first frame of a control connection: versions, key id, nonce."""
+
+    TYPE: ClassVar[MessageType] = MessageType.HELLO
+    min_version: int
+    max_version: int
+    key_id: bytes
+    nonce: bytes
+
+    def payload(self) -> bytes:
+        return MAGIC + bytes([self.min_version, self.max_version]) + self.key_id + self.nonce
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Hello:
+        _magic(r)
+        return cls(r.u8(), r.u8(), r.take(KEY_ID_SIZE), r.take(NONCE_SIZE))
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """LL → agent: chosen version, the LL's nonce and its proof of the secret."""
+
+    TYPE: ClassVar[MessageType] = MessageType.CHALLENGE
+    version: int
+    nonce: bytes
+    proof: bytes
+
+    def payload(self) -> bytes:
+        return bytes([self.version]) + self.nonce + self.proof
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Challenge:
+        return cls(r.u8(), r.take(NONCE_SIZE), r.take(PROOF_SIZE))
+
+
+@dataclass(frozen=True)
+class Auth:
+    """Agent → LL: the agent's proof, its instance id and the services it serves."""
+
+    TYPE: ClassVar[MessageType] = MessageType.AUTH
+    proof: bytes
+    agent_id: bytes
+    services: tuple[str, ...]
+
+    def payload(self) -> bytes:
+        return self.proof + self.agent_id + services_blob(self.services)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Auth:
+        proof, agent_id = r.take(PROOF_SIZE), r.take(AGENT_ID_SIZE)
+        count = r.u8()
+        return cls(proof, agent_id, tuple(r.name() for _ in range(count)))
+
+
+def services_blob(services: tuple[str, ...]) -> bytes:
+    """The services list as sent in AUTH; also part of what the agent's proof covers."""
+    if len(services) > 255:
+        raise ValueError("an agent can serve at most 255 services")
+    return bytes([len(services)]) + b"".join(_name(s) for s in services)
+
+
+@dataclass(frozen=True)
+class Ready:
+    """LL → agent: the session is up; the LL's heartbeat interval in milliseconds."""
+
+    TYPE: ClassVar[MessageType] = MessageType.READY
+    heartbeat_ms: int
+
+    def payload(self) -> bytes:
+        return struct.pack("!I", self.heartbeat_ms)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Ready:
+        return cls(r.u32())
+
+
+@dataclass(frozen=True)
+class Error:
+    """Either way: why the sender is closing the connection."""
+
+    TYPE: ClassVar[MessageType] = MessageType.ERROR
+    code: int
+    message: str
+
+    def payload(self) -> bytes:
+        return bytes([self.code]) + _text(self.message)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Error:
+        return cls(r.u8(), r.text())
+
+
+@dataclass(frozen=True)
+class Open:
+    """LL → agent: a client of `service` waits; claim it with a data connection."""
+
+    TYPE: ClassVar[MessageType] = MessageType.OPEN
+    conn_id: bytes
+    service: str
+
+    def payload(self) -> bytes:
+        return self.conn_id + _name(self.service)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Open:
+        return cls(r.take(CONN_ID_SIZE), r.name())
+
+
+@dataclass(frozen=True)
+class OpenFailed:
+    """Agent → LL: the client `conn_id` cannot be served (e.g. its server is down)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.OPEN_FAILED
+    conn_id: bytes
+    reason: str
+
+    def payload(self) -> bytes:
+        return self.conn_id + _text(self.reason)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> OpenFailed:
+        return cls(r.take(CONN_ID_SIZE), r.text())
+
+
+@dataclass(frozen=True)
+class Ping:
+    TYPE: ClassVar[MessageType] = MessageType.PING
+    token: int
+
+    def payload(self) -> bytes:
+        return struct.pack("!Q", self.token)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Ping:
+        return cls(r.u64())
+
+
+@dataclass(frozen=True)
+class Pong:
+    TYPE: ClassVar[MessageType] = MessageType.PONG
+    token: int
+
+    def payload(self) -> bytes:
+        return struct.pack("!Q", self.token)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Pong:
+        return cls(r.u64())
+
+
+@dataclass(frozen=True)
+class Data:
+    """Agent → LL, the only frame of a data connection: which waiting client it carries.
+    Every byte after it is the client's stream."""
+
+    TYPE: ClassVar[MessageType] = MessageType.DATA
+    version: int
+    conn_id: bytes
+
+    def payload(self) -> bytes:
+        return MAGIC + bytes([self.version]) + self.conn_id
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Data:
+        _magic(r)
+        return cls(r.u8(), r.take(CONN_ID_SIZE))
+
+
+def _magic(r: _Reader) -> None:
+    if r.take(len(MAGIC)) != MAGIC:
+        raise ProtocolError("not a tcpgc peer (bad magic)")
+
+
+Message = Union[Hello, Challenge, Auth, Ready, Error, Open, OpenFailed, Ping, Pong, Data]
+
+_PARSERS: dict[MessageType, type[Message]] = {
+    cls.TYPE: cls for cls in (Hello, Challenge, Auth, Ready, Error, Open, OpenFailed, Ping, Pong, Data)
+}
+
+
+def encode(message: Message) -> bytes:
+    """The frame carrying `message`."""
+    payload = message.payload()
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"{message.TYPE.name} payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(message.TYPE, len(payload)) + payload
+
+
+def decode(kind: int, payload: bytes) -> Message:
+    """Parse one frame's payload; raises ProtocolError for anything malformed."""
+    try:
+        mtype = MessageType(kind)
+    except ValueError:
+        raise ProtocolError(f"unknown message type {kind}") from None
+    reader = _Reader(mtype, payload)
+    message = _PARSERS[mtype].parse(reader)
+    reader.end()
+    return message
+
+
+class FrameDecoder:
+    """Bytes in, messages out. Feed with `receive_data`; b"" marks the end of the stream."""
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+        self._buffer = bytearray()
+        self._max_payload = max_payload
+        self._eof = False
+
+    def receive_data(self, data: bytes) -> None:
+        if not data:
+            self._eof = True
+        self._buffer += data
+
+    def next_message(self) -> Message | None:
+        """The next whole message, or None if more bytes are needed."""
+        if len(self._buffer) < HEADER.size:
+            self._check_eof()
+            return None
+        kind, length = HEADER.unpack_from(self._buffer)
+        if length > self._max_payload:
+            raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self._max_payload}")
+        if kind not in _PARSERS:
+            raise ProtocolError(f"unknown message type {kind}")
+        end = HEADER.size + length
+        if len(self._buffer) < end:
+            self._check_eof()
+            return None
+        payload = bytes(self._buffer[HEADER.size : end])
+        del self._buffer[:end]
+        return decode(kind, payload)
+
+    def _check_eof(self) -> None:
+        if self._eof and self._buffer:
+            raise ProtocolError(f"connection closed in the middle of a frame ({len(self._buffer)} bytes)")
+
+    def leftover(self) -> bytes:
+        """Bytes received after the last message: the start of a relayed stream."""
+        out = bytes(self._buffer)
+        self._buffer.clear()
+        return out

@@ -1,0 +1,87 @@
+"""Moving bytes between two links until both directions are done.
+
+The relay is two mirrored halves. Each half forwards what one side reads to the other:
+data as data, EOF as a half-close (the other direction keeps flowing), a reset as a
+reset. When a side's outgoing buffer passes its high-water mark, the side feeding it
+stops reading until it drains, so a slow reader slows its writer instead of growing
+our memory. Both links close once each direction has seen its EOF.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from tcpgc.link import Link
+
+
+@dataclass
+class RelayResult:
+    """What a finished relay did, for the one log line per connection."""
+
+    bytes_a_to_b: int = 0
+    bytes_b_to_a: int = 0
+    started: float = field(default_factory=time.monotonic)
+    ended: str = "closed"
+
+    @property
+    def duration(self) -> float:
+        return time.monotonic() - self.started
+
+
+class _Half:
+    """Handler of `src`: forwards to `dst`."""
+
+    def __init__(self, relay: Relay, src: Link, dst: Link, a_to_b: bool) -> None:
+        self.relay = relay
+        self.src = src
+        self.dst = dst
+        self.a_to_b = a_to_b
+
+    def on_data(self, data: bytes) -> None:
+        if self.a_to_b:
+            self.relay.result.bytes_a_to_b += len(data)
+        else:
+            self.relay.result.bytes_b_to_a += len(data)
+        self.dst.write(data)
+
+    def on_eof(self) -> None:
+        self.dst.write_eof()
+        if self.dst.got_eof:
+            # Both directions ended: close both once what is queued has been sent.
+            self.src.close()
+            self.dst.close()
+
+    def on_lost(self, exc: BaseException | None) -> None:
+        if isinstance(exc, ConnectionResetError | ConnectionAbortedError | BrokenPipeError):
+            self.relay.result.ended = "reset"
+            self.dst.reset()
+        else:
+            if not (self.src.got_eof and self.dst.got_eof):
+                self.relay.result.ended = "closed early" if exc is None else f"error: {exc}"
+            self.dst.close()
+        self.relay.side_lost()
+
+    def on_pause(self) -> None:
+        # src cannot take more: stop reading what is written into it.
+        self.dst.pause_reading()
+
+    def on_resume(self) -> None:
+        self.dst.resume_reading()
+
+
+class Relay:
+    """Relay `a` <-> `b`; `await relay.done` for the result."""
+
+    def __init__(self, a: Link, b: Link) -> None:
+        self.result = RelayResult()
+        self._lost = 0
+        self.done: asyncio.Future[RelayResult] = asyncio.get_running_loop().create_future()
+        a.attach(_Half(self, a, b, a_to_b=True))
+        b.attach(_Half(self, b, a, a_to_b=False))
+
+    def side_lost(self) -> None:
+        self._lost += 1
+        if self._lost == 2 and not self.done.done():
+            self.done.set_result(self.result)
