@@ -12,9 +12,11 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import os
 import random
 import ssl
 import time
+from typing import Any
 
 from tcpgc.channel import FrameChannel
 from tcpgc.config import Address, CCConfig
@@ -44,7 +46,9 @@ class ConnectNode:
         if not config.ll:
             raise UsageError("no LL address: give --ll HOST:PORT or 'll' in the config file")
         if not config.services:
-            raise UsageError("no service: give --server HOST:PORT or [services.NAME] in the config file")
+            raise UsageError(
+                "no service: give --server HOST:PORT or [services.NAME] in the config file"
+            )
         self.config = config
         self.token = token
         self._tls = None if config.insecure_plaintext else agent_context()
@@ -111,7 +115,9 @@ class ConnectNode:
             link = await self._dial_ll(address)
             channel = FrameChannel(link)
             handshake = AgentHandshake(
-                self.token.secret, services=tuple(self.config.services), binding=self.token.fingerprint
+                self.token.secret,
+                services=tuple(self.config.services),
+                binding=self.token.fingerprint,
             )
             channel.send(handshake.start())
             while handshake.state is not State.DONE:
@@ -122,7 +128,12 @@ class ConnectNode:
                 if reply is not None:
                     channel.send(reply)
         agent_id = handshake.agent_id.hex()[:12]
-        log.info("connected to LL %s as agent %s (services: %s)", address, agent_id, ", ".join(self.config.services))
+        log.info(
+            "connected to LL %s as agent %s (services: %s)",
+            address,
+            agent_id,
+            ", ".join(self.config.services),
+        )
         self.connected[str(address)].set()
         heartbeat = max(handshake.heartbeat_ms, 100) / 1000
         pinger = self._tasks.spawn(self._ping(channel, heartbeat), f"heartbeat to {address}")
@@ -135,7 +146,7 @@ class ConnectNode:
     async def _serve(self, address: Address, channel: FrameChannel, heartbeat: float) -> None:
         while True:
             try:
-                message = await channel.recv(timeout=3 * heartbeat)
+                message = await channel.recv(within=3 * heartbeat)
             except TimeoutError:
                 raise ProtocolError(f"no heartbeat from the LL for {3 * heartbeat:.0f} s") from None
             if message is None:
@@ -161,13 +172,17 @@ class ConnectNode:
     async def _open(self, ll: Address, channel: FrameChannel, request: Open) -> None:
         server = self.config.services.get(request.service)
         if server is None:
-            log.warning("LL %s asked for service '%s', which this agent does not serve", ll, request.service)
-            channel.send(OpenFailed(request.conn_id, f"service '{request.service}' is not served by this agent"))
+            log.warning(
+                "LL %s asked for service '%s', which this agent does not serve", ll, request.service
+            )
+            channel.send(
+                OpenFailed(
+                    request.conn_id, f"service '{request.service}' is not served by this agent"
+                )
+            )
             return
         loop = asyncio.get_running_loop()
-        server_task = asyncio.ensure_future(
-            loop.create_connection(Link, server.host, server.port)  # type: ignore[arg-type]
-        )
+        server_task = asyncio.ensure_future(loop.create_connection(Link, server.host, server.port))
         data_task = asyncio.ensure_future(self._dial_ll(ll))
         try:
             async with asyncio.timeout(self.config.connect_timeout):
@@ -180,7 +195,9 @@ class ConnectNode:
         data_link = _result_link(data_task)
         if server_link is None:
             reason = _task_error(server_task)
-            log.warning("cannot reach server %s for service '%s': %s", server, request.service, reason)
+            log.warning(
+                "cannot reach server %s for service '%s': %s", server, request.service, reason
+            )
             channel.send(OpenFailed(request.conn_id, f"cannot reach its server: {reason}"))
             if data_link is not None:
                 data_link.abort()
@@ -193,11 +210,15 @@ class ConnectNode:
         result = await Relay(server_link, data_link).done
         log.info(
             "service '%s' connection done after %.3f s: %d bytes to server, %d bytes from it, %s",
-            request.service, result.duration, result.bytes_b_to_a, result.bytes_a_to_b, result.ended,
+            request.service,
+            result.duration,
+            result.bytes_b_to_a,
+            result.bytes_a_to_b,
+            result.ended,
         )
 
 
-def _result_link(task: asyncio.Future[object]) -> Link | None:
+def _result_link(task: asyncio.Future[Any]) -> Link | None:
     if task.cancelled() or task.exception() is not None:
         return None
     result = task.result()
@@ -205,7 +226,7 @@ def _result_link(task: asyncio.Future[object]) -> Link | None:
     return link if isinstance(link, Link) else None
 
 
-def _task_error(task: asyncio.Future[object]) -> str:
+def _task_error(task: asyncio.Future[Any]) -> str:
     if task.cancelled():
         return "timed out"
     exc = task.exception()
@@ -219,6 +240,6 @@ def _describe(exc: BaseException) -> str:
         return f"TLS failed ({exc.reason or exc}); is the LL running with --insecure-plaintext?"
     if isinstance(exc, ConnectionResetError) and "TLS" in str(exc):
         return f"{exc}; is the LL running with --insecure-plaintext?"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()
     return str(exc) or type(exc).__name__

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-from tcpgc.errors import ProtocolError
 from tcpgc.link import Link
 from tcpgc.protocol.messages import MAX_PAYLOAD, FrameDecoder, Message, encode
 
@@ -45,10 +44,10 @@ class FrameChannel:
     def on_resume(self) -> None:
         pass
 
-    async def recv(self, timeout: float | None = None) -> Message | None:
+    async def recv(self, within: float | None = None) -> Message | None:
         """The next message; None when the peer closed cleanly between frames.
-        Raises ProtocolError for bad bytes and TimeoutError after `timeout` seconds."""
-        async with asyncio.timeout(timeout):
+        Raises ProtocolError for bad bytes and TimeoutError after `within` seconds."""
+        async with asyncio.timeout(within):
             while True:
                 message = self._decoder.next_message()
                 if message is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from tcpgc import __version__
+from tcpgc.cc import ConnectNode
 from tcpgc.config import (
     DEFAULT_SERVICE,
     CCConfig,
@@ -24,6 +25,7 @@ from tcpgc.config import (
 )
 from tcpgc.errors import UsageError
 from tcpgc.identity import default_state_dir, format_fingerprint, load_identity, read_token
+from tcpgc.ll import ListenNode
 
 EXIT_USAGE = 2
 
@@ -35,39 +37,68 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tcpgc", description="TCP gender changer: reach a server behind a firewall "
-                     "that drops inbound connections, through an outside node it dials out to.")
+    parser = _Parser(
+        prog="tcpgc",
+        description="TCP gender changer: reach a server behind a firewall "
+        "that drops inbound connections, through an outside node it dials out to.",
+    )
     parser.add_argument("--version", action="version", version=f"tcpgc {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
+    )
 
-    token = sub.add_parser("token", help="create the LL identity if missing and print its join token")
-    token.add_argument("--state-dir", type=Path, help=f"LL state dir (default {default_state_dir()})")
+    token = sub.add_parser(
+        "token", help="create the LL identity if missing and print its join token"
+    )
+    token.add_argument(
+        "--state-dir", type=Path, help=f"LL state dir (default {default_state_dir()})"
+    )
 
     ll = sub.add_parser("ll", help="run the outside node: listen for clients and for agents")
-    ll.add_argument("--clients", metavar="HOST:PORT", help="where clients of service 'default' connect")
+    ll.add_argument(
+        "--clients", metavar="HOST:PORT", help="where clients of service 'default' connect"
+    )
     ll.add_argument("--cc", metavar="HOST:PORT", help="where agents (tcpgc cc) connect")
     ll.add_argument("--state-dir", type=Path, help=f"LL state dir (default {default_state_dir()})")
-    ll.add_argument("--client-wait", type=float, metavar="SECONDS",
-                    help="how long a client may wait for an agent (default 10)")
+    ll.add_argument(
+        "--client-wait",
+        type=float,
+        metavar="SECONDS",
+        help="how long a client may wait for an agent (default 10)",
+    )
     _common(ll)
 
     cc = sub.add_parser("cc", help="run the inside node: dial the LL and the server")
-    cc.add_argument("--ll", metavar="HOST:PORT", action="append",
-                    help="the LL's agent address (repeat to serve several LLs)")
+    cc.add_argument(
+        "--ll",
+        metavar="HOST:PORT",
+        action="append",
+        help="the LL's agent address (repeat to serve several LLs)",
+    )
     cc.add_argument("--server", metavar="HOST:PORT", help="the server of service 'default'")
-    cc.add_argument("--token-file", type=Path, metavar="FILE",
-                    help="file holding the join token (default: $TCPGC_TOKEN)")
+    cc.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="file holding the join token (default: $TCPGC_TOKEN)",
+    )
     _common(cc)
 
-    demo = sub.add_parser("demo", help="run a web server, an LL and a CC on loopback and fetch a page")
+    demo = sub.add_parser(
+        "demo", help="run a web server, an LL and a CC on loopback and fetch a page"
+    )
     demo.add_argument("--once", action="store_true", help="fetch the page once, report, and exit")
     return parser
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", type=Path, metavar="FILE", help="TOML config file")
-    p.add_argument("--insecure-plaintext", action="store_true", default=None,
-                   help="no TLS between LL and CC (authentication stays on); both sides must agree")
+    p.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        default=None,
+        help="no TLS between LL and CC (authentication stays on); both sides must agree",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -86,9 +117,13 @@ def ll_config(args: argparse.Namespace) -> LLConfig:
     if args.insecure_plaintext:
         config.insecure_plaintext = True
     if config.cc is None:
-        raise UsageError("tcpgc ll needs --cc HOST:PORT (where agents connect) or a config file with 'cc'")
+        raise UsageError(
+            "tcpgc ll needs --cc HOST:PORT (where agents connect) or a config file with 'cc'"
+        )
     if not config.services:
-        raise UsageError("tcpgc ll needs --clients HOST:PORT or a config file with [services.NAME] sections")
+        raise UsageError(
+            "tcpgc ll needs --clients HOST:PORT or a config file with [services.NAME] sections"
+        )
     return config
 
 
@@ -103,9 +138,13 @@ def cc_config(args: argparse.Namespace) -> CCConfig:
     if args.insecure_plaintext:
         config.insecure_plaintext = True
     if not config.ll:
-        raise UsageError("tcpgc cc needs --ll HOST:PORT (the LL's agent address) or a config file with 'll'")
+        raise UsageError(
+            "tcpgc cc needs --ll HOST:PORT (the LL's agent address) or a config file with 'll'"
+        )
     if not config.services:
-        raise UsageError("tcpgc cc needs --server HOST:PORT or a config file with [services.NAME] sections")
+        raise UsageError(
+            "tcpgc cc needs --server HOST:PORT or a config file with [services.NAME] sections"
+        )
     return config
 
 
@@ -117,15 +156,15 @@ def _setup_logging(level: str) -> None:
     )
 
 
-async def _run_until_signal(node: object) -> None:
+async def _run_until_signal(node: ListenNode | ConnectNode) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        async with node:  # type: ignore[attr-defined]
-            if hasattr(node, "agent_address"):
-                _print_instructions(node)  # type: ignore[arg-type]
+        async with node:
+            if isinstance(node, ListenNode):
+                _print_instructions(node)
             await stop.wait()
             logging.getLogger("tcpgc").info("stopping")
     finally:
@@ -133,10 +172,8 @@ async def _run_until_signal(node: object) -> None:
             loop.remove_signal_handler(sig)
 
 
-def _print_instructions(node: object) -> None:
-    from tcpgc.ll import ListenNode
-
-    assert isinstance(node, ListenNode) and node.identity is not None and node.agent_address is not None
+def _print_instructions(node: ListenNode) -> None:
+    assert node.identity is not None and node.agent_address is not None
     agent = node.agent_address
     host = agent.host if agent.host not in ("0.0.0.0", "::", "") else "THIS_HOST"
     where = f"[{host}]:{agent.port}" if ":" in host else f"{host}:{agent.port}"
@@ -163,17 +200,13 @@ def run(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(run_demo(once=args.once))
     _setup_logging(args.log_level)
     if args.command == "ll":
-        from tcpgc.ll import ListenNode
-
         ll_cfg = ll_config(args)
         if ll_cfg.insecure_plaintext:
             logging.getLogger("tcpgc.ll").warning(
-                "--insecure-plaintext: the LL-CC leg is NOT encrypted; anyone on the path can read it"
+                "--insecure-plaintext: the LL-CC leg is NOT encrypted; anyone on the path reads it"
             )
         asyncio.run(_run_until_signal(ListenNode(ll_cfg)))
         return 0
-    from tcpgc.cc import ConnectNode
-
     cc_cfg = cc_config(args)
     token = read_token(os.environ.get("TCPGC_TOKEN"), cc_cfg.token_file)
     if cc_cfg.insecure_plaintext:

@@ -76,8 +76,24 @@ class CCConfig:
     insecure_plaintext: bool = False
 
 
-_LL_KEYS = {"cc", "services", "state_dir", "client_wait", "handshake_timeout", "heartbeat", "insecure_plaintext"}
-_CC_KEYS = {"ll", "services", "token_file", "connect_timeout", "reconnect_min", "reconnect_max", "insecure_plaintext"}
+_LL_KEYS = {
+    "cc",
+    "services",
+    "state_dir",
+    "client_wait",
+    "handshake_timeout",
+    "heartbeat",
+    "insecure_plaintext",
+}
+_CC_KEYS = {
+    "ll",
+    "services",
+    "token_file",
+    "connect_timeout",
+    "reconnect_min",
+    "reconnect_max",
+    "insecure_plaintext",
+}
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -113,7 +129,9 @@ class _Problems:
             self.add(label, str(exc).split(": ", 1)[1])
             return None
 
-    def number(self, data: dict[str, Any], key: str, default: float, minimum: float = 0.001) -> float:
+    def number(
+        self, data: dict[str, Any], key: str, default: float, minimum: float = 0.001
+    ) -> float:
         value = data.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
             self.add(key, f"expected a number of seconds >= {minimum}, got {value!r}")
@@ -185,7 +203,9 @@ def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
         p.add("ll", "expected 'HOST:PORT' or a list of them")
     else:
         for i, item in enumerate(lls):
-            address = p.address({"ll": item}, "ll", f"ll[{i}]" if isinstance(ll_value, list) else "ll")
+            address = p.address(
+                {"ll": item}, "ll", f"ll[{i}]" if isinstance(ll_value, list) else "ll"
+            )
             if address is not None:
                 addresses.append(address)
     config = CCConfig(

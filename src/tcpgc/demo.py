@@ -68,8 +68,11 @@ async def _demo(root: Path, web: http.server.ThreadingHTTPServer, once: bool) ->
     state_dir = root / "state"
     token = load_identity(state_dir, create=True).token
     client_port = 0 if once else 8000
-    ll_config = LLConfig(cc=Address("127.0.0.1", 0), services={"web": Address("127.0.0.1", client_port)},
-                         state_dir=state_dir)
+    ll_config = LLConfig(
+        cc=Address("127.0.0.1", 0),
+        services={"web": Address("127.0.0.1", client_port)},
+        state_dir=state_dir,
+    )
     print(f"1. inside web server on {server}")
     try:
         ll = ListenNode(ll_config)
@@ -80,7 +83,10 @@ async def _demo(root: Path, web: http.server.ThreadingHTTPServer, once: bool) ->
         await ll.start()
     try:
         assert ll.agent_address is not None
-        print(f"2. LL (outside) takes clients on {ll.service_addresses['web']} and agents on {ll.agent_address}")
+        print(
+            f"2. LL (outside) takes clients on {ll.service_addresses['web']} "
+            f"and agents on {ll.agent_address}"
+        )
         cc = ConnectNode(CCConfig(ll=[ll.agent_address], services={"web": server}), token)
         async with cc:
             async with asyncio.timeout(10):
@@ -89,9 +95,11 @@ async def _demo(root: Path, web: http.server.ThreadingHTTPServer, once: bool) ->
             url = f"http://{ll.service_addresses['web']}/"
             status, body, seconds = await asyncio.to_thread(_fetch, url)
             same = body == PAGE
-            print(f"4. fetched {url} through the tunnel: HTTP {status}, {len(body)} bytes in "
-                  f"{seconds * 1000:.1f} ms, sha256 {hashlib.sha256(body).hexdigest()[:16]}… "
-                  f"{'matches' if same else 'DOES NOT MATCH'} the page on the inside server")
+            print(
+                f"4. fetched {url} through the tunnel: HTTP {status}, {len(body)} bytes in "
+                f"{seconds * 1000:.1f} ms, sha256 {hashlib.sha256(body).hexdigest()[:16]}… "
+                f"{'matches' if same else 'DOES NOT MATCH'} the page on the inside server"
+            )
             if status != 200 or not same:
                 return 1
             if once:

@@ -72,14 +72,19 @@ class JoinToken:
                 f"join token format {parts[0]!r} is not supported by this tcpgc "
                 f"(it reads {TOKEN_PREFIX!r}): upgrade tcpgc on this host"
             )
-        return cls(_unb64(parts[1], SECRET_SIZE, "secret"), _unb64(parts[2], FINGERPRINT_SIZE, "fingerprint"))
+        return cls(
+            _unb64(parts[1], SECRET_SIZE, "secret"),
+            _unb64(parts[2], FINGERPRINT_SIZE, "fingerprint"),
+        )
 
 
 def default_state_dir() -> Path:
     """Where the LL keeps its identity: /var/lib/tcpgc for root, else the XDG state dir."""
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         return Path("/var/lib/tcpgc")
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
     return Path(base) / "tcpgc"
 
 
@@ -144,7 +149,10 @@ def load_identity(state_dir: Path, *, create: bool) -> Identity:
         if create:
             state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             if not (state_dir / SECRET_FILE).exists():
-                _write_private(state_dir / SECRET_FILE, (_b64(secrets.token_bytes(SECRET_SIZE)) + "\n").encode())
+                _write_private(
+                    state_dir / SECRET_FILE,
+                    (_b64(secrets.token_bytes(SECRET_SIZE)) + "\n").encode(),
+                )
             if not (state_dir / KEY_FILE).exists() or not (state_dir / CERT_FILE).exists():
                 key_pem, cert_pem = _new_certificate()
                 for name in (KEY_FILE, CERT_FILE):
@@ -156,13 +164,19 @@ def load_identity(state_dir: Path, *, create: bool) -> Identity:
         secret = _unb64((state_dir / SECRET_FILE).read_text().strip(), SECRET_SIZE, "secret")
         cert_pem = (state_dir / CERT_FILE).read_bytes()
     except FileNotFoundError as exc:
-        raise UsageError(f"no LL identity in {state_dir} ({exc.filename} missing): run 'tcpgc token "
-                         f"--state-dir {state_dir}' to create one") from None
+        raise UsageError(
+            f"no LL identity in {state_dir} ({exc.filename} missing): run 'tcpgc token "
+            f"--state-dir {state_dir}' to create one"
+        ) from None
     except PermissionError as exc:
-        raise UsageError(f"cannot use state dir {state_dir}: {exc.strerror} ({exc.filename})") from None
+        raise UsageError(
+            f"cannot use state dir {state_dir}: {exc.strerror} ({exc.filename})"
+        ) from None
     except UsageError as exc:
         if "malformed join token" in str(exc):
-            raise UsageError(f"{state_dir / SECRET_FILE} is corrupt: remove it to create a new secret") from None
+            raise UsageError(
+                f"{state_dir / SECRET_FILE} is corrupt: remove it to create a new secret"
+            ) from None
         raise
     return Identity(state_dir, secret, cert_pem, fingerprint_of_pem(cert_pem))
 
@@ -181,7 +195,7 @@ def _new_certificate() -> tuple[bytes, bytes]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tcpgc LL")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

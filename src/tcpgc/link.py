@@ -102,7 +102,9 @@ class Link(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.peer = format_peer(transport.get_extra_info("peername"))
         if self._tls_context is not None:
-            self._ssl = self._tls_context.wrap_bio(self._incoming, self._outgoing, server_side=self._server_side)
+            self._ssl = self._tls_context.wrap_bio(
+                self._incoming, self._outgoing, server_side=self._server_side
+            )
             self._handshake()
         else:
             self.ready.set_result(None)
@@ -122,14 +124,18 @@ class Link(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if self._ssl is not None and not self.ready.done():
-            self._fail_handshake(ConnectionResetError("peer closed the connection during the TLS handshake"))
+            self._fail_handshake(
+                ConnectionResetError("peer closed the connection during the TLS handshake")
+            )
             return False
         self._got_eof()
         return True  # keep our write side open: half-close
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if not self.ready.done():
-            self.ready.set_exception(exc or ConnectionResetError("connection closed before it was ready"))
+            self.ready.set_exception(
+                exc or ConnectionResetError("connection closed before it was ready")
+            )
             self.ready.exception()  # mark retrieved: a refused handshake is logged by the caller
         if not self.closed.done():
             self.closed.set_result(None)
@@ -183,7 +189,11 @@ class Link(asyncio.Protocol):
         self._flush()  # TLS 1.3 session tickets and key updates are written during reads
 
     def _flush(self) -> None:
-        if self._outgoing.pending and self.transport is not None and not self.transport.is_closing():
+        if (
+            self._outgoing.pending
+            and self.transport is not None
+            and not self.transport.is_closing()
+        ):
             self.transport.write(self._outgoing.read())
 
     @property
@@ -253,7 +263,11 @@ class Link(asyncio.Protocol):
             self.transport.write_eof()
 
     def pause_reading(self) -> None:
-        if self.transport is not None and not self._reading_paused and not self.transport.is_closing():
+        if (
+            self.transport is not None
+            and not self._reading_paused
+            and not self.transport.is_closing()
+        ):
             self._reading_paused = True
             self.transport.pause_reading()
 

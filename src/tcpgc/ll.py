@@ -17,7 +17,10 @@ import itertools
 import logging
 import secrets
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 from tcpgc.channel import FrameChannel
 from tcpgc.config import Address, LLConfig
@@ -96,7 +99,9 @@ class ListenNode:
         if self.config.cc is None:
             raise UsageError("no agent address: give --cc HOST:PORT or 'cc' in the config file")
         if not self.config.services:
-            raise UsageError("no service: give --clients HOST:PORT or [services.NAME] in the config file")
+            raise UsageError(
+                "no service: give --clients HOST:PORT or [services.NAME] in the config file"
+            )
         state_dir = self.config.state_dir or default_state_dir()
         self.identity = load_identity(state_dir, create=True)
         self._secrets = {key_id(self.identity.secret): self.identity.secret}
@@ -104,12 +109,14 @@ class ListenNode:
             self._tls = self.identity.server_context()
         try:
             server = await self._listen(
-                lambda: Link(self._tls, server_side=True, on_made=self._agent_connected), self.config.cc, "--cc"
+                lambda: Link(self._tls, server_side=True, on_made=self._agent_connected),
+                self.config.cc,
+                "--cc",
             )
             self.agent_address = _bound(server, self.config.cc)
             for name, address in self.config.services.items():
                 server = await self._listen(
-                    lambda name=name: Link(on_made=lambda link: self._client_connected(name, link)),
+                    partial(Link, on_made=partial(self._client_connected, name)),
                     address,
                     f"service '{name}'",
                 )
@@ -126,12 +133,18 @@ class ListenNode:
         for name, address in self.service_addresses.items():
             log.info("service '%s' listening for clients on %s", name, address)
 
-    async def _listen(self, factory: object, address: Address, what: str) -> asyncio.Server:
+    async def _listen(
+        self, factory: Callable[[], asyncio.BaseProtocol], address: Address, what: str
+    ) -> asyncio.Server:
         loop = asyncio.get_running_loop()
         try:
-            server = await loop.create_server(factory, address.host, address.port, reuse_address=True)  # type: ignore[arg-type]
+            server = await loop.create_server(
+                factory, address.host, address.port, reuse_address=True
+            )
         except OSError as exc:
-            raise UsageError(f"cannot listen on {address} for {what}: {exc.strerror or exc}") from None
+            raise UsageError(
+                f"cannot listen on {address} for {what}: {exc.strerror or exc}"
+            ) from None
         self._servers.append(server)
         return server
 
@@ -174,8 +187,11 @@ class ListenNode:
             remaining = deadline - loop.time()
             if remaining <= 0 or link.closed.done():
                 raise NoAgent
-            joined = asyncio.ensure_future(self._agent_joined.wait())
-            await asyncio.wait([joined, link.closed], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            joined: asyncio.Future[Any] = asyncio.ensure_future(self._agent_joined.wait())
+            closed: asyncio.Future[Any] = link.closed
+            await asyncio.wait(
+                [joined, closed], timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
             joined.cancel()
         return agent
 
@@ -186,7 +202,9 @@ class ListenNode:
             if not link.closed.done():
                 log.warning(
                     "no agent for service '%s' within %.1f s: closing client %s",
-                    service, self.config.client_wait, link.peer,
+                    service,
+                    self.config.client_wait,
+                    link.peer,
                 )
             link.abort()
             return
@@ -196,14 +214,20 @@ class ListenNode:
         agent.send_open(conn_id, service)
         try:
             async with asyncio.timeout(self.config.client_wait):
-                done, _ = await asyncio.wait([waiting.claimed, link.closed], return_when=asyncio.FIRST_COMPLETED)
+                claimed: asyncio.Future[Any] = waiting.claimed
+                closed: asyncio.Future[Any] = link.closed
+                done, _ = await asyncio.wait([claimed, closed], return_when=asyncio.FIRST_COMPLETED)
             if waiting.claimed not in done:
                 log.info("client %s of service '%s' left before it was served", link.peer, service)
                 return
             data_link = waiting.claimed.result()
         except TimeoutError:
-            log.warning("agent %s did not take client %s of service '%s' in time: closing it",
-                        agent.agent_id, link.peer, service)
+            log.warning(
+                "agent %s did not take client %s of service '%s' in time: closing it",
+                agent.agent_id,
+                link.peer,
+                service,
+            )
             link.abort()
             return
         except PeerRefused as exc:
@@ -217,7 +241,12 @@ class ListenNode:
         result = await relay.done
         log.info(
             "client %s of service '%s' done after %.3f s: %d bytes in, %d bytes out, %s",
-            link.peer, service, result.duration, result.bytes_a_to_b, result.bytes_b_to_a, result.ended,
+            link.peer,
+            service,
+            result.duration,
+            result.bytes_a_to_b,
+            result.bytes_b_to_a,
+            result.ended,
         )
 
     # ---- agent port --------------------------------------------------------------------
@@ -237,15 +266,27 @@ class ListenNode:
             elif isinstance(first, Hello):
                 await self._run_session(first, channel)
             elif first is None:
+                log.warning(
+                    "handshake failed from %s: closed before its first message "
+                    "(an agent refusing our certificate, or a port scan)",
+                    link.peer,
+                )
                 link.abort()
             else:
                 raise ProtocolError(f"unexpected {first.TYPE.name} as first message")
         except TimeoutError:
-            log.warning("handshake failed from %s: no complete handshake within %.1f s",
-                        link.peer, self.config.handshake_timeout)
+            log.warning(
+                "handshake failed from %s: no complete handshake within %.1f s",
+                link.peer,
+                self.config.handshake_timeout,
+            )
             link.abort()
         except ProtocolError as exc:
-            reason = _transport_reason(exc, True) if self._tls is None and _looks_like_tls(exc) else str(exc)
+            reason = (
+                _transport_reason(exc, True)
+                if self._tls is None and _looks_like_tls(exc)
+                else str(exc)
+            )
             log.warning("handshake failed from %s: %s", link.peer, reason)
             if channel is not None and not link.closed.done():
                 channel.send(Error(error_code(exc), _public_reason(exc)))
@@ -253,7 +294,9 @@ class ListenNode:
             else:
                 link.abort()
         except (ssl.SSLError, OSError) as exc:
-            log.warning("handshake failed from %s: %s", link.peer, _transport_reason(exc, self._tls is None))
+            log.warning(
+                "handshake failed from %s: %s", link.peer, _transport_reason(exc, self._tls is None)
+            )
             link.abort()
 
     def _claim(self, data: Data, channel: FrameChannel) -> None:
@@ -271,7 +314,9 @@ class ListenNode:
         assert self.identity is not None
         link = channel.link
         handshake = LLHandshake(
-            self._secrets, heartbeat_ms=int(self.config.heartbeat * 1000), binding=self.identity.fingerprint
+            self._secrets,
+            heartbeat_ms=int(self.config.heartbeat * 1000),
+            binding=self.identity.fingerprint,
         )
         channel.send(handshake.receive(hello))
         async with asyncio.timeout(self.config.handshake_timeout):
@@ -279,12 +324,23 @@ class ListenNode:
         if auth is None:
             raise ProtocolError("connection closed during the handshake")
         channel.send(handshake.receive(auth))
-        session = AgentSession(handshake.agent_id.hex()[:12], link.peer, handshake.services, channel)
+        session = AgentSession(
+            handshake.agent_id.hex()[:12], link.peer, handshake.services, channel
+        )
         served = [s for s in session.services if s in self.config.services]
         unknown = [s for s in session.services if s not in self.config.services]
-        log.info("agent %s connected from %s (services: %s)", session.agent_id, link.peer, ", ".join(served))
+        log.info(
+            "agent %s connected from %s (services: %s)",
+            session.agent_id,
+            link.peer,
+            ", ".join(served),
+        )
         if unknown:
-            log.warning("agent %s offers services this LL does not have: %s", session.agent_id, ", ".join(unknown))
+            log.warning(
+                "agent %s offers services this LL does not have: %s",
+                session.agent_id,
+                ", ".join(unknown),
+            )
         self._register(session, served)
         heartbeat = self._tasks.spawn(self._heartbeat(channel), f"heartbeat {link.peer}")
         try:
@@ -298,13 +354,19 @@ class ListenNode:
         channel = session.channel
         while True:
             try:
-                message = await channel.recv(timeout=3 * self.config.heartbeat)
+                message = await channel.recv(within=3 * self.config.heartbeat)
             except TimeoutError:
-                log.warning("agent %s at %s silent for %.0f s: dropping it",
-                            session.agent_id, session.peer, 3 * self.config.heartbeat)
+                log.warning(
+                    "agent %s at %s silent for %.0f s: dropping it",
+                    session.agent_id,
+                    session.peer,
+                    3 * self.config.heartbeat,
+                )
                 return
             except ProtocolError as exc:
-                log.warning("agent %s at %s sent a bad message: %s", session.agent_id, session.peer, exc)
+                log.warning(
+                    "agent %s at %s sent a bad message: %s", session.agent_id, session.peer, exc
+                )
                 return
             if message is None:
                 log.info("agent %s at %s disconnected", session.agent_id, session.peer)
@@ -316,9 +378,15 @@ class ListenNode:
             elif isinstance(message, OpenFailed):
                 waiting = self._waiting.get(message.conn_id)
                 if waiting is not None and waiting.agent is session and not waiting.claimed.done():
-                    waiting.claimed.set_exception(PeerRefused(f"agent could not serve it: {message.reason}"))
+                    waiting.claimed.set_exception(
+                        PeerRefused(f"agent could not serve it: {message.reason}")
+                    )
             else:
-                log.warning("agent %s sent unexpected %s: closing its session", session.agent_id, message.TYPE.name)
+                log.warning(
+                    "agent %s sent unexpected %s: closing its session",
+                    session.agent_id,
+                    message.TYPE.name,
+                )
                 channel.send(Error(ErrorCode.BAD_MESSAGE, f"unexpected {message.TYPE.name}"))
                 return
 
@@ -357,7 +425,9 @@ def _looks_like_tls(exc: Exception) -> bool:
 def _transport_reason(exc: BaseException, plaintext: bool) -> str:
     if plaintext:
         if isinstance(exc, ProtocolError) and _looks_like_tls(exc):
-            return "peer speaks TLS but this LL runs with --insecure-plaintext (both sides must agree)"
+            return (
+                "peer speaks TLS but this LL runs with --insecure-plaintext (both sides must agree)"
+            )
         return str(exc)
     text = str(exc) or type(exc).__name__
     if isinstance(exc, ssl.SSLError) and "WRONG_VERSION_NUMBER" in text.upper():
@@ -371,4 +441,3 @@ def _public_reason(exc: ProtocolError) -> str:
     if code == ErrorCode.AUTHENTICATION:
         return "authentication failed: the agent's join token is not accepted by this LL"
     return str(exc)
-

@@ -87,7 +87,9 @@ class AgentHandshake:
         self._services = services
         self.agent_id = agent_id or secrets.token_bytes(AGENT_ID_SIZE)
         self._binding = binding
-        self._hello = Hello(versions[0], versions[1], key_id(secret), nonce or secrets.token_bytes(NONCE_SIZE))
+        self._hello = Hello(
+            versions[0], versions[1], key_id(secret), nonce or secrets.token_bytes(NONCE_SIZE)
+        )
         self.state = State.START
         self.version = 0
         self.heartbeat_ms = 0
@@ -115,14 +117,18 @@ class AgentHandshake:
                 )
             self.version = message.version
             self.state = State.WAIT_READY
-            proof = _mac(self._secret, _CC_LABEL, transcript, self.agent_id, services_blob(self._services))
+            proof = _mac(
+                self._secret, _CC_LABEL, transcript, self.agent_id, services_blob(self._services)
+            )
             return Auth(proof, self.agent_id, self._services)
         if isinstance(message, Ready):
             self._expect(State.WAIT_READY, "READY")
             self.heartbeat_ms = message.heartbeat_ms
             self.state = State.DONE
             return None
-        raise ProtocolError(f"unexpected {message.TYPE.name} during the handshake (state {self.state.name})")
+        raise ProtocolError(
+            f"unexpected {message.TYPE.name} during the handshake (state {self.state.name})"
+        )
 
     def _expect(self, state: State, what: str) -> None:
         if self.state is not state:
@@ -173,7 +179,11 @@ class LLHandshake:
         if isinstance(message, Auth):
             self._expect(State.WAIT_AUTH, "AUTH")
             expected = _mac(
-                self._secret, _CC_LABEL, self._transcript, message.agent_id, services_blob(message.services)
+                self._secret,
+                _CC_LABEL,
+                self._transcript,
+                message.agent_id,
+                services_blob(message.services),
             )
             if not hmac.compare_digest(message.proof, expected):
                 raise AuthenticationError("agent's proof of the secret is wrong")
@@ -181,7 +191,9 @@ class LLHandshake:
             self.services = message.services
             self.state = State.DONE
             return Ready(self._heartbeat_ms)
-        raise ProtocolError(f"unexpected {message.TYPE.name} during the handshake (state {self.state.name})")
+        raise ProtocolError(
+            f"unexpected {message.TYPE.name} during the handshake (state {self.state.name})"
+        )
 
     def _expect(self, state: State, what: str) -> None:
         if self.state is not state:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar, Union
+from typing import ClassVar, TypeAlias
 
 from tcpgc.errors import ProtocolError
 
@@ -100,12 +100,16 @@ class _Reader:
 
     def end(self) -> None:
         if self.pos != len(self.view):
-            raise ProtocolError(f"{self.kind.name} message has {len(self.view) - self.pos} extra bytes")
+            raise ProtocolError(
+                f"{self.kind.name} message has {len(self.view) - self.pos} extra bytes"
+            )
 
 
 def is_valid_name(name: str) -> bool:
     """Service names: 1-64 of ASCII letters, digits, '-', '_' and '.'."""
-    return 0 < len(name) <= MAX_NAME and all(c.isascii() and (c.isalnum() or c in "-_.") for c in name)
+    return 0 < len(name) <= MAX_NAME and all(
+        c.isascii() and (c.isalnum() or c in "-_.") for c in name
+    )
 
 
 def _name(value: str) -> bytes:
@@ -293,10 +297,13 @@ def _magic(r: _Reader) -> None:
         raise ProtocolError("not a tcpgc peer (bad magic)")
 
 
-Message = Union[Hello, Challenge, Auth, Ready, Error, Open, OpenFailed, Ping, Pong, Data]
+Message: TypeAlias = (
+    Hello | Challenge | Auth | Ready | Error | Open | OpenFailed | Ping | Pong | Data
+)
 
 _PARSERS: dict[MessageType, type[Message]] = {
-    cls.TYPE: cls for cls in (Hello, Challenge, Auth, Ready, Error, Open, OpenFailed, Ping, Pong, Data)
+    cls.TYPE: cls
+    for cls in (Hello, Challenge, Auth, Ready, Error, Open, OpenFailed, Ping, Pong, Data)
 }
 
 
@@ -304,7 +311,9 @@ def encode(message: Message) -> bytes:
     """The frame carrying `message`."""
     payload = message.payload()
     if len(payload) > MAX_PAYLOAD:
-        raise ValueError(f"{message.TYPE.name} payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+        raise ValueError(
+            f"{message.TYPE.name} payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}"
+        )
     return HEADER.pack(message.TYPE, len(payload)) + payload
 
 
@@ -353,7 +362,9 @@ class FrameDecoder:
 
     def _check_eof(self) -> None:
         if self._eof and self._buffer:
-            raise ProtocolError(f"connection closed in the middle of a frame ({len(self._buffer)} bytes)")
+            raise ProtocolError(
+                f"connection closed in the middle of a frame ({len(self._buffer)} bytes)"
+            )
 
     def leftover(self) -> bytes:
         """Bytes received after the last message: the start of a relayed stream."""
