@@ -21,7 +21,7 @@ from typing import Any
 from tcpgc.channel import FrameChannel
 from tcpgc.config import Address, CCConfig
 from tcpgc.errors import PeerRefused, ProtocolError, TcpgcError, UsageError
-from tcpgc.identity import JoinToken, agent_context, format_fingerprint
+from tcpgc.identity import JoinToken, agent_context, format_fingerprint, pin_server_name
 from tcpgc.link import Link
 from tcpgc.protocol.handshake import AgentHandshake, State
 from tcpgc.protocol.messages import MAX_VERSION, Data, Error, Open, OpenFailed, Ping, Pong, encode
@@ -51,7 +51,11 @@ class ConnectNode:
             )
         self.config = config
         self.token = token
-        self._tls = None if config.insecure_plaintext else agent_context()
+        self._tls = (
+            None
+            if config.insecure_plaintext
+            else agent_context(config.tls_ca, config.tls_cert, config.tls_key)
+        )
         self._tasks = TaskGroup()
         self.connected: dict[str, asyncio.Event] = {str(a): asyncio.Event() for a in config.ll}
 
@@ -87,37 +91,44 @@ class ConnectNode:
             await asyncio.sleep(wait)
             delay = min(delay * 2, self.config.reconnect_max)
 
-    async def _dial_ll(self, address: Address) -> Link:
-        """A verified link to the LL: TCP, TLS, and the pinned certificate checked."""
+    async def _dial_ll(self, address: Address) -> tuple[Link, bytes]:
+        """A verified link to the LL: TCP, TLS, and its certificate checked, either
+        against the fingerprint pinned by the token or, with `tls_ca`, the CA bundle.
+        Also returns the fingerprint the handshake is bound to."""
         loop = asyncio.get_running_loop()
-        _, link = await loop.create_connection(lambda: Link(self._tls), address.host, address.port)
+        pinning = self._tls is not None and self.config.tls_ca is None
+        # Pinning agents name the certificate they expect, so an LL in the middle of a
+        # certificate rotation can present the old one to holders of the old token.
+        name = pin_server_name(self.token.fingerprint) if pinning else address.host
+        _, link = await loop.create_connection(
+            lambda: Link(self._tls, server_hostname=name if self._tls else None),
+            address.host,
+            address.port,
+        )
         try:
             await link.ready
-            if self._tls is not None:
-                self._check_pin(link)
+            if self._tls is None:
+                return link, self.token.fingerprint
+            presented = hashlib.sha256(link.peer_certificate or b"").digest()
+            if pinning and not hmac.compare_digest(presented, self.token.fingerprint):
+                raise PinMismatch(
+                    f"the LL's certificate is {format_fingerprint(presented)} but the join "
+                    f"token pins {format_fingerprint(self.token.fingerprint)}: refusing to "
+                    "talk to it (wrong address, a token from another LL, or someone in the middle)"
+                )
         except BaseException:
             link.abort()
             raise
-        return link
-
-    def _check_pin(self, link: Link) -> None:
-        der = link.peer_certificate or b""
-        actual = hashlib.sha256(der).digest()
-        if not hmac.compare_digest(actual, self.token.fingerprint):
-            raise PinMismatch(
-                f"the LL's certificate is {format_fingerprint(actual)} but the join token pins "
-                f"{format_fingerprint(self.token.fingerprint)}: refusing to talk to it "
-                "(wrong address, a token from another LL, or someone in the middle)"
-            )
+        return link, presented
 
     async def _session(self, address: Address) -> None:
         async with asyncio.timeout(self.config.connect_timeout):
-            link = await self._dial_ll(address)
+            link, binding = await self._dial_ll(address)
             channel = FrameChannel(link)
             handshake = AgentHandshake(
                 self.token.secret,
                 services=tuple(self.config.services),
-                binding=self.token.fingerprint,
+                binding=binding,
             )
             channel.send(handshake.start())
             while handshake.state is not State.DONE:
@@ -219,11 +230,10 @@ class ConnectNode:
 
 
 def _result_link(task: asyncio.Future[Any]) -> Link | None:
+    """The Link a finished connect task produced, or None if it failed."""
     if task.cancelled() or task.exception() is not None:
         return None
-    result = task.result()
-    link = result[1] if isinstance(result, tuple) else result
-    return link if isinstance(link, Link) else None
+    return next((item for item in task.result() if isinstance(item, Link)), None)
 
 
 def _task_error(task: asyncio.Future[Any]) -> str:

@@ -18,13 +18,23 @@ from tcpgc.config import (
     DEFAULT_SERVICE,
     CCConfig,
     LLConfig,
+    ServiceListener,
     cc_config_from,
     ll_config_from,
     parse_address,
     read_toml,
 )
 from tcpgc.errors import UsageError
-from tcpgc.identity import default_state_dir, format_fingerprint, load_identity, read_token
+from tcpgc.identity import (
+    Certificate,
+    JoinToken,
+    default_state_dir,
+    format_fingerprint,
+    load_identity,
+    read_token,
+    retire_previous,
+    rotate,
+)
 from tcpgc.ll import ListenNode
 
 EXIT_USAGE = 2
@@ -47,11 +57,29 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
     )
 
-    token = sub.add_parser(
-        "token", help="create the LL identity if missing and print its join token"
-    )
+    token = sub.add_parser("token", help="create the LL identity if missing; print its join token")
     token.add_argument(
         "--state-dir", type=Path, help=f"LL state dir (default {default_state_dir()})"
+    )
+    token.add_argument(
+        "-c", "--config", type=Path, metavar="FILE", help="the LL's TOML config file"
+    )
+    change = token.add_mutually_exclusive_group()
+    change.add_argument(
+        "--rotate",
+        action="store_true",
+        help="new secret; the previous one stays accepted until --retire-previous",
+    )
+    change.add_argument(
+        "--rotate-certificate",
+        action="store_true",
+        help="new TLS key and certificate; the previous ones stay in use for "
+        "agents holding the old token until --retire-previous",
+    )
+    change.add_argument(
+        "--retire-previous",
+        action="store_true",
+        help="stop accepting the previous secret and certificate",
     )
 
     ll = sub.add_parser("ll", help="run the outside node: listen for clients and for agents")
@@ -107,7 +135,7 @@ def ll_config(args: argparse.Namespace) -> LLConfig:
     if args.cc:
         config.cc = parse_address(args.cc, "--cc")
     if args.clients:
-        config.services[DEFAULT_SERVICE] = parse_address(args.clients, "--clients")
+        config.services[DEFAULT_SERVICE] = ServiceListener(parse_address(args.clients, "--clients"))
     if args.state_dir:
         config.state_dir = args.state_dir
     if args.client_wait is not None:
@@ -188,11 +216,32 @@ def _print_instructions(node: ListenNode) -> None:
     )
 
 
+def _token(args: argparse.Namespace) -> JoinToken:
+    config = ll_config_from(read_toml(args.config), str(args.config)) if args.config else LLConfig()
+    state_dir = args.state_dir or config.state_dir or default_state_dir()
+    if args.rotate or args.rotate_certificate:
+        identity = rotate(state_dir, secret=args.rotate, certificate=args.rotate_certificate)
+        print(
+            "rotated: restart the LL to accept the new token besides the old one, update "
+            "the agents, then run 'tcpgc token --retire-previous'",
+            file=sys.stderr,
+        )
+    elif args.retire_previous:
+        identity = retire_previous(state_dir)
+        print(
+            "retired: restart the LL; agents holding the old token are now refused", file=sys.stderr
+        )
+    else:
+        identity = load_identity(state_dir, create=True)
+    if config.tls_cert is not None and config.tls_key is not None:
+        identity = identity.with_certificate(Certificate.load(config.tls_cert, config.tls_key))
+    return identity.token
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "token":
-        identity = load_identity(args.state_dir or default_state_dir(), create=True)
-        print(identity.token)
+        print(_token(args))
         return 0
     if args.command == "demo":
         from tcpgc.demo import run_demo

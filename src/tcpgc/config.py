@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from tcpgc.errors import UsageError
 from tcpgc.protocol.messages import is_valid_name
 
 DEFAULT_SERVICE = "default"
+
+IPNetwork: TypeAlias = IPv4Network | IPv6Network
 
 
 @dataclass(frozen=True)
@@ -40,23 +43,61 @@ def parse_address(text: object, what: str) -> Address:
     return Address(host or "0.0.0.0", int(port_text))
 
 
+@dataclass(frozen=True)
+class ServiceListener:
+    """Where one service takes clients on the LL, and who may connect."""
+
+    listen: Address
+    #: If set, only clients from these networks are served.
+    allow: tuple[IPNetwork, ...] = ()
+    #: Clients from these networks are refused (checked before `allow`).
+    deny: tuple[IPNetwork, ...] = ()
+    #: At most this many clients of the service at once; more are refused. 0: no cap.
+    max_clients: int = 0
+    #: A connection with no byte either way for this many seconds is closed. 0: never.
+    idle_timeout: float = 0.0
+
+    def admits(self, host: str) -> str | None:
+        """None if a client from `host` may connect, else why not."""
+        try:
+            address = ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return "unparseable address"
+        if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if any(address in net for net in self.deny):
+            return "address in the deny list"
+        if self.allow and not any(address in net for net in self.allow):
+            return "address not in the allow list"
+        return None
+
+
 @dataclass
 class LLConfig:
     """The outside node: where agents connect and where each service takes clients."""
 
     #: Where agents (CC nodes) connect.
     cc: Address | None = None
-    #: Service name -> where its clients connect.
-    services: dict[str, Address] = field(default_factory=dict)
+    #: Service name -> where and from whom it takes clients.
+    services: dict[str, ServiceListener] = field(default_factory=dict)
     #: Holds the secret, key and certificate; None means the default per-user dir.
     state_dir: Path | None = None
     #: How long a client may wait for an agent of its service before it is closed.
     client_wait: float = 10.0
-    #: Deadline for a connection on the agent port to finish TLS and its first message.
+    #: Deadline for a connection on the agent port to finish TLS and its handshake.
     handshake_timeout: float = 10.0
     #: Interval between heartbeats on control connections; a peer silent for three
     #: intervals is declared dead.
     heartbeat: float = 10.0
+    #: Unauthenticated connections on the agent port at once, in all and per source
+    #: address. Past either cap a random pending one is dropped (random early drop).
+    max_pending: int = 256
+    max_pending_per_source: int = 32
+    #: A certificate and key of your own PKI instead of the self-signed identity.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: Require agents to present a client certificate signed by this CA bundle.
+    tls_client_ca: Path | None = None
     #: TLS off on the LL-CC leg (authentication stays on). Both nodes must agree.
     insecure_plaintext: bool = False
 
@@ -73,6 +114,12 @@ class CCConfig:
     #: Reconnect backoff: first delay and cap, in seconds (with jitter).
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
+    #: Verify the LL's certificate chain and name against this CA bundle instead of
+    #: pinning the fingerprint from the token.
+    tls_ca: Path | None = None
+    #: Client certificate and key to present to an LL that requires one (mutual TLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     insecure_plaintext: bool = False
 
 
@@ -83,6 +130,11 @@ _LL_KEYS = {
     "client_wait",
     "handshake_timeout",
     "heartbeat",
+    "max_pending",
+    "max_pending_per_source",
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
     "insecure_plaintext",
 }
 _CC_KEYS = {
@@ -92,8 +144,12 @@ _CC_KEYS = {
     "connect_timeout",
     "reconnect_min",
     "reconnect_max",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
     "insecure_plaintext",
 }
+_LL_SERVICE_KEYS = {"clients", "allow", "deny", "max_clients", "idle_timeout"}
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -130,11 +186,16 @@ class _Problems:
             return None
 
     def number(
-        self, data: dict[str, Any], key: str, default: float, minimum: float = 0.001
+        self,
+        data: dict[str, Any],
+        key: str,
+        default: float,
+        minimum: float = 0.001,
+        label: str = "",
     ) -> float:
         value = data.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-            self.add(key, f"expected a number of seconds >= {minimum}, got {value!r}")
+            self.add(label or key, f"expected a number of seconds >= {minimum}, got {value!r}")
             return default
         return float(value)
 
@@ -149,8 +210,38 @@ class _Problems:
         for key in sorted(set(data) - allowed):
             self.add(prefix + key, f"unknown key (known: {', '.join(sorted(allowed))})")
 
-    def services(self, data: dict[str, Any], key: str) -> dict[str, Address]:
-        out: dict[str, Address] = {}
+    def integer(self, data: dict[str, Any], key: str, default: int, label: str = "") -> int:
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            self.add(label or key, f"expected a whole number >= 0, got {value!r}")
+            return default
+        return value
+
+    def path(self, data: dict[str, Any], key: str) -> Path | None:
+        value = data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            self.add(key, "expected a path string")
+            return None
+        return Path(value)
+
+    def networks(self, data: dict[str, Any], key: str, label: str) -> tuple[IPNetwork, ...]:
+        value = data.get(key, [])
+        if not isinstance(value, list):
+            self.add(label, 'expected a list of networks such as ["10.0.0.0/8", "::1/128"]')
+            return ()
+        out = []
+        for item in value:
+            try:
+                out.append(ip_network(item, strict=False))
+            except (ValueError, TypeError):
+                self.add(label, f"{item!r} is not an IP network (e.g. 192.0.2.0/24)")
+        return tuple(out)
+
+    def service_tables(self, data: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
+        """The [services.NAME] tables that are well-formed enough to read `key` from."""
+        out: dict[str, dict[str, Any]] = {}
         table = data.get("services", {})
         if not isinstance(table, dict):
             self.add("services", "expected a table of [services.NAME] sections")
@@ -159,38 +250,64 @@ class _Problems:
             where = f"services.{name}"
             if not is_valid_name(name):
                 self.add(where, "service names are 1-64 letters, digits, '-', '_' or '.'")
-                continue
-            if not isinstance(body, dict):
+            elif not isinstance(body, dict):
                 self.add(where, f"expected a table with key {key!r}")
-                continue
-            self.unknown(body, {key}, where + ".")
-            if key not in body:
+            elif key not in body:
                 self.add(where, f"missing key {key!r}")
-                continue
-            address = self.address(body, key, f"{where}.{key}")
-            if address is not None:
-                out[name] = address
+            else:
+                out[name] = body
         return out
 
 
 def ll_config_from(data: dict[str, Any], source: str) -> LLConfig:
     p = _Problems(source)
     p.unknown(data, _LL_KEYS)
+    services: dict[str, ServiceListener] = {}
+    for name, body in p.service_tables(data, "clients").items():
+        where = f"services.{name}"
+        p.unknown(body, _LL_SERVICE_KEYS, where + ".")
+        listen = p.address(body, "clients", f"{where}.clients")
+        service = ServiceListener(
+            listen=listen or Address("0.0.0.0", 0),
+            allow=p.networks(body, "allow", f"{where}.allow"),
+            deny=p.networks(body, "deny", f"{where}.deny"),
+            max_clients=p.integer(body, "max_clients", 0, f"{where}.max_clients"),
+            idle_timeout=p.number(body, "idle_timeout", 0.0, 0.0, f"{where}.idle_timeout"),
+        )
+        if listen is not None:
+            services[name] = service
     config = LLConfig(
         cc=p.address(data, "cc", "cc") if "cc" in data else None,
-        services=p.services(data, "clients"),
+        services=services,
+        state_dir=p.path(data, "state_dir"),
         client_wait=p.number(data, "client_wait", LLConfig.client_wait),
         handshake_timeout=p.number(data, "handshake_timeout", LLConfig.handshake_timeout),
         heartbeat=p.number(data, "heartbeat", LLConfig.heartbeat),
+        max_pending=p.integer(data, "max_pending", LLConfig.max_pending),
+        max_pending_per_source=p.integer(
+            data, "max_pending_per_source", LLConfig.max_pending_per_source
+        ),
+        tls_cert=p.path(data, "tls_cert"),
+        tls_key=p.path(data, "tls_key"),
+        tls_client_ca=p.path(data, "tls_client_ca"),
         insecure_plaintext=p.flag(data, "insecure_plaintext"),
     )
-    if "state_dir" in data:
-        if isinstance(data["state_dir"], str):
-            config.state_dir = Path(data["state_dir"])
-        else:
-            p.add("state_dir", "expected a path string")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        p.add("tls_cert", "tls_cert and tls_key go together")
+    if config.max_pending < 1 or config.max_pending_per_source < 1:
+        p.add("max_pending", "max_pending and max_pending_per_source must be at least 1")
     p.check()
     return config
+
+
+def _cc_services(p: _Problems, data: dict[str, Any]) -> dict[str, Address]:
+    services = {}
+    for name, body in p.service_tables(data, "server").items():
+        p.unknown(body, {"server"}, f"services.{name}.")
+        address = p.address(body, "server", f"services.{name}.server")
+        if address is not None:
+            services[name] = address
+    return services
 
 
 def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
@@ -210,17 +327,18 @@ def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
                 addresses.append(address)
     config = CCConfig(
         ll=addresses,
-        services=p.services(data, "server"),
+        services=_cc_services(p, data),
         connect_timeout=p.number(data, "connect_timeout", CCConfig.connect_timeout),
         reconnect_min=p.number(data, "reconnect_min", CCConfig.reconnect_min),
         reconnect_max=p.number(data, "reconnect_max", CCConfig.reconnect_max),
         insecure_plaintext=p.flag(data, "insecure_plaintext"),
     )
-    if "token_file" in data:
-        if isinstance(data["token_file"], str):
-            config.token_file = Path(data["token_file"])
-        else:
-            p.add("token_file", "expected a path string")
+    config.token_file = p.path(data, "token_file")
+    config.tls_ca = p.path(data, "tls_ca")
+    config.tls_cert = p.path(data, "tls_cert")
+    config.tls_key = p.path(data, "tls_key")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        p.add("tls_cert", "tls_cert and tls_key go together")
     if config.reconnect_max < config.reconnect_min:
         p.add("reconnect_max", "must not be smaller than reconnect_min")
     p.check()

@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from tcpgc.cc import ConnectNode
-from tcpgc.config import Address, CCConfig, LLConfig
+from tcpgc.config import Address, CCConfig, LLConfig, ServiceListener
 from tcpgc.errors import UsageError
 from tcpgc.identity import load_identity
 from tcpgc.ll import ListenNode
@@ -70,7 +70,7 @@ async def _demo(root: Path, web: http.server.ThreadingHTTPServer, once: bool) ->
     client_port = 0 if once else 8000
     ll_config = LLConfig(
         cc=Address("127.0.0.1", 0),
-        services={"web": Address("127.0.0.1", client_port)},
+        services={"web": ServiceListener(Address("127.0.0.1", client_port))},
         state_dir=state_dir,
     )
     print(f"1. inside web server on {server}")
@@ -78,7 +78,9 @@ async def _demo(root: Path, web: http.server.ThreadingHTTPServer, once: bool) ->
         ll = ListenNode(ll_config)
         await ll.start()
     except UsageError:
-        ll_config.services["web"] = Address("127.0.0.1", 0)  # 8000 is taken: any free port
+        ll_config.services["web"] = ServiceListener(
+            Address("127.0.0.1", 0)
+        )  # 8000 is taken: any free port
         ll = ListenNode(ll_config)
         await ll.start()
     try:

@@ -27,6 +27,9 @@ FINGERPRINT_SIZE = 32
 SECRET_FILE = "secret"
 KEY_FILE = "key.pem"
 CERT_FILE = "cert.pem"
+PREVIOUS_SECRET_FILE = "secret.previous"
+PREVIOUS_KEY_FILE = "key.previous.pem"
+PREVIOUS_CERT_FILE = "cert.previous.pem"
 
 
 def _b64(data: bytes) -> str:
@@ -116,73 +119,171 @@ def check_private(path: Path) -> None:
 
 
 @dataclass(frozen=True)
+class Certificate:
+    """A certificate and key the LL can present, by path."""
+
+    cert_path: Path
+    key_path: Path
+    fingerprint: bytes
+
+    @classmethod
+    def load(cls, cert_path: Path, key_path: Path) -> Certificate:
+        try:
+            check_private(key_path)
+            pem = cert_path.read_bytes()
+            fingerprint = fingerprint_of_pem(pem)
+        except OSError as exc:
+            raise UsageError(f"cannot read certificate {exc.filename}: {exc.strerror}") from None
+        except ValueError:
+            raise UsageError(f"{cert_path} is not a PEM certificate") from None
+        return cls(cert_path, key_path, fingerprint)
+
+
+@dataclass(frozen=True)
 class Identity:
-    """The LL's secret, certificate and key, as kept in its state dir."""
+    """The LL's secrets and certificates, as kept in its state dir.
+
+    During a rotation the LL holds a previous secret and/or certificate besides the
+    current ones, so agents holding the old token keep working until they are updated.
+    """
 
     state_dir: Path
     secret: bytes
-    cert_pem: bytes
-    fingerprint: bytes
+    certificate: Certificate
+    previous_secret: bytes | None = None
+    previous_certificate: Certificate | None = None
 
     @property
-    def cert_path(self) -> Path:
-        return self.state_dir / CERT_FILE
-
-    @property
-    def key_path(self) -> Path:
-        return self.state_dir / KEY_FILE
+    def fingerprint(self) -> bytes:
+        return self.certificate.fingerprint
 
     @property
     def token(self) -> JoinToken:
         return JoinToken(self.secret, self.fingerprint)
 
-    def server_context(self) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.load_cert_chain(self.cert_path, self.key_path)
-        return ctx
+    @property
+    def secrets(self) -> list[bytes]:
+        return [self.secret] + ([self.previous_secret] if self.previous_secret else [])
+
+    def with_certificate(self, certificate: Certificate) -> Identity:
+        """This identity presenting a certificate of the operator's own PKI."""
+        return Identity(self.state_dir, self.secret, certificate, self.previous_secret, None)
+
+    def server_context(
+        self, client_ca: Path | None = None
+    ) -> tuple[ssl.SSLContext, dict[int, bytes]]:
+        """The TLS context for the agent port, and the fingerprint behind each context
+        it may switch to (keyed by id), for the handshake's binding."""
+
+        def make(cert: Certificate) -> ssl.SSLContext:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            try:
+                ctx.load_cert_chain(cert.cert_path, cert.key_path)
+                if client_ca is not None:
+                    ctx.load_verify_locations(cafile=client_ca)
+                    ctx.verify_mode = ssl.CERT_REQUIRED
+            except (OSError, ssl.SSLError) as exc:
+                raise UsageError(f"cannot load TLS material for the agent port: {exc}") from None
+            return ctx
+
+        current = make(self.certificate)
+        fingerprints = {id(current): self.certificate.fingerprint}
+        if self.previous_certificate is not None:
+            previous = make(self.previous_certificate)
+            fingerprints[id(previous)] = self.previous_certificate.fingerprint
+            wanted = pin_server_name(self.previous_certificate.fingerprint)
+
+            def choose(sslobj: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+                # Agents name the certificate they pin in SNI: old tokens get the old one.
+                if name == wanted:
+                    sslobj.context = previous
+
+            current.sni_callback = choose
+        return current, fingerprints
+
+
+def pin_server_name(fingerprint: bytes) -> str:
+    """The SNI an agent sends when it pins `fingerprint`."""
+    return f"{fingerprint.hex()[:32]}.pin.tcpgc.invalid"
+
+
+def _read_secret(path: Path) -> bytes:
+    check_private(path)
+    try:
+        return _unb64(path.read_text().strip(), SECRET_SIZE, "secret")
+    except UsageError:
+        raise UsageError(f"{path} is corrupt: remove it to create a new secret") from None
+
+
+def _create_missing(state_dir: Path) -> None:
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not (state_dir / SECRET_FILE).exists():
+        secret = _b64(secrets.token_bytes(SECRET_SIZE)) + "\n"
+        _write_private(state_dir / SECRET_FILE, secret.encode())
+    if not (state_dir / KEY_FILE).exists() or not (state_dir / CERT_FILE).exists():
+        key_pem, cert_pem = _new_certificate()
+        for name in (KEY_FILE, CERT_FILE):
+            (state_dir / name).unlink(missing_ok=True)
+        _write_private(state_dir / KEY_FILE, key_pem)
+        _write_private(state_dir / CERT_FILE, cert_pem)
 
 
 def load_identity(state_dir: Path, *, create: bool) -> Identity:
     """Read the LL identity from `state_dir`, creating what is missing if `create`."""
     try:
         if create:
-            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if not (state_dir / SECRET_FILE).exists():
-                _write_private(
-                    state_dir / SECRET_FILE,
-                    (_b64(secrets.token_bytes(SECRET_SIZE)) + "\n").encode(),
-                )
-            if not (state_dir / KEY_FILE).exists() or not (state_dir / CERT_FILE).exists():
-                key_pem, cert_pem = _new_certificate()
-                for name in (KEY_FILE, CERT_FILE):
-                    (state_dir / name).unlink(missing_ok=True)
-                _write_private(state_dir / KEY_FILE, key_pem)
-                _write_private(state_dir / CERT_FILE, cert_pem)
-        for name in (SECRET_FILE, KEY_FILE):
-            check_private(state_dir / name)
-        secret = _unb64((state_dir / SECRET_FILE).read_text().strip(), SECRET_SIZE, "secret")
-        cert_pem = (state_dir / CERT_FILE).read_bytes()
+            _create_missing(state_dir)
+        previous_secret = None
+        if (state_dir / PREVIOUS_SECRET_FILE).exists():
+            previous_secret = _read_secret(state_dir / PREVIOUS_SECRET_FILE)
+        previous_cert = None
+        if (state_dir / PREVIOUS_CERT_FILE).exists():
+            previous_cert = Certificate.load(
+                state_dir / PREVIOUS_CERT_FILE, state_dir / PREVIOUS_KEY_FILE
+            )
+        return Identity(
+            state_dir,
+            _read_secret(state_dir / SECRET_FILE),
+            Certificate.load(state_dir / CERT_FILE, state_dir / KEY_FILE),
+            previous_secret,
+            previous_cert,
+        )
     except FileNotFoundError as exc:
         raise UsageError(
-            f"no LL identity in {state_dir} ({exc.filename} missing): run 'tcpgc token "
-            f"--state-dir {state_dir}' to create one"
+            f"no LL identity in {state_dir} ({exc.filename} missing): run "
+            f"'tcpgc token --state-dir {state_dir}' to create one"
         ) from None
     except PermissionError as exc:
         raise UsageError(
             f"cannot use state dir {state_dir}: {exc.strerror} ({exc.filename})"
         ) from None
-    except UsageError as exc:
-        if "malformed join token" in str(exc):
-            raise UsageError(
-                f"{state_dir / SECRET_FILE} is corrupt: remove it to create a new secret"
-            ) from None
-        raise
-    return Identity(state_dir, secret, cert_pem, fingerprint_of_pem(cert_pem))
+
+
+def rotate(state_dir: Path, *, secret: bool, certificate: bool) -> Identity:
+    """Start a changeover: the current secret and/or certificate become the previous
+    ones (still accepted), and new ones are created. Restart or reload the LL after."""
+    load_identity(state_dir, create=True)  # validate what is there first
+    pairs = []
+    if secret:
+        pairs.append((SECRET_FILE, PREVIOUS_SECRET_FILE))
+    if certificate:
+        pairs += [(CERT_FILE, PREVIOUS_CERT_FILE), (KEY_FILE, PREVIOUS_KEY_FILE)]
+    for current, previous in pairs:
+        os.replace(state_dir / current, state_dir / previous)
+    return load_identity(state_dir, create=True)
+
+
+def retire_previous(state_dir: Path) -> Identity:
+    """End a changeover: the previous secret and certificate are no longer accepted."""
+    for name in (PREVIOUS_SECRET_FILE, PREVIOUS_CERT_FILE, PREVIOUS_KEY_FILE):
+        (state_dir / name).unlink(missing_ok=True)
+    return load_identity(state_dir, create=False)
 
 
 def fingerprint_of_pem(cert_pem: bytes) -> bytes:
-    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert_pem.decode("ascii"))).digest()
+    der = ssl.PEM_cert_to_DER_cert(cert_pem.decode("ascii", errors="replace"))
+    return hashlib.sha256(der).digest()
 
 
 def _new_certificate() -> tuple[bytes, bytes]:
@@ -212,13 +313,24 @@ def _new_certificate() -> tuple[bytes, bytes]:
     return key_pem, cert.public_bytes(serialization.Encoding.PEM)
 
 
-def agent_context() -> ssl.SSLContext:
-    """TLS 1.3 client context for agents. Chain validation is off because the LL's
-    certificate is pinned by fingerprint instead (see `verify_pin`)."""
+def agent_context(
+    ca: Path | None = None, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
+    """TLS 1.3 client context for agents. Without a CA bundle, chain validation is off
+    because the LL's certificate is pinned by fingerprint instead (see the CC node)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        if ca is not None:
+            ctx.load_verify_locations(cafile=ca)
+        else:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if cert is not None:
+            check_private(key or cert)
+            ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the agent's TLS material: {exc}") from None
     return ctx
 
 

@@ -73,10 +73,12 @@ class Link(asyncio.Protocol):
         tls: ssl.SSLContext | None = None,
         *,
         server_side: bool = False,
+        server_hostname: str | None = None,
         on_made: Callable[[Link], None] | None = None,
     ) -> None:
         self._tls_context = tls
         self._server_side = server_side
+        self._server_hostname = server_hostname
         self._on_made = on_made
         self._ssl: ssl.SSLObject | None = None
         self._incoming = ssl.MemoryBIO()
@@ -87,6 +89,9 @@ class Link(asyncio.Protocol):
         self.ready: asyncio.Future[None] = loop.create_future()  # TLS handshake done
         self.closed: asyncio.Future[None] = loop.create_future()
         self.peer = "?"
+        self.peer_host = ""
+        #: Dropped by admission control; its task should not log it again.
+        self.shed = False
         self.got_eof = False
         self.sent_eof = False
         self._reading_paused = False
@@ -100,10 +105,15 @@ class Link(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # A small request must never wait for Nagle's 40 ms.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.peer = format_peer(transport.get_extra_info("peername"))
+        peername = transport.get_extra_info("peername")
+        self.peer = format_peer(peername)
+        self.peer_host = str(peername[0]) if isinstance(peername, tuple) else ""
         if self._tls_context is not None:
             self._ssl = self._tls_context.wrap_bio(
-                self._incoming, self._outgoing, server_side=self._server_side
+                self._incoming,
+                self._outgoing,
+                server_side=self._server_side,
+                server_hostname=self._server_hostname,
             )
             self._handshake()
         else:
@@ -200,6 +210,11 @@ class Link(asyncio.Protocol):
     def peer_certificate(self) -> bytes | None:
         """DER of the peer's certificate (TLS only)."""
         return self._ssl.getpeercert(binary_form=True) if self._ssl is not None else None
+
+    @property
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The context in use: after SNI selection, the one that was chosen."""
+        return self._ssl.context if self._ssl is not None else None
 
     @property
     def tls_version(self) -> str | None:

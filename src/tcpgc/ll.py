@@ -13,10 +13,12 @@ is used once, and expires with the client's wait.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import secrets
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,7 +27,14 @@ from typing import Any
 from tcpgc.channel import FrameChannel
 from tcpgc.config import Address, LLConfig
 from tcpgc.errors import PeerRefused, ProtocolError, UsageError
-from tcpgc.identity import Identity, default_state_dir, format_fingerprint, load_identity
+from tcpgc.guard import PendingHandshakes
+from tcpgc.identity import (
+    Certificate,
+    Identity,
+    default_state_dir,
+    format_fingerprint,
+    load_identity,
+)
 from tcpgc.link import Link
 from tcpgc.protocol.handshake import LLHandshake, error_code, key_id
 from tcpgc.protocol.messages import (
@@ -94,6 +103,12 @@ class ListenNode:
         self._waiting: dict[bytes, WaitingClient] = {}
         self._secrets: dict[bytes, bytes] = {}
         self._tls: ssl.SSLContext | None = None
+        self._binding_of_context: dict[int, bytes] = {}
+        self._pending = PendingHandshakes(config.max_pending, config.max_pending_per_source)
+        self._active: dict[str, set[Relay]] = {name: set() for name in config.services}
+        self._clients: collections.Counter[str] = collections.Counter()  # waiting or relayed
+        #: Clients refused by the service's controls, by service and reason.
+        self.refused: collections.Counter[tuple[str, str]] = collections.Counter()
 
     async def start(self) -> None:
         if self.config.cc is None:
@@ -104,9 +119,14 @@ class ListenNode:
             )
         state_dir = self.config.state_dir or default_state_dir()
         self.identity = load_identity(state_dir, create=True)
-        self._secrets = {key_id(self.identity.secret): self.identity.secret}
+        if self.config.tls_cert is not None and self.config.tls_key is not None:
+            own = Certificate.load(self.config.tls_cert, self.config.tls_key)
+            self.identity = self.identity.with_certificate(own)
+        self._secrets = {key_id(secret): secret for secret in self.identity.secrets}
         if not self.config.insecure_plaintext:
-            self._tls = self.identity.server_context()
+            self._tls, self._binding_of_context = self.identity.server_context(
+                self.config.tls_client_ca
+            )
         try:
             server = await self._listen(
                 lambda: Link(self._tls, server_side=True, on_made=self._agent_connected),
@@ -114,13 +134,15 @@ class ListenNode:
                 "--cc",
             )
             self.agent_address = _bound(server, self.config.cc)
-            for name, address in self.config.services.items():
+            for name, service in self.config.services.items():
                 server = await self._listen(
                     partial(Link, on_made=partial(self._client_connected, name)),
-                    address,
+                    service.listen,
                     f"service '{name}'",
                 )
-                self.service_addresses[name] = _bound(server, address)
+                self.service_addresses[name] = _bound(server, service.listen)
+                if service.idle_timeout > 0:
+                    self._tasks.spawn(self._reap_idle(name, service.idle_timeout), f"idle {name}")
         except BaseException:
             await self.close()
             raise
@@ -172,7 +194,27 @@ class ListenNode:
     # ---- clients -----------------------------------------------------------------------
 
     def _client_connected(self, service: str, link: Link) -> None:
+        listener = self.config.services[service]
+        refusal = listener.admits(link.peer_host)
+        if refusal is None and 0 < listener.max_clients <= self._clients[service]:
+            refusal = f"service at its limit of {listener.max_clients} clients"
+        if refusal is not None:
+            self.refused[service, refusal] += 1
+            log.info("refused client %s of service '%s': %s", link.peer, service, refusal)
+            link.abort()
+            return
+        self._clients[service] += 1
         self._tasks.spawn(self._serve_client(service, link), f"client {link.peer} of {service}")
+
+    async def _reap_idle(self, service: str, limit: float) -> None:
+        """Close connections of `service` that moved no byte for `limit` seconds."""
+        while True:
+            await asyncio.sleep(min(limit / 4, 5.0))
+            now = time.monotonic()
+            for relay in list(self._active[service]):
+                if now - relay.result.last_activity > limit:
+                    relay.result.ended = f"idle for {limit:.0f} s"
+                    relay.close()
 
     def _pick_agent(self, service: str) -> AgentSession | None:
         sessions = self._agents.get(service)
@@ -196,6 +238,12 @@ class ListenNode:
         return agent
 
     async def _serve_client(self, service: str, link: Link) -> None:
+        try:
+            await self._pair_client(service, link)
+        finally:
+            self._clients[service] -= 1
+
+    async def _pair_client(self, service: str, link: Link) -> None:
         try:
             agent = await self._wait_for_agent(service, link)
         except NoAgent:
@@ -238,7 +286,11 @@ class ListenNode:
             self._waiting.pop(conn_id, None)
             agent.pending.discard(conn_id)
         relay = Relay(link, data_link)
-        result = await relay.done
+        self._active[service].add(relay)
+        try:
+            result = await relay.done
+        finally:
+            self._active[service].discard(relay)
         log.info(
             "client %s of service '%s' done after %.3f s: %d bytes in, %d bytes out, %s",
             link.peer,
@@ -252,27 +304,51 @@ class ListenNode:
     # ---- agent port --------------------------------------------------------------------
 
     def _agent_connected(self, link: Link) -> None:
+        for victim in self._pending.admit(link, link.peer_host):
+            assert isinstance(victim, Link)
+            log.warning(
+                "handshake failed from %s: shed, too many unauthenticated connections "
+                "(%d pending at most, %d per source)",
+                victim.peer,
+                self.config.max_pending,
+                self.config.max_pending_per_source,
+            )
+            victim.shed = True
+            victim.abort()
         self._tasks.spawn(self._serve_agent_link(link), f"agent link {link.peer}")
 
     async def _serve_agent_link(self, link: Link) -> None:
+        try:
+            session = await self._authenticate(link)
+        finally:
+            self._pending.release(link)
+        if session is not None:
+            await self._run_session(session)
+
+    async def _authenticate(self, link: Link) -> AgentSession | None:
+        """Take a new connection on the agent port through TLS and its first exchange.
+        Returns the session of an authenticated agent; a data connection is handed to
+        its client and None returned. Any failure is logged once and closes only it."""
         channel: FrameChannel | None = None
         try:
             async with asyncio.timeout(self.config.handshake_timeout):
                 await link.ready
                 channel = FrameChannel(link)
                 first = await channel.recv()
-            if isinstance(first, Data):
-                self._claim(first, channel)
-            elif isinstance(first, Hello):
-                await self._run_session(first, channel)
-            elif first is None:
-                log.warning(
-                    "handshake failed from %s: closed before its first message "
-                    "(an agent refusing our certificate, or a port scan)",
-                    link.peer,
-                )
-                link.abort()
-            else:
+                if isinstance(first, Data):
+                    self._claim(first, channel)
+                    return None
+                if isinstance(first, Hello):
+                    return await self._handshake(first, channel)
+                if first is None:
+                    if not link.shed:
+                        log.warning(
+                            "handshake failed from %s: closed before its first message "
+                            "(an agent refusing our certificate, or a port scan)",
+                            link.peer,
+                        )
+                    link.abort()
+                    return None
                 raise ProtocolError(f"unexpected {first.TYPE.name} as first message")
         except TimeoutError:
             log.warning(
@@ -282,11 +358,9 @@ class ListenNode:
             )
             link.abort()
         except ProtocolError as exc:
-            reason = (
-                _transport_reason(exc, True)
-                if self._tls is None and _looks_like_tls(exc)
-                else str(exc)
-            )
+            reason = str(exc)
+            if self._tls is None and _looks_like_tls(exc):
+                reason = _transport_reason(exc, True)
             log.warning("handshake failed from %s: %s", link.peer, reason)
             if channel is not None and not link.closed.done():
                 channel.send(Error(error_code(exc), _public_reason(exc)))
@@ -294,39 +368,39 @@ class ListenNode:
             else:
                 link.abort()
         except (ssl.SSLError, OSError) as exc:
-            log.warning(
-                "handshake failed from %s: %s", link.peer, _transport_reason(exc, self._tls is None)
-            )
+            if not link.shed:
+                reason = _transport_reason(exc, self._tls is None)
+                log.warning("handshake failed from %s: %s", link.peer, reason)
             link.abort()
+        return None
 
     def _claim(self, data: Data, channel: FrameChannel) -> None:
-        link = channel.link
         if not MIN_VERSION <= data.version <= MAX_VERSION:
             raise ProtocolError(f"data connection speaks version {data.version}")
         waiting = self._waiting.pop(data.conn_id, None)
         if waiting is None or waiting.claimed.done():
             raise ProtocolError("unknown, expired or already used data connection id")
         channel.detach()
-        waiting.claimed.set_result(link)
-        del link  # relayed by the client's task from here on
+        waiting.claimed.set_result(channel.link)  # relayed by the client's task from here on
 
-    async def _run_session(self, hello: Hello, channel: FrameChannel) -> None:
-        assert self.identity is not None
+    async def _handshake(self, hello: Hello, channel: FrameChannel) -> AgentSession:
         link = channel.link
+        binding = self._binding_of_context.get(id(link.tls_context))
+        if binding is None:  # plaintext: bind to the identity the token names
+            assert self.identity is not None
+            binding = self.identity.fingerprint
         handshake = LLHandshake(
-            self._secrets,
-            heartbeat_ms=int(self.config.heartbeat * 1000),
-            binding=self.identity.fingerprint,
+            self._secrets, heartbeat_ms=int(self.config.heartbeat * 1000), binding=binding
         )
         channel.send(handshake.receive(hello))
-        async with asyncio.timeout(self.config.handshake_timeout):
-            auth = await channel.recv()
+        auth = await channel.recv()
         if auth is None:
             raise ProtocolError("connection closed during the handshake")
         channel.send(handshake.receive(auth))
-        session = AgentSession(
-            handshake.agent_id.hex()[:12], link.peer, handshake.services, channel
-        )
+        return AgentSession(handshake.agent_id.hex()[:12], link.peer, handshake.services, channel)
+
+    async def _run_session(self, session: AgentSession) -> None:
+        link = session.channel.link
         served = [s for s in session.services if s in self.config.services]
         unknown = [s for s in session.services if s not in self.config.services]
         log.info(
@@ -342,7 +416,7 @@ class ListenNode:
                 ", ".join(unknown),
             )
         self._register(session, served)
-        heartbeat = self._tasks.spawn(self._heartbeat(channel), f"heartbeat {link.peer}")
+        heartbeat = self._tasks.spawn(self._heartbeat(session.channel), f"heartbeat {link.peer}")
         try:
             await self._session_loop(session)
         finally:

@@ -23,6 +23,7 @@ class RelayResult:
     bytes_a_to_b: int = 0
     bytes_b_to_a: int = 0
     started: float = field(default_factory=time.monotonic)
+    last_activity: float = field(default_factory=time.monotonic)
     ended: str = "closed"
 
     @property
@@ -40,6 +41,7 @@ class _Half:
         self.a_to_b = a_to_b
 
     def on_data(self, data: bytes) -> None:
+        self.relay.result.last_activity = time.monotonic()
         if self.a_to_b:
             self.relay.result.bytes_a_to_b += len(data)
         else:
@@ -75,6 +77,8 @@ class Relay:
     """Relay `a` <-> `b`; `await relay.done` for the result."""
 
     def __init__(self, a: Link, b: Link) -> None:
+        self.a = a
+        self.b = b
         self.result = RelayResult()
         self._lost = 0
         self.done: asyncio.Future[RelayResult] = asyncio.get_running_loop().create_future()
@@ -85,3 +89,8 @@ class Relay:
         self._lost += 1
         if self._lost == 2 and not self.done.done():
             self.done.set_result(self.result)
+
+    def close(self) -> None:
+        """End both directions now (e.g. idle timeout)."""
+        self.a.close()
+        self.b.close()

@@ -1,0 +1,64 @@
+"""Admission of unauthenticated connections on the agent port.
+
+Anyone who can reach the LL can open connections there and never finish a handshake.
+Refusing newcomers once a cap is reached would let such a peer lock the real agents
+out, even from the same address (agents behind the attacker's NAT). Instead, like
+OpenSSH's MaxStartups random early drop, a newcomer is always admitted and, past a cap,
+a *random* pending connection is shed. A real agent finishes its handshake in a few
+round trips, so the chance that it is the one picked before it is done stays small,
+while an attacker's connections, which linger, are the ones that get shed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Hashable
+
+
+class PendingHandshakes:
+    """Tracks pending connections by source; `admit` says which ones to drop."""
+
+    def __init__(
+        self, max_total: int, max_per_source: int, rng: random.Random | None = None
+    ) -> None:
+        self.max_total = max_total
+        self.max_per_source = max_per_source
+        self._rng = rng or random.Random()
+        self._source_of: dict[Hashable, str] = {}
+        self._by_source: dict[str, list[Hashable]] = {}
+        self.shed = 0
+
+    def __len__(self) -> int:
+        return len(self._source_of)
+
+    def admit(self, key: Hashable, source: str) -> list[Hashable]:
+        """Register `key` from `source`; returns the pending keys to drop (never `key`)."""
+        self._source_of[key] = source
+        self._by_source.setdefault(source, []).append(key)
+        victims: list[Hashable] = []
+        group = self._by_source[source]
+        while len(group) > self.max_per_source:
+            victims.append(self._evict(self._pick(group, key)))
+        while len(self._source_of) > self.max_total:
+            victims.append(self._evict(self._pick(list(self._source_of), key)))
+        self.shed += len(victims)
+        return victims
+
+    def release(self, key: Hashable) -> None:
+        """`key` finished its handshake or closed."""
+        if key in self._source_of:
+            self._evict(key)
+
+    def _pick(self, candidates: list[Hashable], keep: Hashable) -> Hashable:
+        while True:
+            victim = self._rng.choice(candidates)
+            if victim != keep:
+                return victim
+
+    def _evict(self, key: Hashable) -> Hashable:
+        source = self._source_of.pop(key)
+        group = self._by_source[source]
+        group.remove(key)
+        if not group:
+            del self._by_source[source]
+        return key
