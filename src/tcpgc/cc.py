@@ -14,6 +14,7 @@ import hmac
 import logging
 import os
 import random
+import secrets
 import ssl
 import time
 from typing import Any
@@ -24,7 +25,17 @@ from tcpgc.errors import PeerRefused, ProtocolError, TcpgcError, UsageError
 from tcpgc.identity import JoinToken, agent_context, format_fingerprint, pin_server_name
 from tcpgc.link import Link
 from tcpgc.protocol.handshake import AgentHandshake, State
-from tcpgc.protocol.messages import MAX_VERSION, Data, Error, Open, OpenFailed, Ping, Pong, encode
+from tcpgc.protocol.messages import (
+    AGENT_ID_SIZE,
+    MAX_VERSION,
+    Data,
+    Error,
+    Open,
+    OpenFailed,
+    Ping,
+    Pong,
+    encode,
+)
 from tcpgc.relay import Relay
 from tcpgc.tasks import TaskGroup
 
@@ -35,6 +46,10 @@ STABLE_SESSION = 30.0
 
 
 class PinMismatch(TcpgcError):
+    pass
+
+
+class HeartbeatLost(TcpgcError):
     pass
 
 
@@ -56,14 +71,85 @@ class ConnectNode:
             if config.insecure_plaintext
             else agent_context(config.tls_ca, config.tls_cert, config.tls_key)
         )
+        #: One id for the life of this process, so an LL can tell our new session from
+        #: a stale one it still holds after a network failure, and replace it.
+        self.agent_id = secrets.token_bytes(AGENT_ID_SIZE)
         self._tasks = TaskGroup()
+        self._sessions: dict[Address, asyncio.Task[Any]] = {}
+        self._relays: dict[Address, set[Relay]] = {}
+        self._opening = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.connected: dict[str, asyncio.Event] = {str(a): asyncio.Event() for a in config.ll}
 
     async def start(self) -> None:
         for address in self.config.ll:
-            self._tasks.spawn(self._keep_session(address), f"session to {address}")
+            self._start_session(address)
+
+    def _start_session(self, address: Address) -> None:
+        self.connected.setdefault(str(address), asyncio.Event())
+        self._relays.setdefault(address, set())
+        self._sessions[address] = self._tasks.spawn(
+            self._keep_session(address), f"session to {address}"
+        )
+
+    async def _stop_session(self, address: Address) -> None:
+        task = self._sessions.pop(address)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        self.connected[str(address)].clear()
+
+    async def reload(self, config: CCConfig, token: JoinToken) -> None:
+        """Apply a new config. Sessions are renewed only where needed (the services we
+        announce changed, or an LL was added or removed); connections in flight are
+        untouched either way."""
+        if config.insecure_plaintext != self.config.insecure_plaintext:
+            raise UsageError("'insecure_plaintext' cannot change on reload: restart instead")
+        tls = None
+        if not config.insecure_plaintext:
+            tls = agent_context(config.tls_ca, config.tls_cert, config.tls_key)
+        old = self.config
+        renew = (
+            set(config.services) != set(old.services)
+            or token != self.token
+            or (config.tls_ca, config.tls_cert, config.tls_key)
+            != (old.tls_ca, old.tls_cert, old.tls_key)
+        )
+        self.config, self._tls, self.token = config, tls, token
+        for address in list(self._sessions):
+            if address not in config.ll or renew:
+                await self._stop_session(address)
+        for address in config.ll:
+            if address not in self._sessions:
+                self._start_session(address)
+        log.info(
+            "config reloaded: %d LLs, services %s (was %s)",
+            len(config.ll),
+            ", ".join(config.services),
+            ", ".join(old.services),
+        )
+
+    async def drain(self, deadline: float) -> None:
+        """Leave the LLs (they send new clients to other agents), let connections in
+        flight finish for up to `deadline` seconds, then close."""
+        for address in list(self._sessions):
+            await self._stop_session(address)
+        active = self._active()
+        if active:
+            log.info("draining: waiting up to %.0f s for %d connections", deadline, active)
+            try:
+                await asyncio.wait_for(self._idle.wait(), deadline)
+            except TimeoutError:
+                log.warning("drain deadline reached: closing %d connections", self._active())
+        await self.close()
+
+    def _active(self) -> int:
+        return self._opening + sum(len(relays) for relays in self._relays.values())
 
     async def close(self) -> None:
+        for relays in self._relays.values():
+            for relay in list(relays):
+                relay.close()
         await self._tasks.close()
 
     async def __aenter__(self) -> ConnectNode:
@@ -128,6 +214,7 @@ class ConnectNode:
             handshake = AgentHandshake(
                 self.token.secret,
                 services=tuple(self.config.services),
+                agent_id=self.agent_id,
                 binding=binding,
             )
             channel.send(handshake.start())
@@ -150,6 +237,16 @@ class ConnectNode:
         pinger = self._tasks.spawn(self._ping(channel, heartbeat), f"heartbeat to {address}")
         try:
             await self._serve(address, channel, heartbeat)
+        except HeartbeatLost:
+            relays = self._relays.get(address, set())
+            if relays:
+                # The data connections most likely died with the link: end them now
+                # rather than when TCP gives up, many minutes later.
+                log.warning("closing %d connections through LL %s", len(relays), address)
+                for relay in list(relays):
+                    relay.result.ended = "LL lost"
+                    relay.close()
+            raise
         finally:
             pinger.cancel()
             link.abort()
@@ -159,7 +256,7 @@ class ConnectNode:
             try:
                 message = await channel.recv(within=3 * heartbeat)
             except TimeoutError:
-                raise ProtocolError(f"no heartbeat from the LL for {3 * heartbeat:.0f} s") from None
+                raise HeartbeatLost(f"no heartbeat from the LL for {3 * heartbeat:.0f} s") from None
             if message is None:
                 raise ProtocolError("the LL closed the control connection")
             if isinstance(message, Open):
@@ -181,6 +278,41 @@ class ConnectNode:
             channel.send(Ping(token))
 
     async def _open(self, ll: Address, channel: FrameChannel, request: Open) -> None:
+        self._opening += 1
+        self._idle.clear()
+        try:
+            relay = await self._connect_both(ll, channel, request)
+        finally:
+            self._opening -= 1
+        if relay is None:
+            self._check_idle()
+            return
+        relays = self._relays.setdefault(ll, set())
+        relays.add(relay)
+        try:
+            result = await relay.done
+        finally:
+            relays.discard(relay)
+            self._check_idle()
+        log.info(
+            "service '%s' connection done after %.3f s: %d bytes to server, %d bytes from it, %s",
+            request.service,
+            result.duration,
+            result.bytes_b_to_a,
+            result.bytes_a_to_b,
+            result.ended,
+        )
+
+    def _check_idle(self) -> None:
+        if not self._active():
+            self._idle.set()
+
+    async def _connect_both(
+        self, ll: Address, channel: FrameChannel, request: Open
+    ) -> Relay | None:
+        """Dial the server, then a data connection to the LL that claims the client.
+        The server comes first so that a refusal is reported to the LL as such (OPEN_FAILED)
+        instead of as a data connection that opens and closes."""
         server = self.config.services.get(request.service)
         if server is None:
             log.warning(
@@ -191,56 +323,27 @@ class ConnectNode:
                     request.conn_id, f"service '{request.service}' is not served by this agent"
                 )
             )
-            return
+            return None
         loop = asyncio.get_running_loop()
-        server_task = asyncio.ensure_future(loop.create_connection(Link, server.host, server.port))
-        data_task = asyncio.ensure_future(self._dial_ll(ll))
         try:
             async with asyncio.timeout(self.config.connect_timeout):
-                await asyncio.wait([server_task, data_task])
-        except TimeoutError:
-            pass
-        for task in (server_task, data_task):
-            task.cancel()
-        server_link = _result_link(server_task)
-        data_link = _result_link(data_task)
-        if server_link is None:
-            reason = _task_error(server_task)
+                _, server_link = await loop.create_connection(Link, server.host, server.port)
+        except (OSError, TimeoutError) as exc:
+            reason = _describe(exc)
             log.warning(
                 "cannot reach server %s for service '%s': %s", server, request.service, reason
             )
             channel.send(OpenFailed(request.conn_id, f"cannot reach its server: {reason}"))
-            if data_link is not None:
-                data_link.abort()
-            return
-        if data_link is None:
-            log.warning("cannot open a data connection to LL %s: %s", ll, _task_error(data_task))
+            return None
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                data_link, _ = await self._dial_ll(ll)
+        except (TcpgcError, OSError, ssl.SSLError, TimeoutError) as exc:
+            log.warning("cannot open a data connection to LL %s: %s", ll, _describe(exc))
             server_link.abort()
-            return
+            return None
         data_link.write(encode(Data(MAX_VERSION, request.conn_id)))
-        result = await Relay(server_link, data_link).done
-        log.info(
-            "service '%s' connection done after %.3f s: %d bytes to server, %d bytes from it, %s",
-            request.service,
-            result.duration,
-            result.bytes_b_to_a,
-            result.bytes_a_to_b,
-            result.ended,
-        )
-
-
-def _result_link(task: asyncio.Future[Any]) -> Link | None:
-    """The Link a finished connect task produced, or None if it failed."""
-    if task.cancelled() or task.exception() is not None:
-        return None
-    return next((item for item in task.result() if isinstance(item, Link)), None)
-
-
-def _task_error(task: asyncio.Future[Any]) -> str:
-    if task.cancelled():
-        return "timed out"
-    exc = task.exception()
-    return _describe(exc) if exc is not None else "unknown error"
+        return Relay(server_link, data_link)
 
 
 def _describe(exc: BaseException) -> str:

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -184,20 +184,50 @@ def _setup_logging(level: str) -> None:
     )
 
 
-async def _run_until_signal(node: ListenNode | ConnectNode) -> None:
+async def _serve(
+    node: ListenNode | ConnectNode, reload: Callable[[], Awaitable[None]] | None
+) -> None:
+    """Run `node` until SIGTERM or SIGINT, then drain it; SIGHUP reloads the config.
+    A second SIGTERM or SIGINT while draining closes at once."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    log = logging.getLogger("tcpgc")
+    stop, hup = asyncio.Event(), asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hup.set)
     try:
-        async with node:
-            if isinstance(node, ListenNode):
-                _print_instructions(node)
-            await stop.wait()
-            logging.getLogger("tcpgc").info("stopping")
+        await node.start()
+        if isinstance(node, ListenNode):
+            _print_instructions(node)
+        while not stop.is_set():
+            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(hup.wait())]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+            if hup.is_set() and not stop.is_set():
+                hup.clear()
+                if reload is None:
+                    log.warning("SIGHUP: no config file (-c) to reload")
+                    continue
+                try:
+                    await reload()
+                except UsageError as exc:
+                    log.error("reload refused, the running config stays: %s", exc)
+        stop.clear()
+        log.info("stopping: draining connections for up to %.0f s", node.config.drain_timeout)
+        drain = asyncio.ensure_future(node.drain(node.config.drain_timeout))
+        interrupted = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([drain, interrupted], return_when=asyncio.FIRST_COMPLETED)
+        interrupted.cancel()
+        if not drain.done():
+            log.info("second signal: closing now")
+            drain.cancel()
+            await asyncio.gather(drain, return_exceptions=True)
+            await node.close()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        await node.close()
 
 
 def _print_instructions(node: ListenNode) -> None:
@@ -254,7 +284,12 @@ def run(argv: Sequence[str] | None = None) -> int:
             logging.getLogger("tcpgc.ll").warning(
                 "--insecure-plaintext: the LL-CC leg is NOT encrypted; anyone on the path reads it"
             )
-        asyncio.run(_run_until_signal(ListenNode(ll_cfg)))
+        ll_node = ListenNode(ll_cfg)
+
+        async def reload_ll() -> None:
+            await ll_node.reload(ll_config(args))
+
+        asyncio.run(_serve(ll_node, reload_ll if args.config else None))
         return 0
     cc_cfg = cc_config(args)
     token = read_token(os.environ.get("TCPGC_TOKEN"), cc_cfg.token_file)
@@ -262,7 +297,13 @@ def run(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("tcpgc.cc").warning(
             "--insecure-plaintext: the LL-CC leg is NOT encrypted and the LL is not pinned"
         )
-    asyncio.run(_run_until_signal(ConnectNode(cc_cfg, token)))
+    cc_node = ConnectNode(cc_cfg, token)
+
+    async def reload_cc() -> None:
+        config = cc_config(args)
+        await cc_node.reload(config, read_token(os.environ.get("TCPGC_TOKEN"), config.token_file))
+
+    asyncio.run(_serve(cc_node, reload_cc if args.config else None))
     return 0
 
 

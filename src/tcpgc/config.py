@@ -89,6 +89,8 @@ class LLConfig:
     #: Interval between heartbeats on control connections; a peer silent for three
     #: intervals is declared dead.
     heartbeat: float = 10.0
+    #: On SIGTERM, how long connections in flight may take to finish.
+    drain_timeout: float = 30.0
     #: Unauthenticated connections on the agent port at once, in all and per source
     #: address. Past either cap a random pending one is dropped (random early drop).
     max_pending: int = 256
@@ -114,6 +116,8 @@ class CCConfig:
     #: Reconnect backoff: first delay and cap, in seconds (with jitter).
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
+    #: On SIGTERM, how long connections in flight may take to finish.
+    drain_timeout: float = 30.0
     #: Verify the LL's certificate chain and name against this CA bundle instead of
     #: pinning the fingerprint from the token.
     tls_ca: Path | None = None
@@ -130,6 +134,7 @@ _LL_KEYS = {
     "client_wait",
     "handshake_timeout",
     "heartbeat",
+    "drain_timeout",
     "max_pending",
     "max_pending_per_source",
     "tls_cert",
@@ -144,6 +149,7 @@ _CC_KEYS = {
     "connect_timeout",
     "reconnect_min",
     "reconnect_max",
+    "drain_timeout",
     "tls_ca",
     "tls_cert",
     "tls_key",
@@ -283,6 +289,7 @@ def ll_config_from(data: dict[str, Any], source: str) -> LLConfig:
         client_wait=p.number(data, "client_wait", LLConfig.client_wait),
         handshake_timeout=p.number(data, "handshake_timeout", LLConfig.handshake_timeout),
         heartbeat=p.number(data, "heartbeat", LLConfig.heartbeat),
+        drain_timeout=p.number(data, "drain_timeout", LLConfig.drain_timeout, 0.0),
         max_pending=p.integer(data, "max_pending", LLConfig.max_pending),
         max_pending_per_source=p.integer(
             data, "max_pending_per_source", LLConfig.max_pending_per_source
@@ -331,6 +338,7 @@ def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
         connect_timeout=p.number(data, "connect_timeout", CCConfig.connect_timeout),
         reconnect_min=p.number(data, "reconnect_min", CCConfig.reconnect_min),
         reconnect_max=p.number(data, "reconnect_max", CCConfig.reconnect_max),
+        drain_timeout=p.number(data, "drain_timeout", CCConfig.drain_timeout, 0.0),
         insecure_plaintext=p.flag(data, "insecure_plaintext"),
     )
     config.token_file = p.path(data, "token_file")

@@ -7,6 +7,11 @@ OpenSSH's MaxStartups random early drop, a newcomer is always admitted and, past
 a *random* pending connection is shed. A real agent finishes its handshake in a few
 round trips, so the chance that it is the one picked before it is done stays small,
 while an attacker's connections, which linger, are the ones that get shed.
+
+Data connections are unauthenticated until their first frame too, and an agent opens
+one per client: when 200 clients arrive at once, 200 are pending from the agent's
+address. Each OPEN the LL sends therefore raises the caps for the agent's address by
+one (`expect`) until that client is claimed or given up (`settle`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ class PendingHandshakes:
         self._rng = rng or random.Random()
         self._source_of: dict[Hashable, str] = {}
         self._by_source: dict[str, list[Hashable]] = {}
+        self._expected: dict[str, int] = {}
+        self._expected_total = 0
         self.shed = 0
 
     def __len__(self) -> int:
@@ -37,12 +44,26 @@ class PendingHandshakes:
         self._by_source.setdefault(source, []).append(key)
         victims: list[Hashable] = []
         group = self._by_source[source]
-        while len(group) > self.max_per_source:
+        while len(group) > self.max_per_source + self._expected.get(source, 0):
             victims.append(self._evict(self._pick(group, key)))
-        while len(self._source_of) > self.max_total:
+        while len(self._source_of) > self.max_total + self._expected_total:
             victims.append(self._evict(self._pick(list(self._source_of), key)))
         self.shed += len(victims)
         return victims
+
+    def expect(self, source: str) -> None:
+        """A data connection from `source` is due (an OPEN was sent to an agent there)."""
+        self._expected[source] = self._expected.get(source, 0) + 1
+        self._expected_total += 1
+
+    def settle(self, source: str) -> None:
+        """The data connection announced by `expect` arrived or is no longer wanted."""
+        left = self._expected.get(source, 0) - 1
+        if left > 0:
+            self._expected[source] = left
+        else:
+            self._expected.pop(source, None)
+        self._expected_total -= 1
 
     def release(self, key: Hashable) -> None:
         """`key` finished its handshake or closed."""

@@ -38,8 +38,9 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str, size: int, what: str) -> bytes:
     try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (ValueError, TypeError):
+        padded = text + "=" * (-len(text) % 4)
+        raw = base64.b64decode(padded.encode("ascii"), altchars=b"-_", validate=True)
+    except (ValueError, TypeError, UnicodeEncodeError):
         raw = b""
     if len(raw) != size:
         raise UsageError(f"malformed join token: its {what} field is not {size} bytes of base64url")

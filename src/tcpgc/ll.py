@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from tcpgc.agents import AgentRegistry, AgentSession
 from tcpgc.channel import FrameChannel
-from tcpgc.config import Address, LLConfig
+from tcpgc.config import Address, LLConfig, ServiceListener
 from tcpgc.errors import PeerRefused, ProtocolError, UsageError
 from tcpgc.guard import PendingHandshakes
 from tcpgc.identity import (
@@ -45,7 +46,6 @@ from tcpgc.protocol.messages import (
     Error,
     ErrorCode,
     Hello,
-    Open,
     OpenFailed,
     Ping,
     Pong,
@@ -59,31 +59,27 @@ log = logging.getLogger("tcpgc.ll")
 _TLS_RECORD = 0x16
 
 
-class NoAgent(Exception):
-    pass
-
-
-@dataclass(eq=False)
-class AgentSession:
-    """One authenticated control connection."""
-
-    agent_id: str
-    peer: str
-    services: tuple[str, ...]
-    channel: FrameChannel
-    pending: set[bytes] = field(default_factory=set)
-
-    def send_open(self, conn_id: bytes, service: str) -> None:
-        self.pending.add(conn_id)
-        self.channel.send(Open(conn_id, service))
-
-
 @dataclass(eq=False)
 class WaitingClient:
+    """A client whose agent was sent OPEN and has not claimed it yet."""
+
     link: Link
     service: str
     agent: AgentSession
     claimed: asyncio.Future[Link]
+
+
+@dataclass(eq=False)
+class Service:
+    """One service's listener and its clients."""
+
+    name: str
+    config: ServiceListener
+    server: asyncio.Server
+    address: Address
+    relays: set[Relay] = field(default_factory=set)
+    clients: int = 0  # waiting or relayed
+    reaper: asyncio.Task[Any] | None = None
 
 
 class ListenNode:
@@ -94,21 +90,25 @@ class ListenNode:
         self.config = config
         self.identity: Identity | None = None
         self.agent_address: Address | None = None
-        self.service_addresses: dict[str, Address] = {}
-        self._servers: list[asyncio.Server] = []
+        self.services: dict[str, Service] = {}
+        self.agents = AgentRegistry()
+        #: Clients refused by a service's controls, by service and reason.
+        self.refused: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._agent_server: asyncio.Server | None = None
         self._tasks = TaskGroup()
-        self._agents: dict[str, list[AgentSession]] = {}
-        self._round_robin: dict[str, itertools.count[int]] = {}
-        self._agent_joined = asyncio.Event()
         self._waiting: dict[bytes, WaitingClient] = {}
         self._secrets: dict[bytes, bytes] = {}
         self._tls: ssl.SSLContext | None = None
         self._binding_of_context: dict[int, bytes] = {}
         self._pending = PendingHandshakes(config.max_pending, config.max_pending_per_source)
-        self._active: dict[str, set[Relay]] = {name: set() for name in config.services}
-        self._clients: collections.Counter[str] = collections.Counter()  # waiting or relayed
-        #: Clients refused by the service's controls, by service and reason.
-        self.refused: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._no_clients = asyncio.Event()
+        self._no_clients.set()
+
+    @property
+    def service_addresses(self) -> dict[str, Address]:
+        return {name: service.address for name, service in self.services.items()}
+
+    # ---- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         if self.config.cc is None:
@@ -117,65 +117,122 @@ class ListenNode:
             raise UsageError(
                 "no service: give --clients HOST:PORT or [services.NAME] in the config file"
             )
-        state_dir = self.config.state_dir or default_state_dir()
-        self.identity = load_identity(state_dir, create=True)
-        if self.config.tls_cert is not None and self.config.tls_key is not None:
-            own = Certificate.load(self.config.tls_cert, self.config.tls_key)
-            self.identity = self.identity.with_certificate(own)
-        self._secrets = {key_id(secret): secret for secret in self.identity.secrets}
-        if not self.config.insecure_plaintext:
-            self._tls, self._binding_of_context = self.identity.server_context(
-                self.config.tls_client_ca
-            )
+        self._load_identity(self.config)
         try:
-            server = await self._listen(
+            self._agent_server = await _listen(
                 lambda: Link(self._tls, server_side=True, on_made=self._agent_connected),
                 self.config.cc,
                 "--cc",
             )
-            self.agent_address = _bound(server, self.config.cc)
-            for name, service in self.config.services.items():
-                server = await self._listen(
-                    partial(Link, on_made=partial(self._client_connected, name)),
-                    service.listen,
-                    f"service '{name}'",
-                )
-                self.service_addresses[name] = _bound(server, service.listen)
-                if service.idle_timeout > 0:
-                    self._tasks.spawn(self._reap_idle(name, service.idle_timeout), f"idle {name}")
+            self.agent_address = _bound(self._agent_server, self.config.cc)
+            for name, listener in self.config.services.items():
+                self.services[name] = await self._open_service(name, listener)
         except BaseException:
             await self.close()
             raise
+        assert self.identity is not None
         security = (
             "PLAINTEXT (--insecure-plaintext)"
             if self._tls is None
             else f"TLS 1.3, certificate {format_fingerprint(self.identity.fingerprint)}"
         )
         log.info("listening for agents on %s (%s)", self.agent_address, security)
-        for name, address in self.service_addresses.items():
-            log.info("service '%s' listening for clients on %s", name, address)
+        for name, service in self.services.items():
+            log.info("service '%s' listening for clients on %s", name, service.address)
 
-    async def _listen(
-        self, factory: Callable[[], asyncio.BaseProtocol], address: Address, what: str
-    ) -> asyncio.Server:
-        loop = asyncio.get_running_loop()
-        try:
-            server = await loop.create_server(
-                factory, address.host, address.port, reuse_address=True
-            )
-        except OSError as exc:
+    def _load_identity(self, config: LLConfig) -> None:
+        identity = load_identity(config.state_dir or default_state_dir(), create=True)
+        if config.tls_cert is not None and config.tls_key is not None:
+            identity = identity.with_certificate(Certificate.load(config.tls_cert, config.tls_key))
+        tls: ssl.SSLContext | None = None
+        bindings: dict[int, bytes] = {}
+        if not config.insecure_plaintext:
+            tls, bindings = identity.server_context(config.tls_client_ca)
+        # Only now that everything loaded: a reload that fails changes nothing.
+        self.identity = identity
+        self._secrets = {key_id(secret): secret for secret in identity.secrets}
+        self._tls, self._binding_of_context = tls, bindings
+
+    async def _open_service(self, name: str, listener: ServiceListener) -> Service:
+        server = await _listen(
+            partial(Link, on_made=partial(self._client_connected, name)),
+            listener.listen,
+            f"service '{name}'",
+        )
+        service = Service(name, listener, server, _bound(server, listener.listen))
+        self._start_reaper(service)
+        return service
+
+    def _start_reaper(self, service: Service) -> None:
+        if service.reaper is not None:
+            service.reaper.cancel()
+            service.reaper = None
+        if service.config.idle_timeout > 0:
+            service.reaper = self._tasks.spawn(self._reap_idle(service), f"idle {service.name}")
+
+    async def reload(self, config: LLConfig) -> None:
+        """Apply a new config: services added, removed or changed; connections of the
+        others untouched. Raises UsageError, changing nothing, if it cannot be applied."""
+        if (
+            config.cc != self.config.cc
+            or config.insecure_plaintext != self.config.insecure_plaintext
+        ):
             raise UsageError(
-                f"cannot listen on {address} for {what}: {exc.strerror or exc}"
-            ) from None
-        self._servers.append(server)
-        return server
+                "'cc' and 'insecure_plaintext' cannot change on reload: restart instead"
+            )
+        self._load_identity(config)
+        opened: dict[str, Service] = {}
+        try:
+            for name, listener in config.services.items():
+                current = self.services.get(name)
+                if current is None or current.config.listen != listener.listen:
+                    opened[name] = await self._open_service(name, listener)
+        except UsageError:
+            for service in opened.values():
+                service.server.close()
+            raise
+        for name, service in list(self.services.items()):
+            if name not in config.services or name in opened:
+                service.server.close()  # its connections finish on their own
+                if service.reaper is not None:
+                    service.reaper.cancel()
+                del self.services[name]
+                if name not in opened:
+                    log.info("service '%s' removed", name)
+            elif service.config != config.services[name]:
+                service.config = config.services[name]
+                self._start_reaper(service)
+                log.info("service '%s' controls updated", name)
+        for name, service in opened.items():
+            self.services[name] = service
+            log.info("service '%s' listening for clients on %s", name, service.address)
+        self.config = config
+
+    async def drain(self, deadline: float) -> None:
+        """Stop taking clients, let those in flight finish for up to `deadline` seconds,
+        then close everything. Agents stay connected meanwhile so waiting clients are
+        still served."""
+        for service in self.services.values():
+            service.server.close()
+        active = sum(service.clients for service in self.services.values())
+        if active:
+            log.info("draining: waiting up to %.0f s for %d connections", deadline, active)
+            try:
+                await asyncio.wait_for(self._no_clients.wait(), deadline)
+            except TimeoutError:
+                left = sum(service.clients for service in self.services.values())
+                log.warning("drain deadline reached: closing %d connections", left)
+        await self.close()
 
     async def close(self) -> None:
-        for server in self._servers:
-            server.close()
-        for sessions in self._agents.values():
-            for session in sessions:
-                session.channel.link.abort()
+        if self._agent_server is not None:
+            self._agent_server.close()
+        for service in self.services.values():
+            service.server.close()
+            for relay in list(service.relays):
+                relay.close()
+        for session in self.agents:
+            session.close()
         for waiting in self._waiting.values():
             waiting.link.abort()
         await self._tasks.close()
@@ -187,119 +244,114 @@ class ListenNode:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    @property
-    def agents(self) -> list[AgentSession]:
-        return list({id(s): s for sessions in self._agents.values() for s in sessions}.values())
-
     # ---- clients -----------------------------------------------------------------------
 
-    def _client_connected(self, service: str, link: Link) -> None:
-        listener = self.config.services[service]
-        refusal = listener.admits(link.peer_host)
-        if refusal is None and 0 < listener.max_clients <= self._clients[service]:
-            refusal = f"service at its limit of {listener.max_clients} clients"
-        if refusal is not None:
-            self.refused[service, refusal] += 1
-            log.info("refused client %s of service '%s': %s", link.peer, service, refusal)
+    def _client_connected(self, name: str, link: Link) -> None:
+        service = self.services.get(name)
+        if service is None:  # removed by a reload while this connection was accepted
             link.abort()
             return
-        self._clients[service] += 1
-        self._tasks.spawn(self._serve_client(service, link), f"client {link.peer} of {service}")
+        refusal = service.config.admits(link.peer_host)
+        if refusal is None and 0 < service.config.max_clients <= service.clients:
+            refusal = f"service at its limit of {service.config.max_clients} clients"
+        if refusal is not None:
+            self.refused[name, refusal] += 1
+            log.info("refused client %s of service '%s': %s", link.peer, name, refusal)
+            link.abort()
+            return
+        service.clients += 1
+        self._no_clients.clear()
+        self._tasks.spawn(self._serve_client(service, link), f"client {link.peer} of {name}")
 
-    async def _reap_idle(self, service: str, limit: float) -> None:
-        """Close connections of `service` that moved no byte for `limit` seconds."""
-        while True:
-            await asyncio.sleep(min(limit / 4, 5.0))
-            now = time.monotonic()
-            for relay in list(self._active[service]):
-                if now - relay.result.last_activity > limit:
-                    relay.result.ended = f"idle for {limit:.0f} s"
-                    relay.close()
+    async def _serve_client(self, service: Service, link: Link) -> None:
+        try:
+            paired = await self._pair(service.name, link)
+            if paired is not None:
+                await self._relay(service, link, *paired)
+        finally:
+            service.clients -= 1
+            if not any(s.clients for s in self.services.values()):
+                self._no_clients.set()
 
-    def _pick_agent(self, service: str) -> AgentSession | None:
-        sessions = self._agents.get(service)
-        if not sessions:
-            return None
-        return sessions[next(self._round_robin[service]) % len(sessions)]
-
-    async def _wait_for_agent(self, service: str, link: Link) -> AgentSession:
+    async def _pair(self, service: str, link: Link) -> tuple[Link, AgentSession] | None:
+        """Find an agent that claims this client; try the next agent if one cannot."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.client_wait
-        while (agent := self._pick_agent(service)) is None:
-            remaining = deadline - loop.time()
-            if remaining <= 0 or link.closed.done():
-                raise NoAgent
-            joined: asyncio.Future[Any] = asyncio.ensure_future(self._agent_joined.wait())
-            closed: asyncio.Future[Any] = link.closed
-            await asyncio.wait(
-                [joined, closed], timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-            )
-            joined.cancel()
-        return agent
-
-    async def _serve_client(self, service: str, link: Link) -> None:
-        try:
-            await self._pair_client(service, link)
-        finally:
-            self._clients[service] -= 1
-
-    async def _pair_client(self, service: str, link: Link) -> None:
-        try:
-            agent = await self._wait_for_agent(service, link)
-        except NoAgent:
-            if not link.closed.done():
-                log.warning(
-                    "no agent for service '%s' within %.1f s: closing client %s",
-                    service,
-                    self.config.client_wait,
-                    link.peer,
+        tried: set[AgentSession] = set()
+        reason = f"no agent for service '{service}' within {self.config.client_wait:.1f} s"
+        closed: asyncio.Future[Any] = link.closed
+        while not closed.done() and (remaining := deadline - loop.time()) > 0:
+            agent = self.agents.pick(service, tried)
+            if agent is None and tried:
+                break  # every agent there is refused it: say so now rather than later
+            if agent is None:
+                joined = asyncio.ensure_future(self.agents.joined())
+                await asyncio.wait(
+                    [joined, closed], timeout=remaining, return_when=asyncio.FIRST_COMPLETED
                 )
-            link.abort()
-            return
-        conn_id = secrets.token_bytes(CONN_ID_SIZE)
-        waiting = WaitingClient(link, service, agent, asyncio.get_running_loop().create_future())
-        self._waiting[conn_id] = waiting
-        agent.send_open(conn_id, service)
-        try:
-            async with asyncio.timeout(self.config.client_wait):
-                claimed: asyncio.Future[Any] = waiting.claimed
-                closed: asyncio.Future[Any] = link.closed
-                done, _ = await asyncio.wait([claimed, closed], return_when=asyncio.FIRST_COMPLETED)
-            if waiting.claimed not in done:
-                log.info("client %s of service '%s' left before it was served", link.peer, service)
-                return
-            data_link = waiting.claimed.result()
-        except TimeoutError:
-            log.warning(
-                "agent %s did not take client %s of service '%s' in time: closing it",
-                agent.agent_id,
-                link.peer,
-                service,
-            )
-            link.abort()
-            return
-        except PeerRefused as exc:
-            log.warning("client %s of service '%s' closed: %s", link.peer, service, exc)
-            link.abort()
-            return
-        finally:
-            self._waiting.pop(conn_id, None)
-            agent.pending.discard(conn_id)
+                joined.cancel()
+                continue
+            conn_id = secrets.token_bytes(CONN_ID_SIZE)
+            claimed: asyncio.Future[Any] = loop.create_future()
+            self._waiting[conn_id] = WaitingClient(link, service, agent, claimed)
+            self._pending.expect(agent.peer_host)
+            agent.send_open(conn_id, service)
+            try:
+                await asyncio.wait(
+                    [claimed, closed], timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+                if claimed.done():
+                    return claimed.result(), agent
+                if not closed.done():
+                    reason = f"agent {agent.agent_id} did not take it in time"
+            except PeerRefused as exc:
+                tried.add(agent)
+                reason = str(exc)
+            finally:
+                self._waiting.pop(conn_id, None)
+                self._pending.settle(agent.peer_host)
+                agent.pending.discard(conn_id)
+                claimed.cancel()
+        if closed.done():
+            log.info("client %s of service '%s' left before it was served", link.peer, service)
+        elif reason.startswith("no agent"):
+            log.warning("%s: closing client %s", reason, link.peer)
+        else:
+            log.warning("client %s of service '%s' closed: %s", link.peer, service, reason)
+        link.abort()
+        return None
+
+    async def _relay(
+        self, service: Service, link: Link, data_link: Link, agent: AgentSession
+    ) -> None:
         relay = Relay(link, data_link)
-        self._active[service].add(relay)
+        service.relays.add(relay)
+        agent.relays.add(relay)
         try:
             result = await relay.done
         finally:
-            self._active[service].discard(relay)
+            service.relays.discard(relay)
+            agent.relays.discard(relay)
         log.info(
             "client %s of service '%s' done after %.3f s: %d bytes in, %d bytes out, %s",
             link.peer,
-            service,
+            service.name,
             result.duration,
             result.bytes_a_to_b,
             result.bytes_b_to_a,
             result.ended,
         )
+
+    async def _reap_idle(self, service: Service) -> None:
+        """Close connections of `service` that moved no byte for its idle timeout."""
+        limit = service.config.idle_timeout
+        while True:
+            await asyncio.sleep(min(limit / 4, 5.0))
+            now = time.monotonic()
+            for relay in list(service.relays):
+                if now - relay.result.last_activity > limit:
+                    relay.result.ended = f"idle for {limit:.0f} s"
+                    relay.close()
 
     # ---- agent port --------------------------------------------------------------------
 
@@ -397,7 +449,8 @@ class ListenNode:
         if auth is None:
             raise ProtocolError("connection closed during the handshake")
         channel.send(handshake.receive(auth))
-        return AgentSession(handshake.agent_id.hex()[:12], link.peer, handshake.services, channel)
+        agent_id = handshake.agent_id.hex()[:12]
+        return AgentSession(agent_id, link.peer, link.peer_host, handshake.services, channel)
 
     async def _run_session(self, session: AgentSession) -> None:
         link = session.channel.link
@@ -415,16 +468,36 @@ class ListenNode:
                 session.agent_id,
                 ", ".join(unknown),
             )
-        self._register(session, served)
+        stale = self.agents.add(session, served)
+        if stale is not None:
+            log.info("agent %s: new session replaces the one from %s", session.agent_id, stale.peer)
+            stale.close()
         heartbeat = self._tasks.spawn(self._heartbeat(session.channel), f"heartbeat {link.peer}")
         try:
-            await self._session_loop(session)
+            dead = await self._session_loop(session)
         finally:
             heartbeat.cancel()
-            self._unregister(session, served)
+            self.agents.remove(session)
             link.abort()
+            # Clients this agent was asked to take will not be claimed: try others.
+            for conn_id in list(session.pending):
+                waiting = self._waiting.get(conn_id)
+                if waiting is not None and not waiting.claimed.done():
+                    waiting.claimed.set_exception(
+                        PeerRefused(f"agent {session.agent_id} disconnected")
+                    )
+        if dead and session.relays:
+            # The link died silently: its data connections likely did too, and TCP
+            # alone could take many minutes to notice. End them now.
+            log.warning(
+                "closing %d connections carried by agent %s", len(session.relays), session.agent_id
+            )
+            for relay in list(session.relays):
+                relay.result.ended = "agent lost"
+                relay.close()
 
-    async def _session_loop(self, session: AgentSession) -> None:
+    async def _session_loop(self, session: AgentSession) -> bool:
+        """Serve one agent's control messages; True if it ended by heartbeat timeout."""
         channel = session.channel
         while True:
             try:
@@ -436,15 +509,15 @@ class ListenNode:
                     session.peer,
                     3 * self.config.heartbeat,
                 )
-                return
+                return True
             except ProtocolError as exc:
                 log.warning(
                     "agent %s at %s sent a bad message: %s", session.agent_id, session.peer, exc
                 )
-                return
+                return False
             if message is None:
                 log.info("agent %s at %s disconnected", session.agent_id, session.peer)
-                return
+                return False
             if isinstance(message, Ping):
                 channel.send(Pong(message.token))
             elif isinstance(message, Pong):
@@ -462,29 +535,24 @@ class ListenNode:
                     message.TYPE.name,
                 )
                 channel.send(Error(ErrorCode.BAD_MESSAGE, f"unexpected {message.TYPE.name}"))
-                return
+                return False
 
     async def _heartbeat(self, channel: FrameChannel) -> None:
         for token in itertools.count():
             await asyncio.sleep(self.config.heartbeat)
             channel.send(Ping(token))
 
-    def _register(self, session: AgentSession, services: list[str]) -> None:
-        for service in services:
-            self._agents.setdefault(service, []).append(session)
-            self._round_robin.setdefault(service, itertools.count())
-        self._agent_joined.set()
-        self._agent_joined = asyncio.Event()
 
-    def _unregister(self, session: AgentSession, services: list[str]) -> None:
-        for service in services:
-            if session in self._agents.get(service, []):
-                self._agents[service].remove(session)
-        # Clients this agent was asked to take will not be claimed: fail them now.
-        for conn_id in list(session.pending):
-            waiting = self._waiting.get(conn_id)
-            if waiting is not None and not waiting.claimed.done():
-                waiting.claimed.set_exception(PeerRefused(f"agent {session.agent_id} disconnected"))
+async def _listen(
+    factory: Callable[[], asyncio.BaseProtocol], address: Address, what: str
+) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.create_server(
+            factory, address.host, address.port, reuse_address=True, backlog=1024
+        )
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {address} for {what}: {exc.strerror or exc}") from None
 
 
 def _bound(server: asyncio.Server, wanted: Address) -> Address:

@@ -1,0 +1,82 @@
+"""The LL's view of its agents: authenticated sessions, by service, picked in turn."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from tcpgc.channel import FrameChannel
+from tcpgc.protocol.messages import Open
+from tcpgc.relay import Relay
+
+log = logging.getLogger("tcpgc.ll")
+
+
+@dataclass(eq=False)
+class AgentSession:
+    """One authenticated control connection and what depends on it."""
+
+    agent_id: str
+    peer: str
+    peer_host: str
+    services: tuple[str, ...]
+    channel: FrameChannel
+    #: Ids of clients this agent was asked to take and has not claimed yet.
+    pending: set[bytes] = field(default_factory=set)
+    #: Relays running over this agent's data connections.
+    relays: set[Relay] = field(default_factory=set)
+
+    def send_open(self, conn_id: bytes, service: str) -> None:
+        self.pending.add(conn_id)
+        self.channel.send(Open(conn_id, service))
+
+    def close(self) -> None:
+        self.channel.link.abort()
+
+
+class AgentRegistry:
+    """Sessions by service. New clients go to each agent of their service in turn."""
+
+    def __init__(self) -> None:
+        self._by_service: dict[str, list[AgentSession]] = {}
+        self._by_id: dict[str, AgentSession] = {}
+        self._turn = itertools.count()
+        self._changed = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self) -> Iterator[AgentSession]:
+        return iter(list(self._by_id.values()))
+
+    def add(self, session: AgentSession, services: Iterable[str]) -> AgentSession | None:
+        """Register `session`; returns the stale session of the same agent it replaces."""
+        stale = self._by_id.get(session.agent_id)
+        if stale is not None:
+            self.remove(stale)
+        self._by_id[session.agent_id] = session
+        for service in services:
+            self._by_service.setdefault(service, []).append(session)
+        self._changed.set()
+        self._changed = asyncio.Event()
+        return stale
+
+    def remove(self, session: AgentSession) -> None:
+        if self._by_id.get(session.agent_id) is session:
+            del self._by_id[session.agent_id]
+        for sessions in self._by_service.values():
+            if session in sessions:
+                sessions.remove(session)
+
+    def pick(self, service: str, exclude: set[AgentSession]) -> AgentSession | None:
+        candidates = [s for s in self._by_service.get(service, ()) if s not in exclude]
+        if not candidates:
+            return None
+        return candidates[next(self._turn) % len(candidates)]
+
+    async def joined(self) -> None:
+        """Return when an agent joins."""
+        await self._changed.wait()
