@@ -9,7 +9,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from tcpgc.channel import FrameChannel
-from tcpgc.protocol.messages import Open
 from tcpgc.relay import Relay
 
 log = logging.getLogger("tcpgc.ll")
@@ -28,10 +27,6 @@ class AgentSession:
     pending: set[bytes] = field(default_factory=set)
     #: Relays running over this agent's data connections.
     relays: set[Relay] = field(default_factory=set)
-
-    def send_open(self, conn_id: bytes, service: str) -> None:
-        self.pending.add(conn_id)
-        self.channel.send(Open(conn_id, service))
 
     def close(self) -> None:
         self.channel.link.abort()

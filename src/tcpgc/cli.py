@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long a client may wait for an agent (default 10)",
     )
+    ll.add_argument(
+        "--classic",
+        action="store_true",
+        help="speak the seed's raw socat protocol (no authentication, no TLS): "
+        "to replace a socat LL while the CC is still socat",
+    )
     _common(ll)
 
     cc = sub.add_parser("cc", help="run the inside node: dial the LL and the server")
@@ -109,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="file holding the join token (default: $TCPGC_TOKEN)",
+    )
+    cc.add_argument(
+        "--classic",
+        action="store_true",
+        help="speak the seed's raw socat protocol (no authentication, no TLS): "
+        "to replace a socat CC while the LL is still socat",
+    )
+    cc.add_argument(
+        "--interval",
+        type=float,
+        metavar="SECONDS",
+        help="with --classic: wait between attempts while the LL refuses (default 1)",
     )
     _common(cc)
 
@@ -278,6 +296,13 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         return asyncio.run(run_demo(once=args.once))
     _setup_logging(args.log_level)
+    if getattr(args, "classic", False):
+        from tcpgc.classic import run_classic
+
+        classic_cfg = ll_config(args) if args.command == "ll" else cc_config(args)
+        return run_classic(classic_cfg, getattr(args, "interval", None))
+    if getattr(args, "interval", None) is not None:
+        raise UsageError("--interval applies only with --classic")
     if args.command == "ll":
         ll_cfg = ll_config(args)
         if ll_cfg.insecure_plaintext:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from tcpgc.errors import UsageError
-from tcpgc.protocol.messages import is_valid_name
+from tcpgc.protocol.messages import MAX_SERVICES, is_valid_name
 
 DEFAULT_SERVICE = "default"
 
@@ -308,7 +308,9 @@ def ll_config_from(data: dict[str, Any], source: str) -> LLConfig:
 
 
 def _cc_services(p: _Problems, data: dict[str, Any]) -> dict[str, Address]:
-    services = {}
+    services: dict[str, Address] = {}
+    if len(data.get("services", {})) > MAX_SERVICES:
+        p.add("services", f"an agent serves at most {MAX_SERVICES} services")
     for name, body in p.service_tables(data, "server").items():
         p.unknown(body, {"server"}, f"services.{name}.")
         address = p.address(body, "server", f"services.{name}.server")

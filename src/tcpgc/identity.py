@@ -133,6 +133,8 @@ class Certificate:
             check_private(key_path)
             pem = cert_path.read_bytes()
             fingerprint = fingerprint_of_pem(pem)
+        except FileNotFoundError:
+            raise  # the caller knows how to say which command creates it
         except OSError as exc:
             raise UsageError(f"cannot read certificate {exc.filename}: {exc.strerror}") from None
         except ValueError:

@@ -90,6 +90,8 @@ class Link(asyncio.Protocol):
         self.closed: asyncio.Future[None] = loop.create_future()
         self.peer = "?"
         self.peer_host = ""
+        self.peer_endpoint: tuple[str, int] = ("", 0)
+        self.local_endpoint: tuple[str, int] = ("", 0)
         #: Dropped by admission control; its task should not log it again.
         self.shed = False
         self.got_eof = False
@@ -108,6 +110,10 @@ class Link(asyncio.Protocol):
         peername = transport.get_extra_info("peername")
         self.peer = format_peer(peername)
         self.peer_host = str(peername[0]) if isinstance(peername, tuple) else ""
+        sockname = transport.get_extra_info("sockname")
+        #: (host, port) of each end, for PROXY protocol headers; ("", 0) if unknown.
+        self.peer_endpoint = _endpoint(peername)
+        self.local_endpoint = _endpoint(sockname)
         if self._tls_context is not None:
             self._ssl = self._tls_context.wrap_bio(
                 self._incoming,
@@ -319,3 +325,12 @@ def format_peer(address: object) -> str:
         host, port = address[0], address[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return str(address)
+
+
+def _endpoint(address: object) -> tuple[str, int]:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0]).split("%", 1)[0]  # no IPv6 zone: it means nothing remotely
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]  # an IPv4 client of a dual-stack listener
+        return host, int(address[1])
+    return "", 0

@@ -46,6 +46,7 @@ from tcpgc.protocol.messages import (
     Error,
     ErrorCode,
     Hello,
+    Open,
     OpenFailed,
     Ping,
     Pong,
@@ -295,7 +296,8 @@ class ListenNode:
             claimed: asyncio.Future[Any] = loop.create_future()
             self._waiting[conn_id] = WaitingClient(link, service, agent, claimed)
             self._pending.expect(agent.peer_host)
-            agent.send_open(conn_id, service)
+            agent.channel.send(Open(conn_id, service, *link.peer_endpoint, *link.local_endpoint))
+            agent.pending.add(conn_id)
             try:
                 await asyncio.wait(
                     [claimed, closed], timeout=remaining, return_when=asyncio.FIRST_COMPLETED

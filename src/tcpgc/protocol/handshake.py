@@ -64,6 +64,7 @@ class State(Enum):
     WAIT_AUTH = auto()
     WAIT_READY = auto()
     DONE = auto()
+    FAILED = auto()  # after any error: nothing more is accepted
 
 
 def _transcript(hello: Hello, version: int, ll_nonce: bytes, binding: bytes) -> bytes:
@@ -101,6 +102,13 @@ class AgentHandshake:
 
     def receive(self, message: Message) -> Message | None:
         """Process one message from the LL; returns the reply to send, if any."""
+        try:
+            return self._receive(message)
+        except (ProtocolError, PeerRefused):
+            self.state = State.FAILED
+            raise
+
+    def _receive(self, message: Message) -> Message | None:
         if isinstance(message, Error):
             raise PeerRefused(f"the LL refused us: {message.message}")
         if isinstance(message, Challenge):
@@ -160,6 +168,13 @@ class LLHandshake:
 
     def receive(self, message: Message) -> Message:
         """Process one message from the agent; returns the reply to send."""
+        try:
+            return self._receive(message)
+        except ProtocolError:
+            self.state = State.FAILED
+            raise
+
+    def _receive(self, message: Message) -> Message:
         if isinstance(message, Hello):
             self._expect(State.WAIT_HELLO, "HELLO")
             version = min(message.max_version, MAX_VERSION)

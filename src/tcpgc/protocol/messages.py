@@ -7,6 +7,7 @@ is whole, so it can be fed any split of the byte stream, down to one byte at a t
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -26,9 +27,10 @@ MAGIC = b"TGC"
 HEADER = struct.Struct("!BH")
 
 #: Largest payload accepted. The biggest legitimate message is an AUTH listing every
-#: service of an agent (names are at most 64 bytes); 16 KiB leaves room for 200 of them
-#: while keeping what one unauthenticated peer can make us buffer small.
+#: service of an agent (at most MAX_SERVICES names of at most 64 bytes: 13 KiB); 16 KiB
+#: leaves room for that while keeping what one unauthenticated peer can make us buffer small.
 MAX_PAYLOAD = 16 * 1024
+MAX_SERVICES = 200
 
 NONCE_SIZE = 32
 PROOF_SIZE = 32
@@ -95,6 +97,17 @@ class _Reader:
             raise ProtocolError(f"{self.kind.name} message has an invalid name {text[:64]!r}")
         return text
 
+    def endpoint(self) -> tuple[str, int]:
+        """An IP address as text (or empty: unknown) and a port."""
+        raw = self.take(self.u8())
+        port: int = struct.unpack("!H", self.take(2))[0]
+        if not raw:
+            return "", port
+        try:
+            return str(ipaddress.ip_address(raw.decode("ascii"))), port
+        except (UnicodeDecodeError, ValueError):
+            raise ProtocolError(f"{self.kind.name} message has an invalid address") from None
+
     def text(self) -> str:
         return self.take(len(self.view) - self.pos).decode("utf-8", errors="replace")
 
@@ -120,7 +133,8 @@ def _name(value: str) -> bytes:
 
 
 def _text(value: str) -> bytes:
-    return value.encode("utf-8")[:MAX_TEXT]
+    raw = value.encode("utf-8")[:MAX_TEXT]
+    return raw.decode("utf-8", errors="ignore").encode("utf-8")  # never cut a character
 
 
 @dataclass(frozen=True)
@@ -180,8 +194,8 @@ class Auth:
 
 def services_blob(services: tuple[str, ...]) -> bytes:
     """The services list as sent in AUTH; also part of what the agent's proof covers."""
-    if len(services) > 255:
-        raise ValueError("an agent can serve at most 255 services")
+    if len(services) > MAX_SERVICES:
+        raise ValueError(f"an agent can serve at most {MAX_SERVICES} services")
     return bytes([len(services)]) + b"".join(_name(s) for s in services)
 
 
@@ -218,18 +232,37 @@ class Error:
 
 @dataclass(frozen=True)
 class Open:
-    """LL → agent: a client of `service` waits; claim it with a data connection."""
+    """LL → agent: a client of `service` waits; claim it with a data connection.
+    Carries the client's address and the address it connected to, so the agent can
+    tell the server who the client is (PROXY protocol). Empty host: unknown."""
 
     TYPE: ClassVar[MessageType] = MessageType.OPEN
     conn_id: bytes
     service: str
+    client_host: str = ""
+    client_port: int = 0
+    local_host: str = ""
+    local_port: int = 0
 
     def payload(self) -> bytes:
-        return self.conn_id + _name(self.service)
+        return (
+            self.conn_id
+            + _name(self.service)
+            + _endpoint(self.client_host, self.client_port)
+            + _endpoint(self.local_host, self.local_port)
+        )
 
     @classmethod
     def parse(cls, r: _Reader) -> Open:
-        return cls(r.take(CONN_ID_SIZE), r.name())
+        conn_id, service = r.take(CONN_ID_SIZE), r.name()
+        client_host, client_port = r.endpoint()
+        local_host, local_port = r.endpoint()
+        return cls(conn_id, service, client_host, client_port, local_host, local_port)
+
+
+def _endpoint(host: str, port: int) -> bytes:
+    raw = host.encode("ascii")
+    return bytes([len(raw)]) + raw + struct.pack("!H", port)
 
 
 @dataclass(frozen=True)
