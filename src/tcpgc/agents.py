@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ class AgentSession:
     pending: set[bytes] = field(default_factory=set)
     #: Relays running over this agent's data connections.
     relays: set[Relay] = field(default_factory=set)
+    since: float = field(default_factory=time.time)
 
     def close(self) -> None:
         self.channel.link.abort()

@@ -24,6 +24,7 @@ from tcpgc.config import Address, CCConfig
 from tcpgc.errors import PeerRefused, ProtocolError, TcpgcError, UsageError
 from tcpgc.identity import JoinToken, agent_context, format_fingerprint, pin_server_name
 from tcpgc.link import Link
+from tcpgc.metrics import Metrics, failure_reason
 from tcpgc.protocol.handshake import AgentHandshake, State
 from tcpgc.protocol.messages import (
     AGENT_ID_SIZE,
@@ -36,6 +37,7 @@ from tcpgc.protocol.messages import (
     Pong,
     encode,
 )
+from tcpgc.proxy_protocol import header
 from tcpgc.relay import Relay
 from tcpgc.tasks import TaskGroup
 
@@ -74,6 +76,7 @@ class ConnectNode:
         #: One id for the life of this process, so an LL can tell our new session from
         #: a stale one it still holds after a network failure, and replace it.
         self.agent_id = secrets.token_bytes(AGENT_ID_SIZE)
+        self.metrics = Metrics("cc")
         self._tasks = TaskGroup()
         self._sessions: dict[Address, asyncio.Task[Any]] = {}
         self._relays: dict[Address, set[Relay]] = {}
@@ -143,6 +146,34 @@ class ConnectNode:
                 log.warning("drain deadline reached: closing %d connections", self._active())
         await self.close()
 
+    def status(self) -> dict[str, Any]:
+        """A JSON-able snapshot for the status page: LLs, services, connections."""
+        now = time.monotonic()
+        return {
+            "role": "cc",
+            "agent_id": self.agent_id.hex()[:12],
+            "tls": self._tls is not None,
+            "lls": [
+                {"address": address, "connected": event.is_set()}
+                for address, event in self.connected.items()
+            ],
+            "services": [
+                {"name": name, "server": str(server)}
+                for name, server in self.config.services.items()
+            ],
+            "connections": [
+                {
+                    "ll": str(ll),
+                    "server": relay.a.peer,
+                    "bytes_in": relay.result.bytes_b_to_a,
+                    "bytes_out": relay.result.bytes_a_to_b,
+                    "seconds": round(now - relay.result.started, 1),
+                }
+                for ll, relays in self._relays.items()
+                for relay in relays
+            ],
+        }
+
     def _active(self) -> int:
         return self._opening + sum(len(relays) for relays in self._relays.values())
 
@@ -158,6 +189,37 @@ class ConnectNode:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+    async def _join(self, address: Address) -> tuple[Link, FrameChannel, AgentHandshake]:
+        """Dial the LL, verify it, and authenticate: a session ready to serve."""
+        async with asyncio.timeout(self.config.connect_timeout):
+            link, binding = await self._dial_ll(address)
+            try:
+                channel, handshake = await self._authenticate(link, binding)
+                return link, channel, handshake
+            except BaseException:
+                link.abort()
+                raise
+
+    async def _authenticate(
+        self, link: Link, binding: bytes
+    ) -> tuple[FrameChannel, AgentHandshake]:
+        channel = FrameChannel(link)
+        handshake = AgentHandshake(
+            self.token.secret,
+            services=tuple(self.config.services),
+            agent_id=self.agent_id,
+            binding=binding,
+        )
+        channel.send(handshake.start())
+        while handshake.state is not State.DONE:
+            message = await channel.recv()
+            if message is None:
+                raise ProtocolError("the LL closed the connection during the handshake")
+            reply = handshake.receive(message)
+            if reply is not None:
+                channel.send(reply)
+        return channel, handshake
 
     async def _keep_session(self, address: Address) -> None:
         delay = self.config.reconnect_min
@@ -185,10 +247,10 @@ class ConnectNode:
         pinning = self._tls is not None and self.config.tls_ca is None
         # Pinning agents name the certificate they expect, so an LL in the middle of a
         # certificate rotation can present the old one to holders of the old token.
-        name = pin_server_name(self.token.fingerprint) if pinning else address.host
+        name = pin_server_name(self.token.fingerprint) if pinning else address.connect_host
         _, link = await loop.create_connection(
             lambda: Link(self._tls, server_hostname=name if self._tls else None),
-            address.host,
+            address.connect_host,
             address.port,
         )
         try:
@@ -208,23 +270,11 @@ class ConnectNode:
         return link, presented
 
     async def _session(self, address: Address) -> None:
-        async with asyncio.timeout(self.config.connect_timeout):
-            link, binding = await self._dial_ll(address)
-            channel = FrameChannel(link)
-            handshake = AgentHandshake(
-                self.token.secret,
-                services=tuple(self.config.services),
-                agent_id=self.agent_id,
-                binding=binding,
-            )
-            channel.send(handshake.start())
-            while handshake.state is not State.DONE:
-                message = await channel.recv()
-                if message is None:
-                    raise ProtocolError("the LL closed the connection during the handshake")
-                reply = handshake.receive(message)
-                if reply is not None:
-                    channel.send(reply)
+        try:
+            link, channel, handshake = await self._join(address)
+        except (TcpgcError, OSError, ssl.SSLError, TimeoutError) as exc:
+            self.metrics.handshake_failures.labels(failure_reason(_describe(exc))).inc()
+            raise
         agent_id = handshake.agent_id.hex()[:12]
         log.info(
             "connected to LL %s as agent %s (services: %s)",
@@ -233,6 +283,7 @@ class ConnectNode:
             ", ".join(self.config.services),
         )
         self.connected[str(address)].set()
+        self.metrics.agents.set(sum(e.is_set() for e in self.connected.values()))
         heartbeat = max(handshake.heartbeat_ms, 100) / 1000
         pinger = self._tasks.spawn(self._ping(channel, heartbeat), f"heartbeat to {address}")
         try:
@@ -250,6 +301,8 @@ class ConnectNode:
         finally:
             pinger.cancel()
             link.abort()
+            self.connected[str(address)].clear()
+            self.metrics.agents.set(sum(e.is_set() for e in self.connected.values()))
 
     async def _serve(self, address: Address, channel: FrameChannel, heartbeat: float) -> None:
         while True:
@@ -289,9 +342,12 @@ class ConnectNode:
             return
         relays = self._relays.setdefault(ll, set())
         relays.add(relay)
+        active = self.metrics.clients_active.labels(request.service)
+        active.inc()
         try:
             result = await relay.done
         finally:
+            active.dec()
             relays.discard(relay)
             self._check_idle()
         log.info(
@@ -327,13 +383,16 @@ class ConnectNode:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.config.connect_timeout):
-                _, server_link = await loop.create_connection(Link, server.host, server.port)
+                _, server_link = await loop.create_connection(
+                    Link, server.connect_host, server.port
+                )
         except (OSError, TimeoutError) as exc:
             reason = _describe(exc)
             log.warning(
                 "cannot reach server %s for service '%s': %s", server, request.service, reason
             )
             channel.send(OpenFailed(request.conn_id, f"cannot reach its server: {reason}"))
+            self.metrics.clients_refused.labels(request.service, "server_unreachable").inc()
             return None
         try:
             async with asyncio.timeout(self.config.connect_timeout):
@@ -342,8 +401,19 @@ class ConnectNode:
             log.warning("cannot open a data connection to LL %s: %s", ll, _describe(exc))
             server_link.abort()
             return None
+        version = self.config.proxy_protocol.get(request.service)
+        if version:
+            client = (request.client_host, request.client_port)
+            server_link.write(header(version, client, (request.local_host, request.local_port)))
         data_link.write(encode(Data(MAX_VERSION, request.conn_id)))
-        return Relay(server_link, data_link)
+        self.metrics.clients_accepted.labels(request.service).inc()
+        counted = self.metrics.bytes
+        return Relay(
+            server_link,
+            data_link,
+            counted.labels(request.service, "out"),
+            counted.labels(request.service, "in"),
+        )
 
 
 def _describe(exc: BaseException) -> str:

@@ -22,6 +22,7 @@ carry. Both nodes here keep that contract, and do better where socat fails:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -58,8 +59,11 @@ CLIENT_BACKLOG = 1024
 #: LL that accepts and stays silent is exactly what must not grow without bound.
 MAX_SILENT = 32
 
-#: How often the CC looks again while at MAX_SILENT.
-SILENT_RECHECK = 0.1
+#: How long the CC waits for the LL to say something on a new connection before it
+#: dials again anyway. A client that speaks first confirms far sooner; this bounds the
+#: wait for one that listens for a server-first banner (SMTP, FTP), at the cost of one
+#: such client per CONFIRM_GRACE while several of them arrive at once.
+CONFIRM_GRACE = 0.2
 
 #: After EMFILE and friends, how long the LL leaves the agent port alone.
 ACCEPT_ERROR_PAUSE = 0.5
@@ -338,6 +342,20 @@ class ClassicListenNode:
 # ---- the CC ----------------------------------------------------------------------------
 
 
+class _LLLink(Link):
+    """A connection to the LL that tells when the LL first sends a byte: in the raw
+    protocol, the only sign that a client is behind it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spoke: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.spoke.done():
+            self.spoke.set_result(None)
+        super().data_received(data)
+
+
 class ClassicConnectNode:
     """Use as ``async with ClassicConnectNode(config) as node:``; it polls each LL
     until closed."""
@@ -348,16 +366,13 @@ class ClassicConnectNode:
         self.served = 0
         self._tasks = TaskGroup()
         self._relays: set[Relay] = set()
-        #: LL connections whose server connection is still being made.
-        self._connecting = 0
-        #: Per LL: its last connection ended without a byte from it, so wait before
-        #: dialing again (the LL accepted with no client behind it).
-        self._hold_off: dict[Address, bool] = {}
+        #: Open LL connections on which the LL has not sent a byte yet.
+        self._silent: set[_LLLink] = set()
+        self._quieter = asyncio.Event()
 
     async def start(self) -> None:
         cc_log.warning(WARNING)
         for ll in self.config.ll:
-            self._hold_off[ll] = False
             self._tasks.spawn(self._poll(ll), f"classic poll {ll}")
             cc_log.info(
                 "polling LL %s every %.1f s while it refuses; server %s (classic: socat protocol)",
@@ -382,23 +397,22 @@ class ClassicConnectNode:
     @property
     def silent(self) -> int:
         """Open connections on which the LL has sent nothing yet."""
-        return self._connecting + sum(1 for r in self._relays if r.result.bytes_b_to_a == 0)
+        return len(self._silent)
+
+    def _heard(self, link: _LLLink, _: object = None) -> None:
+        self._silent.discard(link)
+        self._quieter.set()
 
     async def _poll(self, ll: Address) -> None:
         loop = asyncio.get_running_loop()
         last_failure: str | None = None
         while True:
-            if self._hold_off[ll]:
-                self._hold_off[ll] = False
-                await asyncio.sleep(self.config.interval)
-            if self.silent >= self.config.max_silent:
-                # Polled, not signalled: a relay has no hook for its first byte, and this
-                # only runs while something is already wrong.
-                await asyncio.sleep(SILENT_RECHECK)
-                continue
+            while len(self._silent) >= self.config.max_silent:
+                self._quieter.clear()
+                await self._quieter.wait()
             try:
                 async with asyncio.timeout(self.config.connect_timeout):
-                    _, link = await loop.create_connection(Link, ll.host, ll.port)
+                    _, link = await loop.create_connection(_LLLink, ll.host, ll.port)
             except (OSError, TimeoutError) as exc:
                 reason = _describe(exc)
                 if reason != last_failure:
@@ -416,13 +430,28 @@ class ClassicConnectNode:
                 await asyncio.sleep(self.config.interval)
                 continue
             last_failure = None
-            self._connecting += 1
-            # No sleep: after a connection gets through, the next client may be waiting.
-            self._tasks.spawn(self._carry(ll, link), f"classic connection {link.peer}")
+            self._silent.add(link)
+            heard = functools.partial(self._heard, link)
+            link.spoke.add_done_callback(heard)
+            link.closed.add_done_callback(heard)
+            self._tasks.spawn(self._carry(link), f"classic connection {link.peer}")
+            # One unconfirmed connection at a time. Dialing again at once, before the LL
+            # has paired this one, lands in its backlog just before it closes the port,
+            # and each such connection costs an idle server connection. So wait until
+            # the LL speaks (a client is behind it: dial again at once, the next may be
+            # waiting), closes it (nobody was: back to polling), or CONFIRM_GRACE passes
+            # (a client silent until a server-first banner reaches it).
+            await asyncio.wait(
+                [link.spoke, link.closed],
+                timeout=CONFIRM_GRACE,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if link.closed.done() and not link.spoke.done():
+                await asyncio.sleep(self.config.interval)
 
-    async def _carry(self, ll: Address, link: Link) -> None:
-        """Connect the server at once, as socat does: a server that speaks first (SSH,
-        SMTP) must reach the client before the client has said anything."""
+    async def _carry(self, link: _LLLink) -> None:
+        """Connect the server at once, as socat does: a server that speaks first (SMTP,
+        FTP) must reach the client before the client has said anything."""
         server = self.config.server
         loop = asyncio.get_running_loop()
         try:
@@ -431,10 +460,7 @@ class ClassicConnectNode:
         except (OSError, TimeoutError) as exc:
             cc_log.warning("cannot reach server %s: %s", server, _describe(exc))
             link.reset()  # the client behind the LL sees a reset, as with socat
-            self._hold_off[ll] = True
             return
-        finally:
-            self._connecting -= 1
         self.served += 1
         relay = Relay(server_link, link)
         self._relays.add(relay)
@@ -442,11 +468,9 @@ class ClassicConnectNode:
             result: RelayResult = await relay.done
         finally:
             self._relays.discard(relay)
-        if result.bytes_b_to_a == 0:
-            self._hold_off[ll] = True
         cc_log.info(
             "connection from LL %s done after %.3f s: %d bytes to server, %d bytes from it, %s",
-            ll,
+            link.peer,
             result.duration,
             result.bytes_b_to_a,
             result.bytes_a_to_b,

@@ -28,6 +28,16 @@ class Address:
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    @property
+    def bind_host(self) -> str | None:
+        """What to give asyncio's create_server: None binds all interfaces, IPv4 and
+        IPv6; '::' alone is IPv6 only (asyncio sets IPV6_V6ONLY), '0.0.0.0' IPv4 only."""
+        return self.host or None
+
+    @property
+    def connect_host(self) -> str:
+        return self.host or "localhost"
+
 
 def parse_address(text: object, what: str) -> Address:
     """'host:port', '[v6]:port' or ':port' (all interfaces)."""
@@ -40,7 +50,8 @@ def parse_address(text: object, what: str) -> Address:
         raise UsageError(f"{what}: {text!r} is ambiguous: write IPv6 addresses as [ADDR]:PORT")
     if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise UsageError(f"{what}: {text!r} is not HOST:PORT with a port from 0 to 65535")
-    return Address(host or "0.0.0.0", int(port_text))
+    # An empty host (":PORT") means every interface of both families.
+    return Address(host, int(port_text))
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,10 @@ class LLConfig:
     heartbeat: float = 10.0
     #: On SIGTERM, how long connections in flight may take to finish.
     drain_timeout: float = 30.0
+    #: Admin HTTP endpoint (/metrics, /healthz, status page); off unless set.
+    admin: Address | None = None
+    #: File holding a bearer token the admin endpoint requires (none: no auth).
+    admin_token_file: Path | None = None
     #: Unauthenticated connections on the agent port at once, in all and per source
     #: address. Past either cap a random pending one is dropped (random early drop).
     max_pending: int = 256
@@ -118,6 +133,12 @@ class CCConfig:
     reconnect_max: float = 30.0
     #: On SIGTERM, how long connections in flight may take to finish.
     drain_timeout: float = 30.0
+    #: Admin HTTP endpoint (/metrics, /healthz, status page); off unless set.
+    admin: Address | None = None
+    #: File holding a bearer token the admin endpoint requires (none: no auth).
+    admin_token_file: Path | None = None
+    #: Service name -> PROXY protocol version (1 or 2) to send its server first.
+    proxy_protocol: dict[str, int] = field(default_factory=dict)
     #: Verify the LL's certificate chain and name against this CA bundle instead of
     #: pinning the fingerprint from the token.
     tls_ca: Path | None = None
@@ -128,6 +149,8 @@ class CCConfig:
 
 
 _LL_KEYS = {
+    "admin",
+    "admin_token_file",
     "cc",
     "services",
     "state_dir",
@@ -143,6 +166,8 @@ _LL_KEYS = {
     "insecure_plaintext",
 }
 _CC_KEYS = {
+    "admin",
+    "admin_token_file",
     "ll",
     "services",
     "token_file",
@@ -298,6 +323,8 @@ def ll_config_from(data: dict[str, Any], source: str) -> LLConfig:
         tls_key=p.path(data, "tls_key"),
         tls_client_ca=p.path(data, "tls_client_ca"),
         insecure_plaintext=p.flag(data, "insecure_plaintext"),
+        admin=p.address(data, "admin", "admin") if "admin" in data else None,
+        admin_token_file=p.path(data, "admin_token_file"),
     )
     if (config.tls_cert is None) != (config.tls_key is None):
         p.add("tls_cert", "tls_cert and tls_key go together")
@@ -312,11 +339,22 @@ def _cc_services(p: _Problems, data: dict[str, Any]) -> dict[str, Address]:
     if len(data.get("services", {})) > MAX_SERVICES:
         p.add("services", f"an agent serves at most {MAX_SERVICES} services")
     for name, body in p.service_tables(data, "server").items():
-        p.unknown(body, {"server"}, f"services.{name}.")
+        p.unknown(body, {"server", "proxy_protocol"}, f"services.{name}.")
         address = p.address(body, "server", f"services.{name}.server")
         if address is not None:
             services[name] = address
     return services
+
+
+def _proxy_protocol(p: _Problems, data: dict[str, Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name, body in p.service_tables(data, "server").items():
+        version = body.get("proxy_protocol", 0)
+        if version not in (0, 1, 2) or isinstance(version, bool):
+            p.add(f"services.{name}.proxy_protocol", f"expected 1, 2 or 0 (off), got {version!r}")
+        elif version:
+            out[name] = version
+    return out
 
 
 def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
@@ -337,6 +375,7 @@ def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
     config = CCConfig(
         ll=addresses,
         services=_cc_services(p, data),
+        proxy_protocol=_proxy_protocol(p, data),
         connect_timeout=p.number(data, "connect_timeout", CCConfig.connect_timeout),
         reconnect_min=p.number(data, "reconnect_min", CCConfig.reconnect_min),
         reconnect_max=p.number(data, "reconnect_max", CCConfig.reconnect_max),
@@ -344,6 +383,8 @@ def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
         insecure_plaintext=p.flag(data, "insecure_plaintext"),
     )
     config.token_file = p.path(data, "token_file")
+    config.admin = p.address(data, "admin", "admin") if "admin" in data else None
+    config.admin_token_file = p.path(data, "admin_token_file")
     config.tls_ca = p.path(data, "tls_ca")
     config.tls_cert = p.path(data, "tls_cert")
     config.tls_key = p.path(data, "tls_key")

@@ -37,6 +37,7 @@ from tcpgc.identity import (
     load_identity,
 )
 from tcpgc.link import Link
+from tcpgc.metrics import Metrics, failure_reason
 from tcpgc.protocol.handshake import LLHandshake, error_code, key_id
 from tcpgc.protocol.messages import (
     CONN_ID_SIZE,
@@ -93,6 +94,7 @@ class ListenNode:
         self.agent_address: Address | None = None
         self.services: dict[str, Service] = {}
         self.agents = AgentRegistry()
+        self.metrics = Metrics("ll")
         #: Clients refused by a service's controls, by service and reason.
         self.refused: collections.Counter[tuple[str, str]] = collections.Counter()
         self._agent_server: asyncio.Server | None = None
@@ -245,6 +247,45 @@ class ListenNode:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    def status(self) -> dict[str, Any]:
+        """A JSON-able snapshot for the status page: services, agents, connections."""
+        now = time.monotonic()
+        return {
+            "role": "ll",
+            "agent_address": str(self.agent_address),
+            "tls": self._tls is not None,
+            "services": [
+                {
+                    "name": name,
+                    "listen": str(service.address),
+                    "clients": service.clients,
+                    "agents": sum(1 for a in self.agents if name in a.services),
+                }
+                for name, service in self.services.items()
+            ],
+            "agents": [
+                {
+                    "id": agent.agent_id,
+                    "peer": agent.peer,
+                    "services": list(agent.services),
+                    "connected_for": round(time.time() - agent.since, 1),
+                    "connections": len(agent.relays),
+                }
+                for agent in self.agents
+            ],
+            "connections": [
+                {
+                    "service": service.name,
+                    "client": relay.a.peer,
+                    "bytes_in": relay.result.bytes_a_to_b,
+                    "bytes_out": relay.result.bytes_b_to_a,
+                    "seconds": round(now - relay.result.started, 1),
+                }
+                for service in self.services.values()
+                for relay in service.relays
+            ],
+        }
+
     # ---- clients -----------------------------------------------------------------------
 
     def _client_connected(self, name: str, link: Link) -> None:
@@ -257,10 +298,12 @@ class ListenNode:
             refusal = f"service at its limit of {service.config.max_clients} clients"
         if refusal is not None:
             self.refused[name, refusal] += 1
+            self.metrics.clients_refused.labels(name, refusal.split(" ")[0]).inc()
             log.info("refused client %s of service '%s': %s", link.peer, name, refusal)
             link.abort()
             return
         service.clients += 1
+        self.metrics.clients_accepted.labels(name).inc()
         self._no_clients.clear()
         self._tasks.spawn(self._serve_client(service, link), f"client {link.peer} of {name}")
 
@@ -277,7 +320,8 @@ class ListenNode:
     async def _pair(self, service: str, link: Link) -> tuple[Link, AgentSession] | None:
         """Find an agent that claims this client; try the next agent if one cannot."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.client_wait
+        arrived = loop.time()
+        deadline = arrived + self.config.client_wait
         tried: set[AgentSession] = set()
         reason = f"no agent for service '{service}' within {self.config.client_wait:.1f} s"
         closed: asyncio.Future[Any] = link.closed
@@ -303,7 +347,9 @@ class ListenNode:
                     [claimed, closed], timeout=remaining, return_when=asyncio.FIRST_COMPLETED
                 )
                 if claimed.done():
-                    return claimed.result(), agent
+                    data_link = claimed.result()
+                    self.metrics.data_wait.labels(service).observe(loop.time() - arrived)
+                    return data_link, agent
                 if not closed.done():
                     reason = f"agent {agent.agent_id} did not take it in time"
             except PeerRefused as exc:
@@ -315,23 +361,36 @@ class ListenNode:
                 agent.pending.discard(conn_id)
                 claimed.cancel()
         if closed.done():
+            label = "left"
             log.info("client %s of service '%s' left before it was served", link.peer, service)
         elif reason.startswith("no agent"):
+            label = "no_agent"
             log.warning("%s: closing client %s", reason, link.peer)
         else:
+            label = "agent_refused"
             log.warning("client %s of service '%s' closed: %s", link.peer, service, reason)
+        self.metrics.clients_refused.labels(service, label).inc()
         link.abort()
         return None
 
     async def _relay(
         self, service: Service, link: Link, data_link: Link, agent: AgentSession
     ) -> None:
-        relay = Relay(link, data_link)
+        m = self.metrics
+        relay = Relay(
+            link,
+            data_link,
+            m.bytes.labels(service.name, "in"),
+            m.bytes.labels(service.name, "out"),
+        )
         service.relays.add(relay)
         agent.relays.add(relay)
+        active = m.clients_active.labels(service.name)
+        active.inc()
         try:
             result = await relay.done
         finally:
+            active.dec()
             service.relays.discard(relay)
             agent.relays.discard(relay)
         log.info(
@@ -360,12 +419,11 @@ class ListenNode:
     def _agent_connected(self, link: Link) -> None:
         for victim in self._pending.admit(link, link.peer_host):
             assert isinstance(victim, Link)
-            log.warning(
-                "handshake failed from %s: shed, too many unauthenticated connections "
-                "(%d pending at most, %d per source)",
-                victim.peer,
-                self.config.max_pending,
-                self.config.max_pending_per_source,
+            self._handshake_failed(
+                victim,
+                "shed, too many unauthenticated connections "
+                f"({self.config.max_pending} pending at most, "
+                f"{self.config.max_pending_per_source} per source)",
             )
             victim.shed = True
             victim.abort()
@@ -396,26 +454,24 @@ class ListenNode:
                     return await self._handshake(first, channel)
                 if first is None:
                     if not link.shed:
-                        log.warning(
-                            "handshake failed from %s: closed before its first message "
+                        self._handshake_failed(
+                            link,
+                            "closed before its first message "
                             "(an agent refusing our certificate, or a port scan)",
-                            link.peer,
                         )
                     link.abort()
                     return None
                 raise ProtocolError(f"unexpected {first.TYPE.name} as first message")
         except TimeoutError:
-            log.warning(
-                "handshake failed from %s: no complete handshake within %.1f s",
-                link.peer,
-                self.config.handshake_timeout,
+            self._handshake_failed(
+                link, f"no complete handshake within {self.config.handshake_timeout:.1f} s"
             )
             link.abort()
         except ProtocolError as exc:
             reason = str(exc)
             if self._tls is None and _looks_like_tls(exc):
                 reason = _transport_reason(exc, True)
-            log.warning("handshake failed from %s: %s", link.peer, reason)
+            self._handshake_failed(link, reason)
             if channel is not None and not link.closed.done():
                 channel.send(Error(error_code(exc), _public_reason(exc)))
                 link.close()
@@ -423,10 +479,14 @@ class ListenNode:
                 link.abort()
         except (ssl.SSLError, OSError) as exc:
             if not link.shed:
-                reason = _transport_reason(exc, self._tls is None)
-                log.warning("handshake failed from %s: %s", link.peer, reason)
+                self._handshake_failed(link, _transport_reason(exc, self._tls is None))
             link.abort()
         return None
+
+    def _handshake_failed(self, link: Link, reason: str) -> None:
+        """One log line and one count per bad connection on the agent port."""
+        log.warning("handshake failed from %s: %s", link.peer, reason)
+        self.metrics.handshake_failures.labels(failure_reason(reason)).inc()
 
     def _claim(self, data: Data, channel: FrameChannel) -> None:
         if not MIN_VERSION <= data.version <= MAX_VERSION:
@@ -471,6 +531,7 @@ class ListenNode:
                 ", ".join(unknown),
             )
         stale = self.agents.add(session, served)
+        self.metrics.agents.set(len(self.agents))
         if stale is not None:
             log.info("agent %s: new session replaces the one from %s", session.agent_id, stale.peer)
             stale.close()
@@ -480,6 +541,7 @@ class ListenNode:
         finally:
             heartbeat.cancel()
             self.agents.remove(session)
+            self.metrics.agents.set(len(self.agents))
             link.abort()
             # Clients this agent was asked to take will not be claimed: try others.
             for conn_id in list(session.pending):
@@ -551,7 +613,7 @@ async def _listen(
     loop = asyncio.get_running_loop()
     try:
         return await loop.create_server(
-            factory, address.host, address.port, reuse_address=True, backlog=1024
+            factory, address.bind_host, address.port, reuse_address=True, backlog=1024
         )
     except OSError as exc:
         raise UsageError(f"cannot listen on {address} for {what}: {exc.strerror or exc}") from None

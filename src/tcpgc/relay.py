@@ -12,8 +12,13 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from tcpgc.link import Link
+
+
+class _Counter(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
 
 
 @dataclass
@@ -34,18 +39,24 @@ class RelayResult:
 class _Half:
     """Handler of `src`: forwards to `dst`."""
 
-    def __init__(self, relay: Relay, src: Link, dst: Link, a_to_b: bool) -> None:
+    def __init__(
+        self, relay: Relay, src: Link, dst: Link, a_to_b: bool, counter: _Counter | None
+    ) -> None:
         self.relay = relay
         self.src = src
         self.dst = dst
         self.a_to_b = a_to_b
+        self.counter = counter
 
     def on_data(self, data: bytes) -> None:
-        self.relay.result.last_activity = time.monotonic()
+        result = self.relay.result
+        result.last_activity = time.monotonic()
         if self.a_to_b:
-            self.relay.result.bytes_a_to_b += len(data)
+            result.bytes_a_to_b += len(data)
         else:
-            self.relay.result.bytes_b_to_a += len(data)
+            result.bytes_b_to_a += len(data)
+        if self.counter is not None:
+            self.counter.inc(len(data))
         self.dst.write(data)
 
     def on_eof(self) -> None:
@@ -76,14 +87,20 @@ class _Half:
 class Relay:
     """Relay `a` <-> `b`; `await relay.done` for the result."""
 
-    def __init__(self, a: Link, b: Link) -> None:
+    def __init__(
+        self,
+        a: Link,
+        b: Link,
+        count_a_to_b: _Counter | None = None,
+        count_b_to_a: _Counter | None = None,
+    ) -> None:
         self.a = a
         self.b = b
         self.result = RelayResult()
         self._lost = 0
         self.done: asyncio.Future[RelayResult] = asyncio.get_running_loop().create_future()
-        a.attach(_Half(self, a, b, a_to_b=True))
-        b.attach(_Half(self, b, a, a_to_b=False))
+        a.attach(_Half(self, a, b, True, count_a_to_b))
+        b.attach(_Half(self, b, a, False, count_b_to_a))
 
     def side_lost(self) -> None:
         self._lost += 1
