@@ -20,6 +20,7 @@ from tcpgc.config import (
     LLConfig,
     ServiceListener,
     cc_config_from,
+    find_key_line,
     ll_config_from,
     parse_address,
     read_toml,
@@ -28,6 +29,7 @@ from tcpgc.errors import UsageError
 from tcpgc.identity import (
     Certificate,
     JoinToken,
+    check_private,
     default_state_dir,
     format_fingerprint,
     load_identity,
@@ -36,6 +38,7 @@ from tcpgc.identity import (
     rotate,
 )
 from tcpgc.ll import ListenNode
+from tcpgc.logs import setup_logging
 
 EXIT_USAGE = 2
 
@@ -130,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(cc)
 
+    check = sub.add_parser("check", help="validate a config file and report every problem")
+    check.add_argument("-c", "--config", type=Path, metavar="FILE", required=True)
+    check.add_argument(
+        "--role", choices=["ll", "cc"], help="which node the file is for (default: guessed)"
+    )
+
     demo = sub.add_parser(
         "demo", help="run a web server, an LL and a CC on loopback and fetch a page"
     )
@@ -146,10 +155,20 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="no TLS between LL and CC (authentication stays on); both sides must agree",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-format", default="text", choices=["text", "json"], help="json: one object per line"
+    )
+    p.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        help="serve /metrics, /healthz and a status page here (off by default; use loopback)",
+    )
 
 
 def ll_config(args: argparse.Namespace) -> LLConfig:
     config = ll_config_from(read_toml(args.config), str(args.config)) if args.config else LLConfig()
+    if args.admin:
+        config.admin = parse_address(args.admin, "--admin")
     if args.cc:
         config.cc = parse_address(args.cc, "--cc")
     if args.clients:
@@ -175,6 +194,8 @@ def ll_config(args: argparse.Namespace) -> LLConfig:
 
 def cc_config(args: argparse.Namespace) -> CCConfig:
     config = cc_config_from(read_toml(args.config), str(args.config)) if args.config else CCConfig()
+    if args.admin:
+        config.admin = parse_address(args.admin, "--admin")
     if args.ll:
         config.ll = [parse_address(a, "--ll") for a in args.ll]
     if args.server:
@@ -194,14 +215,6 @@ def cc_config(args: argparse.Namespace) -> CCConfig:
     return config
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 async def _serve(
     node: ListenNode | ConnectNode, reload: Callable[[], Awaitable[None]] | None
 ) -> None:
@@ -213,8 +226,15 @@ async def _serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, hup.set)
+    admin = None
     try:
         await node.start()
+        if node.config.admin is not None:
+            from tcpgc.admin import AdminServer  # only nodes that serve it pay for it
+
+            admin = AdminServer(node, node.config.admin, _admin_token(node.config.admin_token_file))
+            await admin.start()
+            log.info("admin endpoint on http://%s/", admin.address)
         if isinstance(node, ListenNode):
             _print_instructions(node)
         while not stop.is_set():
@@ -245,7 +265,56 @@ async def _serve(
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        if admin is not None:
+            await admin.close()
         await node.close()
+
+
+def _admin_token(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        check_private(path)
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read admin_token_file {path}: {exc.strerror}") from None
+    if not token:
+        raise UsageError(f"admin_token_file {path} is empty")
+    return token
+
+
+def _check(args: argparse.Namespace) -> int:
+    """`tcpgc check`: every problem of a config file, one per line, with its line."""
+    data = read_toml(args.config)
+    role = args.role or ("cc" if "ll" in data or _has_service_key(data, "server") else "ll")
+    try:
+        if role == "ll":
+            ll_config_from(data, str(args.config))
+        else:
+            cc_config_from(data, str(args.config))
+    except UsageError as exc:
+        text = args.config.read_text(errors="replace")
+        for problem in str(exc).splitlines():
+            print(f"tcpgc: {_with_line(problem, text)}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{args.config}: valid {role.upper()} config")
+    return 0
+
+
+def _has_service_key(data: dict[str, object], key: str) -> bool:
+    services = data.get("services")
+    return isinstance(services, dict) and any(
+        isinstance(body, dict) and key in body for body in services.values()
+    )
+
+
+def _with_line(problem: str, text: str) -> str:
+    """Add ' (line N)' to a 'FILE: key: message' problem when the key can be found."""
+    parts = problem.split(": ", 2)
+    if len(parts) < 3:
+        return problem
+    line = find_key_line(text, parts[1])
+    return problem if line is None else f"{parts[0]}:{line}: {parts[1]}: {parts[2]}"
 
 
 def _print_instructions(node: ListenNode) -> None:
@@ -295,7 +364,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         from tcpgc.demo import run_demo
 
         return asyncio.run(run_demo(once=args.once))
-    _setup_logging(args.log_level)
+    if args.command == "check":
+        return _check(args)
+    setup_logging(args.log_level, args.log_format)
     if getattr(args, "classic", False):
         from tcpgc.classic import run_classic
 

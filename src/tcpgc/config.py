@@ -6,6 +6,7 @@ A config file describes one node. Every problem is reported with the key it is a
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
@@ -394,3 +395,29 @@ def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
         p.add("reconnect_max", "must not be smaller than reconnect_min")
     p.check()
     return config
+
+
+def find_key_line(text: str, key: str) -> int | None:
+    """The 1-based line of a dotted key such as 'services.web.clients' in TOML `text`,
+    for error messages; None if it cannot be told (tomllib keeps no positions)."""
+    parts = re.split(r"\.|\[\d+\]", key)
+    parts = [p for p in parts if p]
+    if not parts:
+        return None
+    *table, leaf = parts
+    in_table = not table
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if line.startswith("["):
+            name = line.strip("[] ").replace('"', "")
+            in_table = name == ".".join(table)
+            if in_table and not leaf:
+                return number
+            continue
+        if in_table and re.match(rf'"?{re.escape(leaf)}"?\s*=', line):
+            return number
+    if table:  # the key may be missing: point at its table
+        for number, raw in enumerate(text.splitlines(), 1):
+            if raw.strip().strip("[] ").replace('"', "") == ".".join(parts):
+                return number
+    return None
