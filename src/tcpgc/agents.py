@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from tcpgc.channel import FrameChannel
-from tcpgc.relay import Relay
+from tcpgc.splice import AnyRelay
 
 log = logging.getLogger("tcpgc.ll")
 
@@ -27,7 +27,7 @@ class AgentSession:
     #: Ids of clients this agent was asked to take and has not claimed yet.
     pending: set[bytes] = field(default_factory=set)
     #: Relays running over this agent's data connections.
-    relays: set[Relay] = field(default_factory=set)
+    relays: set[AnyRelay] = field(default_factory=set)
     since: float = field(default_factory=time.time)
 
     def close(self) -> None:

@@ -38,7 +38,7 @@ from tcpgc.protocol.messages import (
     encode,
 )
 from tcpgc.proxy_protocol import header
-from tcpgc.relay import Relay
+from tcpgc.splice import AnyRelay, start_relay
 from tcpgc.tasks import TaskGroup
 
 log = logging.getLogger("tcpgc.cc")
@@ -79,7 +79,7 @@ class ConnectNode:
         self.metrics = Metrics("cc")
         self._tasks = TaskGroup()
         self._sessions: dict[Address, asyncio.Task[Any]] = {}
-        self._relays: dict[Address, set[Relay]] = {}
+        self._relays: dict[Address, set[AnyRelay]] = {}
         self._opening = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -365,7 +365,7 @@ class ConnectNode:
 
     async def _connect_both(
         self, ll: Address, channel: FrameChannel, request: Open
-    ) -> Relay | None:
+    ) -> AnyRelay | None:
         """Dial the server, then a data connection to the LL that claims the client.
         The server comes first so that a refusal is reported to the LL as such (OPEN_FAILED)
         instead of as a data connection that opens and closes."""
@@ -408,7 +408,7 @@ class ConnectNode:
         data_link.write(encode(Data(MAX_VERSION, request.conn_id)))
         self.metrics.clients_accepted.labels(request.service).inc()
         counted = self.metrics.bytes
-        return Relay(
+        return start_relay(
             server_link,
             data_link,
             counted.labels(request.service, "out"),

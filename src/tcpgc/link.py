@@ -13,6 +13,7 @@ client that talks first while it waits for an agent loses nothing.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 import struct
@@ -23,6 +24,10 @@ from typing import Protocol
 #: while it waits for an agent, or bytes that followed a frame. Bounded so a waiting
 #: client cannot make us buffer without limit.
 PREATTACH_LIMIT = 64 * 1024
+
+#: Per-connection write buffer above which the feeding side stops reading. It bounds
+#: the memory a slow reader can cost us (per direction).
+WRITE_HIGH_WATER = 512 * 1024
 
 #: How much decrypted data one SSLObject.read call returns at most.
 TLS_READ_SIZE = 64 * 1024
@@ -57,6 +62,25 @@ class _Buffer:
 
     def on_lost(self, exc: BaseException | None) -> None:
         self.lost = (exc,)
+
+    def on_pause(self) -> None:
+        pass
+
+    def on_resume(self) -> None:
+        pass
+
+
+class _HandedOver:
+    """Handler of a link whose socket now belongs to someone else: ignores everything."""
+
+    def on_data(self, data: bytes) -> None:
+        pass
+
+    def on_eof(self) -> None:
+        pass
+
+    def on_lost(self, exc: BaseException | None) -> None:
+        pass
 
     def on_pause(self) -> None:
         pass
@@ -107,6 +131,9 @@ class Link(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # A small request must never wait for Nagle's 40 ms.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Write buffers above asyncio's 64 KiB default: a single socket read can return
+        # 256 KiB, and pausing the peer on every chunk costs more than it saves.
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peername = transport.get_extra_info("peername")
         self.peer = format_peer(peername)
         self.peer_host = str(peername[0]) if isinstance(peername, tuple) else ""
@@ -187,21 +214,32 @@ class Link(asyncio.Protocol):
 
     def _read_tls(self) -> None:
         assert self._ssl is not None
-        while self.transport is not None:
+        # Each read returns at most one TLS record (16 KiB): gather them and hand them on
+        # as one chunk, so the peer gets one write instead of one per record.
+        chunks: list[bytes] = []
+        ended = failed = False
+        while True:
             try:
                 chunk = self._ssl.read(TLS_READ_SIZE)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
-                self._got_eof()
+                ended = True
                 break
             except ssl.SSLError:
-                self.reset()
+                failed = True
                 break
             if not chunk:
-                self._got_eof()
+                ended = True
                 break
-            self.handler.on_data(chunk)
+            chunks.append(chunk)
+        if chunks:
+            self.handler.on_data(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if failed:
+            self.reset()
+            return
+        if ended:
+            self._got_eof()
         self._flush()  # TLS 1.3 session tickets and key updates are written during reads
 
     def _flush(self) -> None:
@@ -255,6 +293,34 @@ class Link(asyncio.Protocol):
         if self.closed.done():
             buffer.lost = (None,)
         self.handler = buffer
+
+    def can_hand_over(self) -> bool:
+        """Whether `hand_over` would succeed: plain TCP, open, nothing left to write,
+        still buffering (no handler attached)."""
+        return (
+            self._ssl is None
+            and self.transport is not None
+            and not self.transport.is_closing()
+            and self.transport.get_write_buffer_size() == 0
+            and isinstance(self.handler, _Buffer)
+            and self.handler.lost is None
+        )
+
+    def hand_over(self) -> tuple[socket.socket, bytes, bool] | None:
+        """Give the socket to a caller that will drive it itself (the splice relay):
+        returns a non-blocking duplicate of it, the bytes read so far, and whether the
+        peer already ended its stream. The transport is dropped without touching the
+        connection (the duplicate keeps it open)."""
+        if not self.can_hand_over():
+            return None
+        assert self.transport is not None and isinstance(self.handler, _Buffer)
+        raw = self.transport.get_extra_info("socket")
+        sock = socket.socket(fileno=os.dup(raw.fileno()))
+        sock.setblocking(False)
+        buffered = self.handler
+        self.handler = _HandedOver()
+        self.transport.abort()
+        return sock, bytes(buffered.data), buffered.eof
 
     def write(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing() or self.sent_eof:

@@ -52,7 +52,7 @@ from tcpgc.protocol.messages import (
     Ping,
     Pong,
 )
-from tcpgc.relay import Relay
+from tcpgc.splice import AnyRelay, start_relay
 from tcpgc.tasks import TaskGroup
 
 log = logging.getLogger("tcpgc.ll")
@@ -79,7 +79,7 @@ class Service:
     config: ServiceListener
     server: asyncio.Server
     address: Address
-    relays: set[Relay] = field(default_factory=set)
+    relays: set[AnyRelay] = field(default_factory=set)
     clients: int = 0  # waiting or relayed
     reaper: asyncio.Task[Any] | None = None
 
@@ -377,7 +377,7 @@ class ListenNode:
         self, service: Service, link: Link, data_link: Link, agent: AgentSession
     ) -> None:
         m = self.metrics
-        relay = Relay(
+        relay = start_relay(
             link,
             data_link,
             m.bytes.labels(service.name, "in"),
