@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import time
@@ -24,6 +25,12 @@ class AgentSession:
     peer_host: str
     services: tuple[str, ...]
     channel: FrameChannel
+    #: The agent's full id and the key its ready data connections prove (see Pool).
+    raw_id: bytes = b""
+    session_key: bytes = b""
+    #: Ready data connections, oldest first, and the highest counter seen on one.
+    ready: collections.deque[FrameChannel] = field(default_factory=collections.deque)
+    ready_counter: int = 0
     #: Ids of clients this agent was asked to take and has not claimed yet.
     pending: set[bytes] = field(default_factory=set)
     #: Relays running over this agent's data connections.
@@ -32,6 +39,16 @@ class AgentSession:
 
     def close(self) -> None:
         self.channel.link.abort()
+        while self.ready:
+            self.ready.popleft().link.abort()
+
+    def take_ready(self) -> FrameChannel | None:
+        """A ready data connection that is still open, or None."""
+        while self.ready:
+            channel = self.ready.popleft()
+            if not channel.link.closed.done():
+                return channel
+        return None
 
 
 class AgentRegistry:
@@ -67,6 +84,10 @@ class AgentRegistry:
         for sessions in self._by_service.values():
             if session in sessions:
                 sessions.remove(session)
+
+    def find(self, raw_id: bytes) -> AgentSession | None:
+        session = self._by_id.get(raw_id.hex()[:12])
+        return session if session is not None and session.raw_id == raw_id else None
 
     def pick(self, service: str, exclude: set[AgentSession]) -> AgentSession | None:
         candidates = [s for s in self._by_service.get(service, ()) if s not in exclude]

@@ -25,7 +25,7 @@ from tcpgc.errors import PeerRefused, ProtocolError, TcpgcError, UsageError
 from tcpgc.identity import JoinToken, agent_context, format_fingerprint, pin_server_name
 from tcpgc.link import Link
 from tcpgc.metrics import Metrics, failure_reason
-from tcpgc.protocol.handshake import AgentHandshake, State
+from tcpgc.protocol.handshake import AgentHandshake, State, pool_proof
 from tcpgc.protocol.messages import (
     AGENT_ID_SIZE,
     MAX_VERSION,
@@ -35,6 +35,7 @@ from tcpgc.protocol.messages import (
     OpenFailed,
     Ping,
     Pong,
+    Pool,
     encode,
 )
 from tcpgc.proxy_protocol import header
@@ -81,6 +82,7 @@ class ConnectNode:
         self._sessions: dict[Address, asyncio.Task[Any]] = {}
         self._relays: dict[Address, set[AnyRelay]] = {}
         self._opening = 0
+        self._ready: dict[Address, int] = {}  # ready data connections per LL
         self._idle = asyncio.Event()
         self._idle.set()
         self.connected: dict[str, asyncio.Event] = {str(a): asyncio.Event() for a in config.ll}
@@ -286,6 +288,9 @@ class ConnectNode:
         self.metrics.agents.set(sum(e.is_set() for e in self.connected.values()))
         heartbeat = max(handshake.heartbeat_ms, 100) / 1000
         pinger = self._tasks.spawn(self._ping(channel, heartbeat), f"heartbeat to {address}")
+        pool = None
+        if self.config.pool_size > 0:
+            pool = self._tasks.spawn(self._keep_ready(address, handshake), f"pool {address}")
         try:
             await self._serve(address, channel, heartbeat)
         except HeartbeatLost:
@@ -300,6 +305,9 @@ class ConnectNode:
             raise
         finally:
             pinger.cancel()
+            if pool is not None:
+                pool.cancel()
+                await asyncio.gather(pool, return_exceptions=True)
             link.abort()
             self.connected[str(address)].clear()
             self.metrics.agents.set(sum(e.is_set() for e in self.connected.values()))
@@ -323,6 +331,75 @@ class ConnectNode:
             else:
                 raise ProtocolError(f"unexpected {message.TYPE.name} from the LL")
 
+    async def _keep_ready(self, address: Address, handshake: AgentHandshake) -> None:
+        """Keep `pool_size` authenticated data connections open to the LL, so a new
+        client costs no connection set-up on the LL-CC leg."""
+        counter = 0
+        ready: set[asyncio.Task[Any]] = set()
+        refill = asyncio.Event()
+        delay = self.config.reconnect_min
+        try:
+            while True:
+                while len(ready) < self.config.pool_size:
+                    counter += 1
+                    opening = asyncio.ensure_future(self._open_ready(address, handshake, counter))
+                    try:
+                        channel = await asyncio.shield(opening)
+                    except asyncio.CancelledError:
+                        # Stopping must not cut a connection between its TLS handshake
+                        # and its first frame (the LL would log it as an attack): let it
+                        # finish, with the control connection still up, then close it.
+                        await asyncio.gather(opening, return_exceptions=True)
+                        _close_opened(opening)
+                        raise
+                    except (TcpgcError, OSError, ssl.SSLError, TimeoutError) as exc:
+                        reason = _describe(exc)
+                        log.warning("cannot open a ready connection to %s: %s", address, reason)
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, self.config.reconnect_max)
+                        continue
+                    delay = self.config.reconnect_min
+                    task = self._tasks.spawn(self._wait_ready(address, channel), "ready connection")
+                    ready.add(task)
+                    task.add_done_callback(ready.discard)
+                    task.add_done_callback(lambda _: refill.set())
+                self._ready[address] = len(ready)
+                self.metrics.pool_size.set(sum(self._ready.values()))
+                await refill.wait()
+                refill.clear()
+        finally:
+            for task in ready:
+                task.cancel()
+            self._ready.pop(address, None)
+            self.metrics.pool_size.set(sum(self._ready.values()))
+
+    async def _open_ready(
+        self, address: Address, handshake: AgentHandshake, counter: int
+    ) -> FrameChannel:
+        async with asyncio.timeout(self.config.connect_timeout):
+            link, _ = await self._dial_ll(address)
+        channel = FrameChannel(link)
+        proof = pool_proof(handshake.session_key, handshake.agent_id, counter)
+        channel.send(Pool(handshake.agent_id, counter, proof))
+        return channel
+
+    async def _wait_ready(self, address: Address, channel: FrameChannel) -> None:
+        """One ready connection: wait for its OPEN, serve it; replaced after pool_ttl
+        idle seconds so no middlebox forgets it silently."""
+        try:
+            message = await channel.recv(within=self.config.pool_ttl)
+        except asyncio.CancelledError:
+            channel.link.close()  # the session ended
+            raise
+        except (TimeoutError, ProtocolError):
+            channel.link.close()  # time to renew it, or the LL dropped it
+            return
+        if isinstance(message, Open):
+            # Its own task: ending the session must not cut the client it now carries.
+            self._tasks.spawn(self._open(address, channel, message, ready=True), "open")
+        else:
+            channel.link.close()
+
     async def _ping(self, channel: FrameChannel, interval: float) -> None:
         token = 0
         while True:
@@ -330,11 +407,16 @@ class ConnectNode:
             token += 1
             channel.send(Ping(token))
 
-    async def _open(self, ll: Address, channel: FrameChannel, request: Open) -> None:
+    async def _open(
+        self, ll: Address, channel: FrameChannel, request: Open, ready: bool = False
+    ) -> None:
+        """Serve one OPEN: from the control connection (`channel` is the control channel
+        and a data connection is dialed), or on a ready data connection (`ready`: the
+        answer and then the stream go on `channel` itself)."""
         self._opening += 1
         self._idle.clear()
         try:
-            relay = await self._connect_both(ll, channel, request)
+            relay = await self._connect_both(ll, channel, request, ready)
         finally:
             self._opening -= 1
         if relay is None:
@@ -364,11 +446,11 @@ class ConnectNode:
             self._idle.set()
 
     async def _connect_both(
-        self, ll: Address, channel: FrameChannel, request: Open
+        self, ll: Address, channel: FrameChannel, request: Open, ready: bool
     ) -> AnyRelay | None:
-        """Dial the server, then a data connection to the LL that claims the client.
-        The server comes first so that a refusal is reported to the LL as such (OPEN_FAILED)
-        instead of as a data connection that opens and closes."""
+        """Dial the server, then claim the client with a data connection (a new one, or
+        the ready one `channel` runs on). The server comes first so that a refusal is
+        reported to the LL as such (OPEN_FAILED) instead of as a connection that closes."""
         server = self.config.services.get(request.service)
         if server is None:
             log.warning(
@@ -393,14 +475,20 @@ class ConnectNode:
             )
             channel.send(OpenFailed(request.conn_id, f"cannot reach its server: {reason}"))
             self.metrics.clients_refused.labels(request.service, "server_unreachable").inc()
+            if ready:
+                channel.link.close()  # a ready connection serves one client at most
             return None
-        try:
-            async with asyncio.timeout(self.config.connect_timeout):
-                data_link, _ = await self._dial_ll(ll)
-        except (TcpgcError, OSError, ssl.SSLError, TimeoutError) as exc:
-            log.warning("cannot open a data connection to LL %s: %s", ll, _describe(exc))
-            server_link.abort()
-            return None
+        if ready:
+            data_link = channel.link
+            channel.detach()
+        else:
+            try:
+                async with asyncio.timeout(self.config.connect_timeout):
+                    data_link, _ = await self._dial_ll(ll)
+            except (TcpgcError, OSError, ssl.SSLError, TimeoutError) as exc:
+                log.warning("cannot open a data connection to LL %s: %s", ll, _describe(exc))
+                server_link.abort()
+                return None
         version = self.config.proxy_protocol.get(request.service)
         if version:
             client = (request.client_host, request.client_port)
@@ -414,6 +502,11 @@ class ConnectNode:
             counted.labels(request.service, "out"),
             counted.labels(request.service, "in"),
         )
+
+
+def _close_opened(opening: asyncio.Future[FrameChannel]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().link.close()
 
 
 def _describe(exc: BaseException) -> str:

@@ -139,6 +139,7 @@ class ClassicListenNode:
         self._client_server: asyncio.Server | None = None
         self._agent_family = socket.AF_INET
         self._agent_sockaddr: Any = None
+        self._agent_dualstack = False
         self._agent_sock: socket.socket | None = None
         self._retry: asyncio.TimerHandle | None = None
         # Insertion-ordered: the first key is the client that has waited longest.
@@ -152,7 +153,7 @@ class ClassicListenNode:
         try:
             self._client_server = await self._loop.create_server(
                 lambda: Link(on_made=self._client_connected),
-                self.config.clients.host,
+                self.config.clients.bind_host,
                 self.config.clients.port,
                 reuse_address=True,
                 backlog=CLIENT_BACKLOG,
@@ -176,19 +177,36 @@ class ClassicListenNode:
         the first client, and port 0 becomes the fixed port a CC can be told about."""
         wanted = self.config.cc
         try:
-            infos = socket.getaddrinfo(
-                wanted.host, wanted.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
-            family, _, _, _, sockaddr = infos[0]
-            with socket.create_server(sockaddr, family=family) as probe:
+            host = wanted.bind_host
+            if host is None:  # every interface, IPv4 and IPv6, as asyncio does for clients
+                self._agent_dualstack = socket.has_dualstack_ipv6()
+                family = socket.AF_INET6 if self._agent_dualstack else socket.AF_INET
+                sockaddr: Any = ("::" if self._agent_dualstack else "0.0.0.0", wanted.port)
+            else:
+                infos = socket.getaddrinfo(
+                    host, wanted.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                )
+                family, _, _, _, sockaddr = infos[0]
+            self._agent_family = family
+            self._agent_sockaddr = sockaddr
+            with self._bind_agent_port() as probe:
                 port = probe.getsockname()[1]
         except OSError as exc:
             raise UsageError(
                 f"cannot listen on {wanted} for agents: {exc.strerror or exc}"
             ) from None
-        self._agent_family = family
         self._agent_sockaddr = (sockaddr[0], port, *sockaddr[2:])
         self.agent_address = Address(wanted.host, port)
+
+    def _bind_agent_port(self) -> socket.socket:
+        # SO_REUSEADDR (set by create_server), like the seed's `reuseaddr`: connections
+        # of the previous listening period in TIME_WAIT must not block the next one.
+        return socket.create_server(
+            self._agent_sockaddr,
+            family=self._agent_family,
+            backlog=CLIENT_BACKLOG,
+            dualstack_ipv6=self._agent_dualstack,
+        )
 
     async def close(self) -> None:
         if self._client_server is not None:
@@ -248,9 +266,7 @@ class ClassicListenNode:
         if self._agent_sock is not None or self._retry is not None:
             return
         try:
-            sock = socket.create_server(
-                self._agent_sockaddr, family=self._agent_family, backlog=CLIENT_BACKLOG
-            )
+            sock = self._bind_agent_port()
         except OSError as exc:
             ll_log.error(
                 "cannot listen for agents on %s: %s; trying again in %.0f s",
@@ -412,7 +428,7 @@ class ClassicConnectNode:
                 await self._quieter.wait()
             try:
                 async with asyncio.timeout(self.config.connect_timeout):
-                    _, link = await loop.create_connection(_LLLink, ll.host, ll.port)
+                    _, link = await loop.create_connection(_LLLink, ll.connect_host, ll.port)
             except (OSError, TimeoutError) as exc:
                 reason = _describe(exc)
                 if reason != last_failure:
@@ -456,11 +472,16 @@ class ClassicConnectNode:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.config.connect_timeout):
-                _, server_link = await loop.create_connection(Link, server.host, server.port)
+                _, server_link = await loop.create_connection(
+                    Link, server.connect_host, server.port
+                )
         except (OSError, TimeoutError) as exc:
             cc_log.warning("cannot reach server %s: %s", server, _describe(exc))
             link.reset()  # the client behind the LL sees a reset, as with socat
             return
+        except BaseException:  # cancelled: shutting down
+            link.abort()
+            raise
         self.served += 1
         relay = Relay(server_link, link)
         self._relays.add(relay)

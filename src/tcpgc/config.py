@@ -138,6 +138,10 @@ class CCConfig:
     admin: Address | None = None
     #: File holding a bearer token the admin endpoint requires (none: no auth).
     admin_token_file: Path | None = None
+    #: Authenticated data connections kept open to each LL, ready for new clients
+    #: (0: dial one per client). Each one idle for `pool_ttl` seconds is replaced.
+    pool_size: int = 4
+    pool_ttl: float = 60.0
     #: Service name -> PROXY protocol version (1 or 2) to send its server first.
     proxy_protocol: dict[str, int] = field(default_factory=dict)
     #: Verify the LL's certificate chain and name against this CA bundle instead of
@@ -176,6 +180,8 @@ _CC_KEYS = {
     "reconnect_min",
     "reconnect_max",
     "drain_timeout",
+    "pool_size",
+    "pool_ttl",
     "tls_ca",
     "tls_cert",
     "tls_key",
@@ -381,6 +387,8 @@ def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
         reconnect_min=p.number(data, "reconnect_min", CCConfig.reconnect_min),
         reconnect_max=p.number(data, "reconnect_max", CCConfig.reconnect_max),
         drain_timeout=p.number(data, "drain_timeout", CCConfig.drain_timeout, 0.0),
+        pool_size=p.integer(data, "pool_size", CCConfig.pool_size),
+        pool_ttl=p.number(data, "pool_ttl", CCConfig.pool_ttl),
         insecure_plaintext=p.flag(data, "insecure_plaintext"),
     )
     config.token_file = p.path(data, "token_file")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hmac
 import itertools
 import logging
 import secrets
@@ -38,7 +39,7 @@ from tcpgc.identity import (
 )
 from tcpgc.link import Link
 from tcpgc.metrics import Metrics, failure_reason
-from tcpgc.protocol.handshake import LLHandshake, error_code, key_id
+from tcpgc.protocol.handshake import LLHandshake, error_code, key_id, pool_proof
 from tcpgc.protocol.messages import (
     CONN_ID_SIZE,
     MAX_VERSION,
@@ -51,11 +52,15 @@ from tcpgc.protocol.messages import (
     OpenFailed,
     Ping,
     Pong,
+    Pool,
 )
 from tcpgc.splice import AnyRelay, start_relay
 from tcpgc.tasks import TaskGroup
 
 log = logging.getLogger("tcpgc.ll")
+
+#: Ready data connections an LL keeps per agent at most (the agent asks for fewer).
+MAX_READY = 64
 
 #: First bytes of a TLS ClientHello, to tell a TLS agent talking to a plaintext LL.
 _TLS_RECORD = 0x16
@@ -337,6 +342,17 @@ class ListenNode:
                 joined.cancel()
                 continue
             conn_id = secrets.token_bytes(CONN_ID_SIZE)
+            try:
+                ready = await self._offer_ready(agent, conn_id, service, link, remaining)
+            except PeerRefused as exc:
+                tried.add(agent)
+                reason = str(exc)
+                continue
+            if ready is not None:
+                self.metrics.data_wait.labels(service).observe(loop.time() - arrived)
+                return ready, agent
+            if closed.done():
+                break
             claimed: asyncio.Future[Any] = loop.create_future()
             self._waiting[conn_id] = WaitingClient(link, service, agent, claimed)
             self._pending.expect(agent.peer_host)
@@ -371,6 +387,40 @@ class ListenNode:
             log.warning("client %s of service '%s' closed: %s", link.peer, service, reason)
         self.metrics.clients_refused.labels(service, label).inc()
         link.abort()
+        return None
+
+    async def _offer_ready(
+        self, agent: AgentSession, conn_id: bytes, service: str, link: Link, within: float
+    ) -> Link | None:
+        """Offer the client on one of the agent's ready data connections. Returns the
+        claimed connection; None when the agent has no live ready connection (the
+        caller then asks over the control connection). Raises PeerRefused if the agent
+        answers that it cannot serve the client."""
+        open_message = Open(conn_id, service, *link.peer_endpoint, *link.local_endpoint)
+        closed: asyncio.Future[Any] = link.closed
+        while (channel := agent.take_ready()) is not None:
+            channel.send(open_message)
+            answer = asyncio.ensure_future(channel.recv())
+            await asyncio.wait(
+                [answer, closed], timeout=within, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not answer.done():
+                answer.cancel()
+                channel.link.abort()
+                return None  # the client left, or the agent is too slow
+            try:
+                reply = answer.result()
+            except ProtocolError as exc:
+                log.warning("agent %s: bad answer on a ready connection: %s", agent.agent_id, exc)
+                channel.link.abort()
+                continue
+            if isinstance(reply, Data) and reply.conn_id == conn_id:
+                channel.detach()
+                return channel.link
+            channel.link.abort()
+            if isinstance(reply, OpenFailed) and reply.conn_id == conn_id:
+                raise PeerRefused(f"agent could not serve it: {reply.reason}")
+            # Closed before answering (replaced, or broken): try the next one.
         return None
 
     async def _relay(
@@ -450,6 +500,9 @@ class ListenNode:
                 if isinstance(first, Data):
                     self._claim(first, channel)
                     return None
+                if isinstance(first, Pool):
+                    self._park(first, channel)
+                    return None
                 if isinstance(first, Hello):
                     return await self._handshake(first, channel)
                 if first is None:
@@ -497,6 +550,19 @@ class ListenNode:
         channel.detach()
         waiting.claimed.set_result(channel.link)  # relayed by the client's task from here on
 
+    def _park(self, pool: Pool, channel: FrameChannel) -> None:
+        """Keep a ready data connection of an authenticated agent for a future client."""
+        session = self.agents.find(pool.agent_id)
+        if session is None:
+            raise ProtocolError("ready connection for an agent that has no session here")
+        expected = pool_proof(session.session_key, pool.agent_id, pool.counter)
+        if pool.counter <= session.ready_counter or not hmac.compare_digest(pool.proof, expected):
+            raise ProtocolError("ready connection with a bad or replayed proof")
+        session.ready_counter = pool.counter
+        if len(session.ready) >= MAX_READY:
+            session.ready.popleft().link.close()
+        session.ready.append(channel)
+
     async def _handshake(self, hello: Hello, channel: FrameChannel) -> AgentSession:
         link = channel.link
         binding = self._binding_of_context.get(id(link.tls_context))
@@ -512,7 +578,15 @@ class ListenNode:
             raise ProtocolError("connection closed during the handshake")
         channel.send(handshake.receive(auth))
         agent_id = handshake.agent_id.hex()[:12]
-        return AgentSession(agent_id, link.peer, link.peer_host, handshake.services, channel)
+        return AgentSession(
+            agent_id,
+            link.peer,
+            link.peer_host,
+            handshake.services,
+            channel,
+            raw_id=handshake.agent_id,
+            session_key=handshake.session_key,
+        )
 
     async def _run_session(self, session: AgentSession) -> None:
         link = session.channel.link

@@ -53,6 +53,15 @@ def _mac(secret: bytes, label: bytes, *parts: bytes) -> bytes:
     return hmac.new(secret, label + b"".join(parts), hashlib.sha256).digest()
 
 
+_SESSION_LABEL = b"tcpgc session key\x00"
+_POOL_LABEL = b"tcpgc pool\x00"
+
+
+def pool_proof(session_key: bytes, agent_id: bytes, counter: int) -> bytes:
+    """What a ready data connection presents (see `messages.Pool`)."""
+    return _mac(session_key, _POOL_LABEL, agent_id, counter.to_bytes(8, "big"))
+
+
 class VersionMismatch(ProtocolError):
     """The two sides share no protocol version."""
 
@@ -94,6 +103,8 @@ class AgentHandshake:
         self.state = State.START
         self.version = 0
         self.heartbeat_ms = 0
+        #: Known to both sides once authenticated, never sent: keys ready data connections.
+        self.session_key = b""
 
     def start(self) -> Hello:
         self._expect(State.START, "start")
@@ -128,6 +139,7 @@ class AgentHandshake:
             proof = _mac(
                 self._secret, _CC_LABEL, transcript, self.agent_id, services_blob(self._services)
             )
+            self.session_key = _mac(self._secret, _SESSION_LABEL, transcript, self.agent_id)
             return Auth(proof, self.agent_id, self._services)
         if isinstance(message, Ready):
             self._expect(State.WAIT_READY, "READY")
@@ -165,6 +177,7 @@ class LLHandshake:
         self.version = 0
         self.agent_id = b""
         self.services: tuple[str, ...] = ()
+        self.session_key = b""
 
     def receive(self, message: Message) -> Message:
         """Process one message from the agent; returns the reply to send."""
@@ -204,6 +217,9 @@ class LLHandshake:
                 raise AuthenticationError("agent's proof of the secret is wrong")
             self.agent_id = message.agent_id
             self.services = message.services
+            self.session_key = _mac(
+                self._secret, _SESSION_LABEL, self._transcript, message.agent_id
+            )
             self.state = State.DONE
             return Ready(self._heartbeat_ms)
         raise ProtocolError(

@@ -52,6 +52,7 @@ class MessageType(IntEnum):
     PING = 8
     PONG = 9
     DATA = 10
+    POOL = 11
 
 
 class ErrorCode(IntEnum):
@@ -325,18 +326,40 @@ class Data:
         return cls(r.u8(), r.take(CONN_ID_SIZE))
 
 
+@dataclass(frozen=True)
+class Pool:
+    """Agent → LL, first frame of a ready data connection, opened before any client:
+    which agent's session it belongs to, proven with a MAC under that session's key
+    over a counter that must grow, so a recorded frame cannot be played again.
+    The LL then sends OPEN on it when a client comes, and the agent answers DATA
+    (then the stream) or OPEN_FAILED."""
+
+    TYPE: ClassVar[MessageType] = MessageType.POOL
+    agent_id: bytes
+    counter: int
+    proof: bytes
+
+    def payload(self) -> bytes:
+        return MAGIC + self.agent_id + struct.pack("!Q", self.counter) + self.proof
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Pool:
+        _magic(r)
+        return cls(r.take(AGENT_ID_SIZE), r.u64(), r.take(PROOF_SIZE))
+
+
 def _magic(r: _Reader) -> None:
     if r.take(len(MAGIC)) != MAGIC:
         raise ProtocolError("not a tcpgc peer (bad magic)")
 
 
 Message: TypeAlias = (
-    Hello | Challenge | Auth | Ready | Error | Open | OpenFailed | Ping | Pong | Data
+    Hello | Challenge | Auth | Ready | Error | Open | OpenFailed | Ping | Pong | Data | Pool
 )
 
 _PARSERS: dict[MessageType, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Hello, Challenge, Auth, Ready, Error, Open, OpenFailed, Ping, Pong, Data)
+    for cls in (Hello, Challenge, Auth, Ready, Error, Open, OpenFailed, Ping, Pong, Data, Pool)
 }
 
 
