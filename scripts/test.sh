@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Install what the tests need, then run them: `bash scripts/test.sh [pytest args]`.
-# As root on Debian it installs the real peers the tests run (socat, nftables, iproute2)
-# with apt; the project and its test extras go into ./.venv with pip.
+# As root on Debian it installs the real peers the tests run (socat, nginx, haproxy,
+# chromium, nftables, iproute2) with apt; the project and its test extras go into
+# ./.venv with pip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        iproute2 nftables socat procps >/dev/null
+        iproute2 nftables socat procps nginx haproxy chromium >/dev/null
 fi
 
 python3 -m venv .venv

@@ -83,6 +83,7 @@ class ConnectNode:
         self._relays: dict[Address, set[AnyRelay]] = {}
         self._opening = 0
         self._ready: dict[Address, int] = {}  # ready data connections per LL
+        self._relay_info: dict[AnyRelay, tuple[str, str]] = {}  # service, client
         self._idle = asyncio.Event()
         self._idle.set()
         self.connected: dict[str, asyncio.Event] = {str(a): asyncio.Event() for a in config.ll}
@@ -166,6 +167,8 @@ class ConnectNode:
             "connections": [
                 {
                     "ll": str(ll),
+                    "service": self._relay_info.get(relay, ("?", "?"))[0],
+                    "client": self._relay_info.get(relay, ("?", "?"))[1],
                     "server": relay.a.peer,
                     "bytes_in": relay.result.bytes_b_to_a,
                     "bytes_out": relay.result.bytes_a_to_b,
@@ -424,6 +427,8 @@ class ConnectNode:
             return
         relays = self._relays.setdefault(ll, set())
         relays.add(relay)
+        client = _format_endpoint(request.client_host, request.client_port)
+        self._relay_info[relay] = (request.service, client)
         active = self.metrics.clients_active.labels(request.service)
         active.inc()
         try:
@@ -431,6 +436,7 @@ class ConnectNode:
         finally:
             active.dec()
             relays.discard(relay)
+            self._relay_info.pop(relay, None)
             self._check_idle()
         log.info(
             "service '%s' connection done after %.3f s: %d bytes to server, %d bytes from it, %s",
@@ -502,6 +508,12 @@ class ConnectNode:
             counted.labels(request.service, "out"),
             counted.labels(request.service, "in"),
         )
+
+
+def _format_endpoint(host: str, port: int) -> str:
+    if not host:
+        return "unknown"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _close_opened(opening: asyncio.Future[FrameChannel]) -> None:

@@ -182,7 +182,13 @@ class Link(asyncio.Protocol):
             self.ready.exception()  # mark retrieved: a refused handshake is logged by the caller
         if not self.closed.done():
             self.closed.set_result(None)
-        self.handler.on_lost(exc)
+        handler, self.handler = self.handler, _HandedOver()
+        handler.on_lost(exc)
+        # Drop the TLS state and the transport now rather than at the next cyclic
+        # garbage collection: OpenSSL's buffers are tens of KiB per connection, and after
+        # a flood of connections they would otherwise linger in the heap.
+        self._ssl = None
+        self.transport = None
 
     def pause_writing(self) -> None:
         self.handler.on_pause()

@@ -38,6 +38,7 @@ from tcpgc.identity import (
     load_identity,
 )
 from tcpgc.link import Link
+from tcpgc.memory import BurstTrimmer
 from tcpgc.metrics import Metrics, failure_reason
 from tcpgc.protocol.handshake import LLHandshake, error_code, key_id, pool_proof
 from tcpgc.protocol.messages import (
@@ -109,6 +110,7 @@ class ListenNode:
         self._tls: ssl.SSLContext | None = None
         self._binding_of_context: dict[int, bytes] = {}
         self._pending = PendingHandshakes(config.max_pending, config.max_pending_per_source)
+        self._trimmer = BurstTrimmer()
         self._no_clients = asyncio.Event()
         self._no_clients.set()
 
@@ -484,6 +486,7 @@ class ListenNode:
             session = await self._authenticate(link)
         finally:
             self._pending.release(link)
+            self._trimmer.closed(len(self._pending))
         if session is not None:
             await self._run_session(session)
 

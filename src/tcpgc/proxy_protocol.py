@@ -27,8 +27,9 @@ def _addresses(
     """Both addresses in one family (IPv4 mapped into IPv6 if they differ), or None if
     either is unknown."""
     try:
-        src = ipaddress.ip_address(source[0])
-        dst = ipaddress.ip_address(destination[0])
+        # No IPv6 zone ("%eth0"): it means nothing to the server and v1 forbids it.
+        src = ipaddress.ip_address(source[0].split("%", 1)[0])
+        dst = ipaddress.ip_address(destination[0].split("%", 1)[0])
     except ValueError:
         return None
     if src.version != dst.version:

@@ -67,12 +67,15 @@ class _Half:
             self.dst.close()
 
     def on_lost(self, exc: BaseException | None) -> None:
+        result = self.relay.result
+        first = result.ended == "closed"  # the first explanation is the one to keep
         if isinstance(exc, ConnectionResetError | ConnectionAbortedError | BrokenPipeError):
-            self.relay.result.ended = "reset"
+            if first:
+                result.ended = "reset"
             self.dst.reset()
         else:
-            if not (self.src.got_eof and self.dst.got_eof):
-                self.relay.result.ended = "closed early" if exc is None else f"error: {exc}"
+            if first and not (self.src.got_eof and self.dst.got_eof):
+                result.ended = "closed early" if exc is None else f"error: {exc}"
             self.dst.close()
         self.relay.side_lost()
 
