@@ -278,7 +278,9 @@ class ConnectNode:
         try:
             link, channel, handshake = await self._join(address)
         except (TcpgcError, OSError, ssl.SSLError, TimeoutError) as exc:
-            self.metrics.handshake_failures.labels(failure_reason(_describe(exc))).inc()
+            self.metrics.child(
+                self.metrics.handshake_failures, failure_reason(_describe(exc))
+            ).inc()
             raise
         agent_id = handshake.agent_id.hex()[:12]
         log.info(
@@ -429,7 +431,7 @@ class ConnectNode:
         relays.add(relay)
         client = _format_endpoint(request.client_host, request.client_port)
         self._relay_info[relay] = (request.service, client)
-        active = self.metrics.clients_active.labels(request.service)
+        active = self.metrics.child(self.metrics.clients_active, request.service)
         active.inc()
         try:
             result = await relay.done
@@ -480,7 +482,9 @@ class ConnectNode:
                 "cannot reach server %s for service '%s': %s", server, request.service, reason
             )
             channel.send(OpenFailed(request.conn_id, f"cannot reach its server: {reason}"))
-            self.metrics.clients_refused.labels(request.service, "server_unreachable").inc()
+            self.metrics.child(
+                self.metrics.clients_refused, request.service, "server_unreachable"
+            ).inc()
             if ready:
                 channel.link.close()  # a ready connection serves one client at most
             return None
@@ -500,13 +504,13 @@ class ConnectNode:
             client = (request.client_host, request.client_port)
             server_link.write(header(version, client, (request.local_host, request.local_port)))
         data_link.write(encode(Data(MAX_VERSION, request.conn_id)))
-        self.metrics.clients_accepted.labels(request.service).inc()
+        self.metrics.child(self.metrics.clients_accepted, request.service).inc()
         counted = self.metrics.bytes
         return start_relay(
             server_link,
             data_link,
-            counted.labels(request.service, "out"),
-            counted.labels(request.service, "in"),
+            self.metrics.child(counted, request.service, "out"),
+            self.metrics.child(counted, request.service, "in"),
         )
 
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -270,6 +271,18 @@ async def _serve(
         await node.close()
 
 
+def raise_fd_limit() -> None:
+    """Every relayed client costs each node two sockets: take all the file descriptors
+    the hard limit allows rather than the soft default (often 1024)."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        logging.getLogger("tcpgc").warning("cannot raise the open file limit: %s", exc)
+
+
 def _admin_token(path: Path | None) -> str | None:
     if path is None:
         return None
@@ -367,6 +380,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return _check(args)
     setup_logging(args.log_level, args.log_format)
+    raise_fd_limit()
     if getattr(args, "classic", False):
         from tcpgc.classic import run_classic
 

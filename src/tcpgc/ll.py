@@ -305,12 +305,12 @@ class ListenNode:
             refusal = f"service at its limit of {service.config.max_clients} clients"
         if refusal is not None:
             self.refused[name, refusal] += 1
-            self.metrics.clients_refused.labels(name, refusal.split(" ")[0]).inc()
+            self.metrics.child(self.metrics.clients_refused, name, refusal.split(" ")[0]).inc()
             log.info("refused client %s of service '%s': %s", link.peer, name, refusal)
             link.abort()
             return
         service.clients += 1
-        self.metrics.clients_accepted.labels(name).inc()
+        self.metrics.child(self.metrics.clients_accepted, name).inc()
         self._no_clients.clear()
         self._tasks.spawn(self._serve_client(service, link), f"client {link.peer} of {name}")
 
@@ -351,7 +351,7 @@ class ListenNode:
                 reason = str(exc)
                 continue
             if ready is not None:
-                self.metrics.data_wait.labels(service).observe(loop.time() - arrived)
+                self.metrics.child(self.metrics.data_wait, service).observe(loop.time() - arrived)
                 return ready, agent
             if closed.done():
                 break
@@ -366,7 +366,9 @@ class ListenNode:
                 )
                 if claimed.done():
                     data_link = claimed.result()
-                    self.metrics.data_wait.labels(service).observe(loop.time() - arrived)
+                    self.metrics.child(self.metrics.data_wait, service).observe(
+                        loop.time() - arrived
+                    )
                     return data_link, agent
                 if not closed.done():
                     reason = f"agent {agent.agent_id} did not take it in time"
@@ -387,7 +389,7 @@ class ListenNode:
         else:
             label = "agent_refused"
             log.warning("client %s of service '%s' closed: %s", link.peer, service, reason)
-        self.metrics.clients_refused.labels(service, label).inc()
+        self.metrics.child(self.metrics.clients_refused, service, label).inc()
         link.abort()
         return None
 
@@ -432,12 +434,12 @@ class ListenNode:
         relay = start_relay(
             link,
             data_link,
-            m.bytes.labels(service.name, "in"),
-            m.bytes.labels(service.name, "out"),
+            m.child(m.bytes, service.name, "in"),
+            m.child(m.bytes, service.name, "out"),
         )
         service.relays.add(relay)
         agent.relays.add(relay)
-        active = m.clients_active.labels(service.name)
+        active = m.child(m.clients_active, service.name)
         active.inc()
         try:
             result = await relay.done
@@ -542,7 +544,7 @@ class ListenNode:
     def _handshake_failed(self, link: Link, reason: str) -> None:
         """One log line and one count per bad connection on the agent port."""
         log.warning("handshake failed from %s: %s", link.peer, reason)
-        self.metrics.handshake_failures.labels(failure_reason(reason)).inc()
+        self.metrics.child(self.metrics.handshake_failures, failure_reason(reason)).inc()
 
     def _claim(self, data: Data, channel: FrameChannel) -> None:
         if not MIN_VERSION <= data.version <= MAX_VERSION:

@@ -50,18 +50,22 @@ class PipePool:
         self._idle: list[tuple[int, int]] = []
         self._keep = keep
         self.in_use = 0
+        self.size = CHUNK
 
     def take(self) -> tuple[int, int]:
         self.in_use += 1
         if self._idle:
             return self._idle.pop()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        for size in (CHUNK, _pipe_max_size()):
+        try:
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.size)
+        except OSError:
+            # Above this user's limit: the system's maximum, from now on.
+            self.size = min(self.size, _pipe_max_size())
             try:
-                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, size)
-                break
+                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.size)
             except OSError:
-                continue  # above this user's limit: try the system's maximum
+                pass  # a default 64 KiB pipe still works, with more wake-ups
         return r, w
 
     def give_back(self, pipe: tuple[int, int]) -> None:
