@@ -35,6 +35,7 @@ from tcpgc.config import DEFAULT_SERVICE, Address, CCConfig, LLConfig
 from tcpgc.errors import UsageError
 from tcpgc.link import Link
 from tcpgc.relay import Relay, RelayResult
+from tcpgc.splice import AnyRelay, start_relay
 from tcpgc.tasks import TaskGroup
 
 ll_log = logging.getLogger("tcpgc.ll")
@@ -144,7 +145,7 @@ class ClassicListenNode:
         self._retry: asyncio.TimerHandle | None = None
         # Insertion-ordered: the first key is the client that has waited longest.
         self._waiting: dict[Link, asyncio.TimerHandle] = {}
-        self._relays: set[Relay] = set()
+        self._relays: set[AnyRelay] = set()
         self._tasks = TaskGroup()
 
     async def start(self) -> None:
@@ -338,7 +339,7 @@ class ClassicListenNode:
             return
         self.served += 1
         ll_log.debug("client %s paired with CC connection %s", client.peer, agent.peer)
-        relay = Relay(client, agent)
+        relay = start_relay(client, agent)
         self._relays.add(relay)
         try:
             result = await relay.done
@@ -381,7 +382,7 @@ class ClassicConnectNode:
         #: Connections carried to the server so far.
         self.served = 0
         self._tasks = TaskGroup()
-        self._relays: set[Relay] = set()
+        self._relays: set[AnyRelay] = set()
         #: Open LL connections on which the LL has not sent a byte yet.
         self._silent: set[_LLLink] = set()
         self._quieter = asyncio.Event()
@@ -483,6 +484,8 @@ class ClassicConnectNode:
             link.abort()
             raise
         self.served += 1
+        # The buffered relay: `_LLLink` must keep seeing the LL's bytes (its first one
+        # tells that a client is behind the connection), which splice would bypass.
         relay = Relay(server_link, link)
         self._relays.add(relay)
         try:
