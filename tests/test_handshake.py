@@ -15,6 +15,7 @@ from tcpgc.protocol.handshake import (
     VersionMismatch,
     error_code,
     key_id,
+    pool_proof,
 )
 from tcpgc.protocol.messages import (
     MAX_VERSION,
@@ -513,3 +514,21 @@ def test_failed_handshake_accepts_nothing_more() -> None:
     with pytest.raises(ProtocolError):
         agent.receive(challenge)  # the genuine one, too late
     assert agent.state is State.FAILED
+
+
+def test_both_sides_derive_the_same_session_key_and_never_send_it() -> None:
+    """Ready data connections prove the session key; it must match on both sides,
+    differ between sessions, and never cross the wire."""
+    agent, ll = make_agent(), make_ll()
+    transcript = run(agent, ll)[0]
+    assert agent.session_key == ll.session_key
+    assert len(agent.session_key) == 32
+    assert agent.session_key not in transcript.all_bytes()
+    other_agent = AgentHandshake(SECRET, services=SERVICES)
+    other_ll = LLHandshake({key_id(SECRET): SECRET}, heartbeat_ms=HEARTBEAT)
+    run(other_agent, other_ll)
+    assert other_agent.session_key != agent.session_key
+    proof = pool_proof(agent.session_key, agent.agent_id, 1)
+    assert proof == pool_proof(ll.session_key, ll.agent_id, 1)
+    assert proof != pool_proof(agent.session_key, agent.agent_id, 2)
+    assert proof != pool_proof(other_agent.session_key, agent.agent_id, 1)

@@ -31,6 +31,7 @@ from tcpgc.protocol.messages import (
     OpenFailed,
     Ping,
     Pong,
+    Pool,
     Ready,
     decode,
     encode,
@@ -58,12 +59,16 @@ SAMPLES: list[Message] = [
     Error(ErrorCode.VERSION, ""),
     Error(ErrorCode.UNAVAILABLE, "naïve café ✓"),
     Open(CONN_ID, "ssh"),
+    Open(CONN_ID, "web", "192.0.2.7", 40000, "2001:db8::1", 443),
+    Open(CONN_ID, "web", "", 0, "127.0.0.1", 65535),
     OpenFailed(CONN_ID, "connection refused"),
     OpenFailed(CONN_ID, ""),
     Ping(0),
     Ping(0xFFFFFFFFFFFFFFFF),
     Pong(12345678901234),
     Data(1, CONN_ID),
+    Pool(AGENT_ID, 1, PROOF),
+    Pool(AGENT_ID, 0xFFFFFFFFFFFFFFFF, PROOF),
 ]
 
 
@@ -224,7 +229,7 @@ def frame(kind: int, payload: bytes) -> bytes:
     return HEADER.pack(kind, len(payload)) + payload
 
 
-@pytest.mark.parametrize("kind", [0, 11, 99, 255])
+@pytest.mark.parametrize("kind", [0, max(MessageType) + 1, 99, 255])
 def test_unknown_type(kind: int) -> None:
     with pytest.raises(ProtocolError, match="unknown message type"):
         feed(frame(kind, b"\x00" * 8))
@@ -354,3 +359,10 @@ def test_eof_after_frame_and_partial_frame() -> None:
 def test_header_layout_is_network_byte_order() -> None:
     frame_bytes = encode(Ready(0x01020304))
     assert frame_bytes == bytes([MessageType.READY]) + struct.pack("!H", 4) + b"\x01\x02\x03\x04"
+
+
+def test_open_with_an_invalid_address_is_refused() -> None:
+    good = encode(Open(CONN_ID, "web", "192.0.2.7", 1, "", 0))
+    bad = good.replace(b"192.0.2.7", b"192.0.2.x")
+    with pytest.raises(ProtocolError, match="invalid address"):
+        feed(bad)

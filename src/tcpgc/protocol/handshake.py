@@ -116,7 +116,8 @@ class AgentHandshake:
         try:
             return self._receive(message)
         except (ProtocolError, PeerRefused):
-            self.state = State.FAILED
+            if self.state is not State.DONE:  # a finished handshake stays finished
+                self.state = State.FAILED
             raise
 
     def _receive(self, message: Message) -> Message | None:
@@ -184,7 +185,8 @@ class LLHandshake:
         try:
             return self._receive(message)
         except ProtocolError:
-            self.state = State.FAILED
+            if self.state is not State.DONE:  # a finished handshake stays finished
+                self.state = State.FAILED
             raise
 
     def _receive(self, message: Message) -> Message:
