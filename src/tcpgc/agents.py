@@ -31,6 +31,10 @@ class AgentSession:
     #: Ready data connections, oldest first, and the highest counter seen on one.
     ready: collections.deque[FrameChannel] = field(default_factory=collections.deque)
     ready_counter: int = 0
+    #: Ready connections taken for a client and not answered yet.
+    offered: set[FrameChannel] = field(default_factory=set)
+    #: False once the session has ended: nothing more is to be asked of this agent.
+    alive: bool = True
     #: Ids of clients this agent was asked to take and has not claimed yet.
     pending: set[bytes] = field(default_factory=set)
     #: Relays running over this agent's data connections.
@@ -38,13 +42,16 @@ class AgentSession:
     since: float = field(default_factory=time.time)
 
     def close(self) -> None:
+        self.alive = False
         self.channel.link.abort()
         while self.ready:
             self.ready.popleft().link.abort()
+        for channel in list(self.offered):  # their clients are offered elsewhere
+            channel.link.abort()
 
     def take_ready(self) -> FrameChannel | None:
         """A ready data connection that is still open, or None."""
-        while self.ready:
+        while self.alive and self.ready:
             channel = self.ready.popleft()
             if not channel.link.closed.done():
                 return channel

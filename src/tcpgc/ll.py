@@ -216,7 +216,10 @@ class ListenNode:
         for name, service in opened.items():
             self.services[name] = service
             log.info("service '%s' listening for clients on %s", name, service.address)
+        self._pending.max_total = config.max_pending
+        self._pending.max_per_source = config.max_pending_per_source
         self.config = config
+        log.info("config reloaded: services %s", ", ".join(self.services))
 
     async def drain(self, deadline: float) -> None:
         """Stop taking clients, let those in flight finish for up to `deadline` seconds,
@@ -355,6 +358,10 @@ class ListenNode:
                 return ready, agent
             if closed.done():
                 break
+            if not agent.alive:  # lost while we offered: try another
+                tried.add(agent)
+                reason = f"agent {agent.agent_id} disconnected"
+                continue
             claimed: asyncio.Future[Any] = loop.create_future()
             self._waiting[conn_id] = WaitingClient(link, service, agent, claimed)
             self._pending.expect(agent.peer_host)
@@ -405,9 +412,13 @@ class ListenNode:
         while (channel := agent.take_ready()) is not None:
             channel.send(open_message)
             answer = asyncio.ensure_future(channel.recv())
-            await asyncio.wait(
-                [answer, closed], timeout=within, return_when=asyncio.FIRST_COMPLETED
-            )
+            agent.offered.add(channel)  # aborted if the agent is lost meanwhile
+            try:
+                await asyncio.wait(
+                    [answer, closed], timeout=within, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                agent.offered.discard(channel)
             if not answer.done():
                 answer.cancel()
                 channel.link.abort()
@@ -609,7 +620,9 @@ class ListenNode:
                 session.agent_id,
                 ", ".join(unknown),
             )
-        stale = self.agents.add(session, served)
+        # Registered for every service it offers, not only today's: a service added to
+        # this LL by a reload is served by the agents already connected.
+        stale = self.agents.add(session, session.services)
         self.metrics.agents.set(len(self.agents))
         if stale is not None:
             log.info("agent %s: new session replaces the one from %s", session.agent_id, stale.peer)
@@ -621,7 +634,7 @@ class ListenNode:
             heartbeat.cancel()
             self.agents.remove(session)
             self.metrics.agents.set(len(self.agents))
-            link.abort()
+            session.close()  # with its ready connections, and those offered to clients
             # Clients this agent was asked to take will not be claimed: try others.
             for conn_id in list(session.pending):
                 waiting = self._waiting.get(conn_id)

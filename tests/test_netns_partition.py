@@ -1,0 +1,297 @@
+"""Network failures that loopback cannot fake, in two namespaces joined by a veth pair.
+
+The LL runs in "outside", the CC and its echo server in "inside". nftables rules in the
+namespaces drop packets silently (a partition: nothing is returned, as when a NAT table or
+a firewall forgets a flow) or reset one connection on one side only (so the LL still holds
+a session the agent has already given up).
+
+Traffic only ever goes to 127.0.0.1 or to the two namespaces' own veth addresses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from reliability_tools import (
+    RE_CC_CLOSING,
+    RE_CC_NO_HEARTBEAT,
+    RE_LL_CLOSING,
+    RE_LL_SILENT,
+    RE_REPLACES,
+    cc_config,
+    ll_config,
+    log_time,
+)
+from support import (
+    RE_CC_JOINED,
+    RE_LL_AGENT_JOINED,
+    RE_LL_AGENT_PORT,
+    Node,
+    Process,
+    format_addr,
+    make_token,
+    parse_addr,
+    service_re,
+    tcpgc_env,
+)
+
+pytestmark = pytest.mark.netns
+
+HERE = Path(__file__).parent
+SUPPORT = str(HERE / "support.py")
+TOOLS = str(HERE / "reliability_tools.py")
+# A private /30 used only between this file's two namespaces.
+OUTSIDE_IP = "10.201.84.1"
+INSIDE_IP = "10.201.84.2"
+PREFIX_LEN = 30
+CMD_TIMEOUT = 10.0
+READY_TIMEOUT = 20.0
+
+
+def run(*argv: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, input=input, capture_output=True, text=True, timeout=CMD_TIMEOUT, check=False
+    )
+
+
+def check(*argv: str, input: str | None = None) -> str:
+    proc = run(*argv, input=input)
+    assert proc.returncode == 0, f"{' '.join(argv)} -> {proc.returncode}: {proc.stderr}"
+    return proc.stdout
+
+
+@dataclass
+class Net:
+    inside: str
+    outside: str
+    veth_in: str
+    veth_out: str
+    tmp: Path
+    procs: list[Process] = field(default_factory=list)
+
+    def prefix(self, ns: str) -> list[str]:
+        return ["ip", "netns", "exec", ns]
+
+    def spawn(self, ns: str, argv: list[str], name: str) -> Process:
+        proc = Process(argv, name=name, env=tcpgc_env(), prefix=self.prefix(ns))
+        self.procs.append(proc)
+        return proc
+
+    def tcpgc(self, ns: str, *args: str, name: str, token: str | None = None) -> Node:
+        env = tcpgc_env({"TCPGC_TOKEN": token} if token else {})
+        node = Node(*args, name=name, env=env, prefix=self.prefix(ns))
+        self.procs.append(node)
+        return node
+
+    def roundtrip(self, ns: str, addr: tuple[str, int]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.prefix(ns), sys.executable, SUPPORT, "roundtrip", addr[0], str(addr[1])],
+            capture_output=True,
+            text=True,
+            timeout=CMD_TIMEOUT,
+            env=tcpgc_env(),
+            check=False,
+        )
+
+    def nft(self, ns: str, ruleset: str) -> None:
+        proc = run(*self.prefix(ns), "nft", "-f", "-", input=ruleset)
+        assert proc.returncode == 0, f"nft in {ns}: {proc.stderr}\n{ruleset}"
+
+
+def _skip_unless_possible() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("partition tests need root (network namespaces and nftables)")
+    for tool in ("ip", "nft"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"partition tests need the `{tool}` command, which is not installed")
+
+
+@pytest.fixture
+def net(tmp_path: Path) -> Iterator[Net]:
+    _skip_unless_possible()
+    suffix = secrets.token_hex(3)
+    n = Net(
+        inside=f"tcpgc-pin-{suffix}",
+        outside=f"tcpgc-pout-{suffix}",
+        veth_in=f"tpi{suffix}",  # interface names are limited to 15 characters
+        veth_out=f"tpo{suffix}",
+        tmp=tmp_path,
+    )
+    created: list[str] = []
+    try:
+        for name in (n.inside, n.outside):
+            proc = run("ip", "netns", "add", name)
+            if proc.returncode != 0:
+                pytest.skip(f"cannot create network namespace {name}: {proc.stderr.strip()}")
+            created.append(name)
+        check(
+            "ip", "-n", n.outside, "link", "add", n.veth_out,
+            "type", "veth", "peer", "name", n.veth_in, "netns", n.inside,
+        )  # fmt: skip
+        for name, veth, ip in (
+            (n.outside, n.veth_out, OUTSIDE_IP),
+            (n.inside, n.veth_in, INSIDE_IP),
+        ):
+            check("ip", "-n", name, "addr", "add", f"{ip}/{PREFIX_LEN}", "dev", veth)
+            check("ip", "-n", name, "link", "set", veth, "up")
+            check("ip", "-n", name, "link", "set", "lo", "up")
+        probe = run(*n.prefix(n.outside), "nft", "list", "ruleset")
+        if probe.returncode != 0:
+            pytest.skip(f"nftables does not work in a namespace here: {probe.stderr.strip()}")
+        yield n
+    finally:
+        for proc in reversed(n.procs):
+            proc.stop(grace=3)
+        print("\n".join(proc.output() for proc in n.procs))  # shown when the test fails
+        for name in created:
+            for pid in run("ip", "netns", "pids", name).stdout.split():
+                try:  # only processes in our own namespaces: started by this test
+                    os.kill(int(pid), 9)
+                except (ProcessLookupError, ValueError):
+                    pass
+            run("ip", "netns", "del", name)
+
+
+@dataclass
+class Tunnel:
+    ll: Node
+    cc: Node
+    agent: tuple[str, int]
+    client: tuple[str, int]
+    cc_id: str
+    control_port: int  # the CC's source port of its control connection
+
+
+def tunnel(net: Net, heartbeat: float, connect_timeout: float = 2.0) -> Tunnel:
+    """LL outside (agents on the veth, clients on its loopback); CC and echo inside."""
+    state = net.tmp / "ll-state"
+    token = make_token(state)
+    ll_toml = ll_config(
+        net.tmp / "ll.toml",
+        cc=f"{OUTSIDE_IP}:0",
+        services={"default": "127.0.0.1:0"},
+        state_dir=state,
+        heartbeat=heartbeat,
+        client_wait=5,
+    )
+    ll = net.tcpgc(net.outside, "ll", "-c", str(ll_toml), name="ll (outside)")
+    agent = parse_addr(ll.wait_for(RE_LL_AGENT_PORT, READY_TIMEOUT)["addr"])
+    client = parse_addr(ll.wait_for(service_re("default"), READY_TIMEOUT)["addr"])
+
+    echo = net.spawn(net.inside, [sys.executable, SUPPORT, "echo", "127.0.0.1", "0"], "echo")
+    echo_addr = echo.wait_for(r"echo listening on (?P<addr>\S+)", 10, stream="stdout")["addr"]
+    cc_toml = cc_config(
+        net.tmp / "cc.toml",
+        ll=[format_addr(*agent)],
+        services={"default": echo_addr},
+        reconnect_min=0.1,
+        reconnect_max=1.0,
+        connect_timeout=connect_timeout,
+    )
+    cc = net.tcpgc(net.inside, "cc", "-c", str(cc_toml), name="cc (inside)", token=token)
+    cc_id = cc.wait_for(RE_CC_JOINED, READY_TIMEOUT)["id"]
+    joined = ll.wait_for(RE_LL_AGENT_JOINED, READY_TIMEOUT)
+    host, port = parse_addr(joined["addr"])
+    assert (joined["id"], host) == (cc_id, INSIDE_IP)
+    served = net.roundtrip(net.outside, client)
+    assert served.returncode == 0, served.stdout
+    return Tunnel(ll, cc, agent, client, cc_id, port)
+
+
+def test_partition_is_detected_by_heartbeats_on_both_sides_and_healed(net: Net) -> None:
+    heartbeat = 1.0
+    t = tunnel(net, heartbeat)
+    hold = net.spawn(
+        net.outside, [sys.executable, TOOLS, "hold", *map(str, t.client)], "client (outside)"
+    )
+    hold.wait_for(r"^streaming$", 10, stream="stdout")
+
+    ll_mark, cc_mark = t.ll.mark(), t.cc.mark()
+    net.nft(
+        net.outside,
+        f"""
+table inet tcpgc_partition {{
+    chain input {{
+        type filter hook input priority -10; policy accept;
+        iifname "{net.veth_out}" drop
+    }}
+    chain output {{
+        type filter hook output priority -10; policy accept;
+        oifname "{net.veth_out}" drop
+    }}
+}}
+""",
+    )
+    cut = time.time()
+
+    # Each side hears nothing for three intervals and gives up on its own.
+    bound = 3 * heartbeat + 1.0
+    silent = t.ll.wait_for(RE_LL_SILENT, bound + 5, since=ll_mark)
+    lost = t.cc.wait_for(RE_CC_NO_HEARTBEAT, bound + 5, since=cc_mark)
+    assert silent["id"] == t.cc_id
+    for side, match in (("LL", silent), ("CC", lost)):
+        took = log_time(match) - cut
+        assert took <= bound, f"{side} noticed the partition after {took:.2f} s (bound {bound} s)"
+    # ...and ends the connections that went through the dead link.
+    assert t.ll.wait_for(RE_LL_CLOSING, 5, since=ll_mark)["n"] == "1"
+    assert t.cc.wait_for(RE_CC_CLOSING, 5, since=cc_mark)["n"] == "1"
+    ended = hold.wait_for(r"^ended after (?P<s>[\d.]+) s", 5, stream="stdout")
+    assert float(ended["s"]) <= bound + 1.0
+
+    # While cut off the agent keeps trying; once healed it is back within
+    # connect_timeout + reconnect_max.
+    t.cc.wait_for(r"cannot connect to LL \S+: timed out", 10, since=cc_mark)
+    cc_mark = t.cc.mark()
+    check(*net.prefix(net.outside), "nft", "delete", "table", "inet", "tcpgc_partition")
+    healed = time.time()
+    back = t.cc.wait_for(RE_CC_JOINED, 15, since=cc_mark)
+    assert log_time(back) - healed <= 2.0 + 1.0 + 2.0
+    t.ll.wait_for(rf"agent {t.cc_id} connected from", 5, since=ll_mark)
+    served = net.roundtrip(net.outside, t.client)
+    assert served.returncode == 0, served.stdout
+
+
+def test_new_session_of_an_agent_replaces_its_stale_one(net: Net) -> None:
+    """The agent loses its control connection (a reset only it sees) while the LL still
+    holds the old session: the LL must take the new session and drop the stale one."""
+    heartbeat = 2.0  # the LL would notice the stale session only after 6 s
+    t = tunnel(net, heartbeat)
+    ll_mark, cc_mark = t.ll.mark(), t.cc.mark()
+    # Inside: the CC's next packet on its control connection is answered with a reset
+    # made up locally; the kernel's own resets to the LL for that connection are dropped.
+    conn = f"ip daddr {OUTSIDE_IP} tcp dport {t.agent[1]} tcp sport {t.control_port}"
+    net.nft(
+        net.inside,
+        f"""
+table inet tcpgc_stale {{
+    chain output {{
+        type filter hook output priority 0; policy accept;
+        {conn} tcp flags & rst == rst drop
+        {conn} reject with tcp reset
+    }}
+}}
+""",
+    )
+    replaced = t.ll.wait_for(RE_REPLACES, 2 * heartbeat + 3, since=ll_mark)
+    assert replaced["id"] == t.cc_id
+    assert parse_addr(replaced["addr"]) == (INSIDE_IP, t.control_port)
+    assert not t.ll.find_all(RE_LL_SILENT, since=ll_mark), "the LL waited for the heartbeat"
+    t.cc.wait_for(RE_CC_JOINED, 5, since=cc_mark)
+    # The stale session's end must not unregister the new one.
+    old = re.escape(format_addr(INSIDE_IP, t.control_port))
+    t.ll.wait_for(rf"agent {t.cc_id} at {old} disconnected", 5, since=ll_mark)
+    for _ in range(3):
+        served = net.roundtrip(net.outside, t.client)
+        assert served.returncode == 0, served.stdout
+    assert not t.ll.find_all(r"no agent for service", since=ll_mark)
