@@ -594,7 +594,7 @@ class Harness:
         client_addr = parse_addr(ll.wait_for(service_re("default"), READY_TIMEOUT)["addr"])
         cc = self.start_cc(
             "--ll",
-            f"{agent_addr[0]}:{agent_addr[1]}",
+            format_addr(*agent_addr),
             "--server",
             server_addr,
             *cc_args,
