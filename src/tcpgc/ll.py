@@ -110,7 +110,7 @@ class ListenNode:
         self._tls: ssl.SSLContext | None = None
         self._binding_of_context: dict[int, bytes] = {}
         self._pending = PendingHandshakes(config.max_pending, config.max_pending_per_source)
-        self._trimmer = BurstTrimmer()
+        self._trimmer = BurstTrimmer(lambda: len(self._pending))
         self._no_clients = asyncio.Event()
         self._no_clients.set()
 
@@ -238,6 +238,7 @@ class ListenNode:
         await self.close()
 
     async def close(self) -> None:
+        self._trimmer.cancel()
         if self._agent_server is not None:
             self._agent_server.close()
         for service in self.services.values():
@@ -499,7 +500,6 @@ class ListenNode:
             session = await self._authenticate(link)
         finally:
             self._pending.release(link)
-            self._trimmer.closed(len(self._pending))
         if session is not None:
             await self._run_session(session)
 
@@ -555,6 +555,7 @@ class ListenNode:
     def _handshake_failed(self, link: Link, reason: str) -> None:
         """One log line and one count per bad connection on the agent port."""
         log.warning("handshake failed from %s: %s", link.peer, reason)
+        self._trimmer.failed()
         self.metrics.child(self.metrics.handshake_failures, failure_reason(reason)).inc()
 
     def _claim(self, data: Data, channel: FrameChannel) -> None:

@@ -8,10 +8,12 @@ returns the free pages; it costs a few milliseconds, so it runs once a burst is 
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import gc
 import logging
+from collections.abc import Callable
 
 log = logging.getLogger("tcpgc")
 
@@ -33,15 +35,31 @@ def release_free_memory() -> None:
 
 
 class BurstTrimmer:
-    """Calls `release_free_memory` once a burst of `threshold` closed connections is
-    over (`idle()` says none is pending), at most once per `interval` seconds."""
+    """Releases memory once a burst of failed connections (an attack on the agent port)
+    is over: after `threshold` failures, one `release_free_memory` a second later,
+    when no handshake is pending. Legitimate traffic never triggers it."""
 
-    def __init__(self, threshold: int = 64) -> None:
+    def __init__(self, pending: Callable[[], int], threshold: int = 64, delay: float = 1.0):
+        self._pending = pending
         self.threshold = threshold
-        self._closed = 0
+        self.delay = delay
+        self._failures = 0
+        self._scheduled: asyncio.TimerHandle | None = None
 
-    def closed(self, still_pending: int) -> None:
-        self._closed += 1
-        if still_pending == 0 and self._closed >= self.threshold:
-            self._closed = 0
-            release_free_memory()
+    def failed(self) -> None:
+        self._failures += 1
+        if self._failures >= self.threshold and self._scheduled is None:
+            self._scheduled = asyncio.get_running_loop().call_later(self.delay, self._run)
+
+    def _run(self) -> None:
+        self._scheduled = None
+        if self._pending():  # still under way: look again later
+            self._scheduled = asyncio.get_running_loop().call_later(self.delay, self._run)
+            return
+        self._failures = 0
+        release_free_memory()
+
+    def cancel(self) -> None:
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
