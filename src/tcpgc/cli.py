@@ -9,9 +9,9 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from tcpgc import __version__
 from tcpgc.cc import ConnectNode
@@ -271,6 +271,20 @@ async def _serve(
         await node.close()
 
 
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """Run a node on uvloop when it is installed (the `fast` extra): it roughly halves
+    the event loop's cost per connection. TCPGC_LOOP=asyncio forces the standard loop."""
+    if os.environ.get("TCPGC_LOOP", "") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def raise_fd_limit() -> None:
     """Every relayed client costs each node two sockets: take all the file descriptors
     the hard limit allows rather than the soft default (often 1024)."""
@@ -399,7 +413,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         async def reload_ll() -> None:
             await ll_node.reload(ll_config(args))
 
-        asyncio.run(_serve(ll_node, reload_ll if args.config else None))
+        _run(_serve(ll_node, reload_ll if args.config else None))
         return 0
     cc_cfg = cc_config(args)
     token = read_token(os.environ.get("TCPGC_TOKEN"), cc_cfg.token_file)
@@ -413,7 +427,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         config = cc_config(args)
         await cc_node.reload(config, read_token(os.environ.get("TCPGC_TOKEN"), config.token_file))
 
-    asyncio.run(_serve(cc_node, reload_cc if args.config else None))
+    _run(_serve(cc_node, reload_cc if args.config else None))
     return 0
 
 

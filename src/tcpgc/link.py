@@ -18,7 +18,7 @@ import socket
 import ssl
 import struct
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 #: What the buffering handler holds before it stops reading: a client's first request
 #: while it waits for an agent, or bytes that followed a frame. Bounded so a waiting
@@ -125,8 +125,8 @@ class Link(asyncio.Protocol):
     # ---- asyncio.Protocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A TCP transport (uvloop's does not subclass asyncio.Transport, but is one).
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # A small request must never wait for Nagle's 40 ms.

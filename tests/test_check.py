@@ -1,0 +1,126 @@
+"""`tcpgc check` on broken configs, and the logs a node writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from support import Harness, connect, parse_addr, recv_exactly, run_tcpgc
+
+
+def _check(tmp_path: Path, text: str, *args: str) -> tuple[int, list[str], str]:
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    result = run_tcpgc("check", "-c", str(path), *args)
+    return result.returncode, result.stderr.strip().splitlines(), result.stdout
+
+
+BROKEN_LL = """\
+cc = "nonsense"
+client_wait = -1
+colour = "blue"
+
+[services.web]
+clients = "127.0.0.1:99999"
+allow = ["10.0.0.0/8", "not-a-network"]
+max_clients = "many"
+
+[services."bad name"]
+clients = ":8000"
+
+[services.ssh]
+listen = ":2222"
+"""
+
+
+def test_check_names_every_problem_of_an_ll_config(tmp_path: Path) -> None:
+    code, lines, _ = _check(tmp_path, BROKEN_LL)
+    assert code == 2
+    assert "Traceback" not in "\n".join(lines)
+    expected = {
+        "cc": ":1:",
+        "client_wait": ":2:",
+        "colour": ":3:",
+        "services.web.clients": ":6:",
+        "services.web.allow": ":7:",
+        "services.web.max_clients": ":8:",
+        "services.bad name": ":10:",
+        "services.ssh": ":13:",
+    }
+    for key, line in expected.items():
+        found = [entry for entry in lines if f": {key}: " in entry]
+        assert found, f"no problem reported for {key!r} in {lines}"
+        assert line in found[0], f"{key!r} reported without its line: {found[0]!r}"
+    assert len(lines) == len(expected), lines
+
+
+def test_check_names_every_problem_of_a_cc_config(tmp_path: Path) -> None:
+    code, lines, _ = _check(
+        tmp_path,
+        'll = ["127.0.0.1:8001", "nowhere"]\n'
+        "reconnect_min = 5\nreconnect_max = 1\npool_size = -3\n"
+        '[services.web]\nserver = "127.0.0.1:80"\nproxy_protocol = 3\n',
+    )
+    assert code == 2
+    text = "\n".join(lines)
+    for key in ("ll[1]", "reconnect_max", "pool_size", "services.web.proxy_protocol"):
+        assert f": {key}: " in text, (key, text)
+    assert len(lines) == 4, lines
+
+
+def test_check_accepts_a_valid_config(tmp_path: Path) -> None:
+    code, lines, out = _check(tmp_path, 'cc = ":8001"\n[services.web]\nclients = ":8000"\n')
+    assert code == 0, lines
+    assert "valid LL config" in out
+
+
+def test_check_reports_toml_syntax_errors_with_their_line(tmp_path: Path) -> None:
+    code, lines, _ = _check(tmp_path, 'cc = ":8001"\n[services.web\nclients = ":8000"\n')
+    assert code == 2
+    assert len(lines) == 1 and "not valid TOML" in lines[0] and "line 2" in lines[0]
+
+
+@pytest.mark.parametrize("role", ["ll", "cc"])
+def test_example_configs_are_valid(role: str) -> None:
+    path = Path(__file__).parent.parent / "contrib" / f"{role}.toml"
+    result = run_tcpgc("check", "-c", str(path), "--role", role)
+    assert result.returncode == 0, result.stderr
+
+
+def test_json_logs_are_one_object_per_line(harness: Harness) -> None:
+    """--log-format json: every stderr line parses, and a finished connection is one
+    line naming the service, the peer, bytes each way and how it ended."""
+    echo = harness.echo_server()
+    state = harness.state_dir()
+    token = harness.token(state)
+    json_logs = ("--log-format", "json")
+    ll = harness.node(
+        "ll",
+        "--clients",
+        "127.0.0.1:0",
+        "--cc",
+        "127.0.0.1:0",
+        "--state-dir",
+        str(state),
+        *json_logs,
+    )
+    agent_addr = ll.wait_for(r'listening for agents on (?P<addr>[^\s"]+)', 20)["addr"]
+    client_addr = parse_addr(ll.wait_for(r'clients on (?P<addr>[^\s"]+)', 20)["addr"])
+    cc = harness.start_cc("--ll", agent_addr, "--server", echo.addr_str, *json_logs, token=token)
+    cc.wait_for(r"connected to LL", 20)
+    with connect(client_addr) as sock:
+        sock.sendall(b"x" * 100)
+        assert recv_exactly(sock, 100) == b"x" * 100
+    ll.wait_for(r"done after", 10)
+    ll.stop()
+    cc.stop()
+    for node in (ll, cc):
+        lines = [line for line in node.stderr_lines if line.strip()]
+        assert lines
+        entries = [json.loads(line) for line in lines]
+        assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+    done = [e["message"] for e in map(json.loads, ll.stderr_lines) if "done after" in e["message"]]
+    assert len(done) == 1
+    assert "service 'default'" in done[0] and "100 bytes in, 100 bytes out" in done[0]
