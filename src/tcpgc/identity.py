@@ -181,6 +181,9 @@ class Identity:
         def make(cert: Certificate) -> ssl.SSLContext:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            # Agents never resume sessions: tickets would only cost bytes on every
+            # handshake and memory in every agent-side connection.
+            ctx.num_tickets = 0
             try:
                 ctx.load_cert_chain(cert.cert_path, cert.key_path)
                 if client_ca is not None:

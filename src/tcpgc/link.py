@@ -70,6 +70,9 @@ class _Buffer:
         pass
 
 
+_NO_BIO = ssl.MemoryBIO()
+
+
 class _HandedOver:
     """Handler of a link whose socket now belongs to someone else: ignores everything."""
 
@@ -92,6 +95,14 @@ class _HandedOver:
 class Link(asyncio.Protocol):
     """A TCP connection with an optional TLS layer and a swappable handler."""
 
+    # Thousands are alive at once (two per relayed client on each node): no __dict__.
+    __slots__ = (
+        "_tls_context", "_server_side", "_server_hostname", "_on_made", "_ssl",
+        "_incoming", "_outgoing", "transport", "handler", "ready", "closed", "peer",
+        "peer_host", "peer_endpoint", "local_endpoint", "shed", "got_eof", "sent_eof",
+        "_reading_paused", "__weakref__",
+    )  # fmt: skip
+
     def __init__(
         self,
         tls: ssl.SSLContext | None = None,
@@ -105,8 +116,8 @@ class Link(asyncio.Protocol):
         self._server_hostname = server_hostname
         self._on_made = on_made
         self._ssl: ssl.SSLObject | None = None
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
+        # Only TLS links need their own memory BIOs; plain ones share a never-used pair.
+        self._incoming = self._outgoing = _NO_BIO
         self.transport: asyncio.Transport | None = None
         self.handler: LinkHandler = _Buffer(self)
         loop = asyncio.get_running_loop()
@@ -133,7 +144,7 @@ class Link(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Write buffers above asyncio's 64 KiB default: a single socket read can return
         # 256 KiB, and pausing the peer on every chunk costs more than it saves.
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peername = transport.get_extra_info("peername")
         self.peer = format_peer(peername)
         self.peer_host = str(peername[0]) if isinstance(peername, tuple) else ""
@@ -142,6 +153,7 @@ class Link(asyncio.Protocol):
         self.peer_endpoint = _endpoint(peername)
         self.local_endpoint = _endpoint(sockname)
         if self._tls_context is not None:
+            self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
             self._ssl = self._tls_context.wrap_bio(
                 self._incoming,
                 self._outgoing,

@@ -319,14 +319,21 @@ class ListenNode:
         self._tasks.spawn(self._serve_client(service, link), f"client {link.peer} of {name}")
 
     async def _serve_client(self, service: Service, link: Link) -> None:
+        paired = None
         try:
             paired = await self._pair(service.name, link)
-            if paired is not None:
-                await self._relay(service, link, *paired)
         finally:
-            service.clients -= 1
-            if not any(s.clients for s in self.services.values()):
-                self._no_clients.set()
+            if paired is None:
+                self._client_gone(service)
+        if paired is not None:
+            # From here on callbacks, not this task, see the client through: a task and
+            # its frames per idle connection would cost kilobytes each.
+            self._relay(service, link, *paired)
+
+    def _client_gone(self, service: Service) -> None:
+        service.clients -= 1
+        if not any(s.clients for s in self.services.values()):
+            self._no_clients.set()
 
     async def _pair(self, service: str, link: Link) -> tuple[Link, AgentSession] | None:
         """Find an agent that claims this client; try the next agent if one cannot."""
@@ -439,9 +446,7 @@ class ListenNode:
             # Closed before answering (replaced, or broken): try the next one.
         return None
 
-    async def _relay(
-        self, service: Service, link: Link, data_link: Link, agent: AgentSession
-    ) -> None:
+    def _relay(self, service: Service, link: Link, data_link: Link, agent: AgentSession) -> None:
         m = self.metrics
         relay = start_relay(
             link,
@@ -453,21 +458,24 @@ class ListenNode:
         agent.relays.add(relay)
         active = m.child(m.clients_active, service.name)
         active.inc()
-        try:
-            result = await relay.done
-        finally:
+
+        def finished(_: object) -> None:
             active.dec()
             service.relays.discard(relay)
             agent.relays.discard(relay)
-        log.info(
-            "client %s of service '%s' done after %.3f s: %d bytes in, %d bytes out, %s",
-            link.peer,
-            service.name,
-            result.duration,
-            result.bytes_a_to_b,
-            result.bytes_b_to_a,
-            result.ended,
-        )
+            self._client_gone(service)
+            result = relay.result
+            log.info(
+                "client %s of service '%s' done after %.3f s: %d bytes in, %d bytes out, %s",
+                link.peer,
+                service.name,
+                result.duration,
+                result.bytes_a_to_b,
+                result.bytes_b_to_a,
+                result.ended,
+            )
+
+        relay.done.add_done_callback(finished)
 
     async def _reap_idle(self, service: Service) -> None:
         """Close connections of `service` that moved no byte for its idle timeout."""

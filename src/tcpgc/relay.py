@@ -21,7 +21,7 @@ class _Counter(Protocol):
     def inc(self, amount: float = 1) -> None: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class RelayResult:
     """What a finished relay did, for the one log line per connection."""
 
@@ -38,6 +38,8 @@ class RelayResult:
 
 class _Half:
     """Handler of `src`: forwards to `dst`."""
+
+    __slots__ = ("relay", "src", "dst", "a_to_b", "counter")
 
     def __init__(
         self, relay: Relay, src: Link, dst: Link, a_to_b: bool, counter: _Counter | None
