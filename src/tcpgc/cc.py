@@ -24,6 +24,7 @@ from tcpgc.config import Address, CCConfig
 from tcpgc.errors import PeerRefused, ProtocolError, TcpgcError, UsageError
 from tcpgc.identity import JoinToken, agent_context, format_fingerprint, pin_server_name
 from tcpgc.link import Link
+from tcpgc.memory import trim_periodically
 from tcpgc.metrics import Metrics, failure_reason
 from tcpgc.protocol.handshake import AgentHandshake, State, pool_proof
 from tcpgc.protocol.messages import (
@@ -91,6 +92,7 @@ class ConnectNode:
     async def start(self) -> None:
         for address in self.config.ll:
             self._start_session(address)
+        self._tasks.spawn(trim_periodically(), "memory trim")
 
     def _start_session(self, address: Address) -> None:
         self.connected.setdefault(str(address), asyncio.Event())

@@ -38,7 +38,7 @@ from tcpgc.identity import (
     load_identity,
 )
 from tcpgc.link import Link
-from tcpgc.memory import BurstTrimmer
+from tcpgc.memory import BurstTrimmer, trim_periodically
 from tcpgc.metrics import Metrics, failure_reason
 from tcpgc.protocol.handshake import LLHandshake, error_code, key_id, pool_proof
 from tcpgc.protocol.messages import (
@@ -140,6 +140,7 @@ class ListenNode:
         except BaseException:
             await self.close()
             raise
+        self._tasks.spawn(trim_periodically(), "memory trim")
         assert self.identity is not None
         security = (
             "PLAINTEXT (--insecure-plaintext)"
