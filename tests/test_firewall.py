@@ -9,142 +9,40 @@ Traffic only ever goes to 127.0.0.1 or to the two namespaces' own veth addresses
 
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from netns import SUPPORT, NamespacePair, check, namespace_pair, skip_unless_possible
 from support import (
     RE_CC_JOINED,
     RE_LL_AGENT_JOINED,
     RE_LL_AGENT_PORT,
-    Node,
-    Process,
     format_addr,
     make_token,
     parse_addr,
     service_re,
-    tcpgc_env,
 )
 
 pytestmark = pytest.mark.netns
 
-SUPPORT = str(Path(__file__).with_name("support.py"))
 # A private /30 used only between the two test namespaces.
-OUTSIDE_IP = "10.201.83.1"
-INSIDE_IP = "10.201.83.2"
-PREFIX_LEN = 30
-CMD_TIMEOUT = 10.0
+SUBNET = "10.201.83"
+OUTSIDE_IP = f"{SUBNET}.1"
+INSIDE_IP = f"{SUBNET}.2"
 READY_TIMEOUT = 20.0
 
 
-def run(*argv: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv, input=input, capture_output=True, text=True, timeout=CMD_TIMEOUT, check=False
-    )
-
-
-def check(*argv: str, input: str | None = None) -> str:
-    proc = run(*argv, input=input)
-    assert proc.returncode == 0, f"{' '.join(argv)} -> {proc.returncode}: {proc.stderr}"
-    return proc.stdout
-
-
-@dataclass
-class Namespaces:
-    inside: str
-    outside: str
-    veth_in: str
-    veth_out: str
-    procs: list[Process] = field(default_factory=list)
-
-    def exec_prefix(self, ns: str) -> list[str]:
-        return ["ip", "netns", "exec", ns]
-
-    def python(self, ns: str, *args: str) -> subprocess.CompletedProcess[str]:
-        """A short-lived ``python support.py ...`` inside namespace ``ns``."""
-        return subprocess.run(
-            [*self.exec_prefix(ns), sys.executable, SUPPORT, *args],
-            capture_output=True,
-            text=True,
-            timeout=CMD_TIMEOUT,
-            env=tcpgc_env(),
-            check=False,
-        )
-
-    def spawn(self, ns: str, argv: list[str], name: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
-        proc = Process(argv, name=name, env=env or tcpgc_env(), prefix=self.exec_prefix(ns))
-        self.procs.append(proc)
-        return proc
-
-    def tcpgc(self, ns: str, *args: str, name: str, env: dict[str, str] | None = None) -> Node:
-        node = Node(*args, name=name, env=env or tcpgc_env(), prefix=self.exec_prefix(ns))
-        self.procs.append(node)
-        return node
-
-
-def _skip_unless_possible() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("firewall test needs root (network namespaces and nftables)")
-    for tool in ("ip", "nft"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"firewall test needs the `{tool}` command, which is not installed")
-
-
 @pytest.fixture
-def namespaces() -> Iterator[Namespaces]:
-    _skip_unless_possible()
-    suffix = secrets.token_hex(3)
-    ns = Namespaces(
-        inside=f"tcpgc-in-{suffix}",
-        outside=f"tcpgc-out-{suffix}",
-        veth_in=f"tgi{suffix}",  # interface names are limited to 15 characters
-        veth_out=f"tgo{suffix}",
-    )
-    created: list[str] = []
-    try:
-        for name in (ns.inside, ns.outside):
-            proc = run("ip", "netns", "add", name)
-            if proc.returncode != 0:
-                pytest.skip(f"cannot create network namespace {name}: {proc.stderr.strip()}")
-            created.append(name)
-        # Create the veth pair directly inside the namespaces: the host's own network is
-        # never touched.
-        check(
-            "ip", "-n", ns.outside, "link", "add", ns.veth_out,
-            "type", "veth", "peer", "name", ns.veth_in, "netns", ns.inside,
-        )  # fmt: skip
-        for name, veth, ip in (
-            (ns.outside, ns.veth_out, OUTSIDE_IP),
-            (ns.inside, ns.veth_in, INSIDE_IP),
-        ):
-            check("ip", "-n", name, "addr", "add", f"{ip}/{PREFIX_LEN}", "dev", veth)
-            check("ip", "-n", name, "link", "set", veth, "up")
-            check("ip", "-n", name, "link", "set", "lo", "up")
-        yield ns
-    finally:
-        for proc in reversed(ns.procs):
-            proc.stop(grace=3)
-        # Shown by pytest when the test fails.
-        print("\n".join(proc.output() for proc in ns.procs))
-        for name in created:
-            # Anything still running in our own namespace was started by this test.
-            pids = run("ip", "netns", "pids", name).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), 9)
-                except (ProcessLookupError, ValueError):
-                    pass
-            run("ip", "netns", "del", name)
+def namespaces() -> Iterator[NamespacePair]:
+    skip_unless_possible("firewall tests")
+    with namespace_pair("", SUBNET) as pair:
+        yield pair
 
 
-def install_inside_firewall(ns: Namespaces) -> None:
+def install_inside_firewall(ns: NamespacePair) -> None:
     ruleset = f"""
 table inet tcpgc_test_fw {{
     chain input {{
@@ -154,7 +52,7 @@ table inet tcpgc_test_fw {{
     }}
 }}
 """
-    proc = run("ip", "netns", "exec", ns.inside, "nft", "-f", "-", input=ruleset)
+    proc = ns.nft(ns.inside, ruleset)
     if proc.returncode != 0:
         pytest.skip(f"cannot load an nftables ruleset in a namespace: {proc.stderr.strip()}")
     listed = check("ip", "netns", "exec", ns.inside, "nft", "list", "ruleset")
@@ -162,7 +60,7 @@ table inet tcpgc_test_fw {{
 
 
 def test_client_outside_reaches_server_inside_only_through_tcpgc(
-    namespaces: Namespaces, tmp_path: Path
+    namespaces: NamespacePair, tmp_path: Path
 ) -> None:
     ns = namespaces
     # Echo server inside, on every inside address, so the firewall is the only thing that
@@ -201,7 +99,7 @@ def test_client_outside_reaches_server_inside_only_through_tcpgc(
         ns.inside,
         "cc", "--ll", format_addr(*agent_addr), "--server", f"127.0.0.1:{echo_port}",
         name="cc (inside)",
-        env=tcpgc_env({"TCPGC_TOKEN": token}),
+        token=token,
     )  # fmt: skip
     cc.wait_for(RE_CC_JOINED, READY_TIMEOUT)
     joined = ll.wait_for(RE_LL_AGENT_JOINED, READY_TIMEOUT)

@@ -10,19 +10,17 @@ Traffic only ever goes to 127.0.0.1 or to the two namespaces' own veth addresses
 
 from __future__ import annotations
 
-import os
 import re
-import secrets
-import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from netns import SUPPORT, NamespacePair, check, namespace_pair, skip_unless_possible
 from reliability_tools import (
     RE_CC_CLOSING,
     RE_CC_NO_HEARTBEAT,
@@ -38,129 +36,41 @@ from support import (
     RE_LL_AGENT_JOINED,
     RE_LL_AGENT_PORT,
     Node,
-    Process,
     format_addr,
     make_token,
     parse_addr,
     service_re,
-    tcpgc_env,
 )
 
 pytestmark = pytest.mark.netns
 
 HERE = Path(__file__).parent
-SUPPORT = str(HERE / "support.py")
 TOOLS = str(HERE / "reliability_tools.py")
 # A private /30 used only between this file's two namespaces.
-OUTSIDE_IP = "10.201.84.1"
-INSIDE_IP = "10.201.84.2"
-PREFIX_LEN = 30
-CMD_TIMEOUT = 10.0
+SUBNET = "10.201.84"
+OUTSIDE_IP = f"{SUBNET}.1"
+INSIDE_IP = f"{SUBNET}.2"
 READY_TIMEOUT = 20.0
 
 
-def run(*argv: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv, input=input, capture_output=True, text=True, timeout=CMD_TIMEOUT, check=False
-    )
-
-
-def check(*argv: str, input: str | None = None) -> str:
-    proc = run(*argv, input=input)
-    assert proc.returncode == 0, f"{' '.join(argv)} -> {proc.returncode}: {proc.stderr}"
-    return proc.stdout
-
-
 @dataclass
-class Net:
-    inside: str
-    outside: str
-    veth_in: str
-    veth_out: str
-    tmp: Path
-    procs: list[Process] = field(default_factory=list)
-
-    def prefix(self, ns: str) -> list[str]:
-        return ["ip", "netns", "exec", ns]
-
-    def spawn(self, ns: str, argv: list[str], name: str) -> Process:
-        proc = Process(argv, name=name, env=tcpgc_env(), prefix=self.prefix(ns))
-        self.procs.append(proc)
-        return proc
-
-    def tcpgc(self, ns: str, *args: str, name: str, token: str | None = None) -> Node:
-        env = tcpgc_env({"TCPGC_TOKEN": token} if token else {})
-        node = Node(*args, name=name, env=env, prefix=self.prefix(ns))
-        self.procs.append(node)
-        return node
+class Net(NamespacePair):
+    tmp: Path = Path()
 
     def roundtrip(self, ns: str, addr: tuple[str, int]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*self.prefix(ns), sys.executable, SUPPORT, "roundtrip", addr[0], str(addr[1])],
-            capture_output=True,
-            text=True,
-            timeout=CMD_TIMEOUT,
-            env=tcpgc_env(),
-            check=False,
-        )
+        return self.python(ns, "roundtrip", addr[0], str(addr[1]))
 
-    def nft(self, ns: str, ruleset: str) -> None:
-        proc = run(*self.prefix(ns), "nft", "-f", "-", input=ruleset)
+    def nft(self, ns: str, ruleset: str) -> subprocess.CompletedProcess[str]:
+        proc = super().nft(ns, ruleset)
         assert proc.returncode == 0, f"nft in {ns}: {proc.stderr}\n{ruleset}"
-
-
-def _skip_unless_possible() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("partition tests need root (network namespaces and nftables)")
-    for tool in ("ip", "nft"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"partition tests need the `{tool}` command, which is not installed")
+        return proc
 
 
 @pytest.fixture
 def net(tmp_path: Path) -> Iterator[Net]:
-    _skip_unless_possible()
-    suffix = secrets.token_hex(3)
-    n = Net(
-        inside=f"tcpgc-pin-{suffix}",
-        outside=f"tcpgc-pout-{suffix}",
-        veth_in=f"tpi{suffix}",  # interface names are limited to 15 characters
-        veth_out=f"tpo{suffix}",
-        tmp=tmp_path,
-    )
-    created: list[str] = []
-    try:
-        for name in (n.inside, n.outside):
-            proc = run("ip", "netns", "add", name)
-            if proc.returncode != 0:
-                pytest.skip(f"cannot create network namespace {name}: {proc.stderr.strip()}")
-            created.append(name)
-        check(
-            "ip", "-n", n.outside, "link", "add", n.veth_out,
-            "type", "veth", "peer", "name", n.veth_in, "netns", n.inside,
-        )  # fmt: skip
-        for name, veth, ip in (
-            (n.outside, n.veth_out, OUTSIDE_IP),
-            (n.inside, n.veth_in, INSIDE_IP),
-        ):
-            check("ip", "-n", name, "addr", "add", f"{ip}/{PREFIX_LEN}", "dev", veth)
-            check("ip", "-n", name, "link", "set", veth, "up")
-            check("ip", "-n", name, "link", "set", "lo", "up")
-        probe = run(*n.prefix(n.outside), "nft", "list", "ruleset")
-        if probe.returncode != 0:
-            pytest.skip(f"nftables does not work in a namespace here: {probe.stderr.strip()}")
-        yield n
-    finally:
-        for proc in reversed(n.procs):
-            proc.stop(grace=3)
-        print("\n".join(proc.output() for proc in n.procs))  # shown when the test fails
-        for name in created:
-            for pid in run("ip", "netns", "pids", name).stdout.split():
-                try:  # only processes in our own namespaces: started by this test
-                    os.kill(int(pid), 9)
-                except (ProcessLookupError, ValueError):
-                    pass
-            run("ip", "netns", "del", name)
+    skip_unless_possible("partition tests")
+    with namespace_pair("p", SUBNET, Net, tmp=tmp_path) as pair:
+        yield pair
 
 
 @dataclass

@@ -1,0 +1,317 @@
+"""The LL's agent port: TLS, then either an agent's handshake (a control session), a
+data connection claiming a waiting client, or a ready data connection to keep.
+
+Every connection here is unauthenticated until its first exchange is done: admission
+control sheds the excess at random, a deadline bounds each, and any failure is one log
+line and one count, and closes that connection only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import logging
+import ssl
+from dataclasses import dataclass
+
+from tcpgc.agents import AgentRegistry, AgentSession
+from tcpgc.channel import FrameChannel
+from tcpgc.config import LLConfig
+from tcpgc.errors import PeerRefused, ProtocolError
+from tcpgc.guard import PendingHandshakes
+from tcpgc.identity import Identity
+from tcpgc.link import Link
+from tcpgc.memory import BurstTrimmer
+from tcpgc.metrics import Metrics, failure_reason
+from tcpgc.protocol.handshake import LLHandshake, error_code, pool_proof
+from tcpgc.protocol.messages import (
+    MAX_VERSION,
+    MIN_VERSION,
+    Data,
+    Error,
+    ErrorCode,
+    Hello,
+    OpenFailed,
+    Ping,
+    Pong,
+    Pool,
+)
+from tcpgc.tasks import TaskGroup
+
+log = logging.getLogger("tcpgc.ll")
+
+#: Ready data connections an LL keeps per agent at most (the agent asks for fewer).
+MAX_READY = 64
+
+#: First bytes of a TLS ClientHello, to tell a TLS agent talking to a plaintext LL.
+_TLS_RECORD = 0x16
+
+
+@dataclass(eq=False)
+class WaitingClient:
+    """A client whose agent was sent OPEN and has not claimed it yet."""
+
+    link: Link
+    service: str
+    agent: AgentSession
+    claimed: asyncio.Future[Link]
+
+
+class AgentPort:
+    """The agent-port half of the LL node (`tcpgc.ll.ListenNode`), which owns the state
+    declared here."""
+
+    config: LLConfig
+    identity: Identity | None
+    agents: AgentRegistry
+    metrics: Metrics
+    _tasks: TaskGroup
+    _waiting: dict[bytes, WaitingClient]
+    _secrets: dict[bytes, bytes]
+    _tls: ssl.SSLContext | None
+    _binding_of_context: dict[int, bytes]
+    _pending: PendingHandshakes
+    _trimmer: BurstTrimmer
+
+    def _agent_connected(self, link: Link) -> None:
+        for victim in self._pending.admit(link, link.peer_host):
+            assert isinstance(victim, Link)
+            self._handshake_failed(
+                victim,
+                "shed, too many unauthenticated connections "
+                f"({self.config.max_pending} pending at most, "
+                f"{self.config.max_pending_per_source} per source)",
+            )
+            victim.shed = True
+            victim.abort()
+        self._tasks.spawn(self._serve_agent_link(link), f"agent link {link.peer}")
+
+    async def _serve_agent_link(self, link: Link) -> None:
+        try:
+            session = await self._authenticate(link)
+        finally:
+            self._pending.release(link)
+        if session is not None:
+            await self._run_session(session)
+
+    async def _authenticate(self, link: Link) -> AgentSession | None:
+        """Take a new connection on the agent port through TLS and its first exchange.
+        Returns the session of an authenticated agent; a data connection is handed to
+        its client and None returned. Any failure is logged once and closes only it."""
+        channel: FrameChannel | None = None
+        try:
+            async with asyncio.timeout(self.config.handshake_timeout):
+                await link.ready
+                channel = FrameChannel(link)
+                first = await channel.recv()
+                if isinstance(first, Data):
+                    self._claim(first, channel)
+                    return None
+                if isinstance(first, Pool):
+                    self._park(first, channel)
+                    return None
+                if isinstance(first, Hello):
+                    return await self._handshake(first, channel)
+                if first is None:
+                    if not link.shed:
+                        self._handshake_failed(
+                            link,
+                            "closed before its first message "
+                            "(an agent refusing our certificate, or a port scan)",
+                        )
+                    link.abort()
+                    return None
+                raise ProtocolError(f"unexpected {first.TYPE.name} as first message")
+        except TimeoutError:
+            self._handshake_failed(
+                link, f"no complete handshake within {self.config.handshake_timeout:.1f} s"
+            )
+            link.abort()
+        except ProtocolError as exc:
+            reason = str(exc)
+            if self._tls is None and _looks_like_tls(exc):
+                reason = _transport_reason(exc, True)
+            self._handshake_failed(link, reason)
+            if channel is not None and not link.closed.done():
+                channel.send(Error(error_code(exc), _public_reason(exc)))
+                link.close()
+            else:
+                link.abort()
+        except (ssl.SSLError, OSError) as exc:
+            if not link.shed:
+                self._handshake_failed(link, _transport_reason(exc, self._tls is None))
+            link.abort()
+        return None
+
+    def _handshake_failed(self, link: Link, reason: str) -> None:
+        """One log line and one count per bad connection on the agent port."""
+        log.warning("handshake failed from %s: %s", link.peer, reason)
+        self._trimmer.failed()
+        self.metrics.child(self.metrics.handshake_failures, failure_reason(reason)).inc()
+
+    def _claim(self, data: Data, channel: FrameChannel) -> None:
+        if not MIN_VERSION <= data.version <= MAX_VERSION:
+            raise ProtocolError(f"data connection speaks version {data.version}")
+        waiting = self._waiting.pop(data.conn_id, None)
+        if waiting is None or waiting.claimed.done():
+            raise ProtocolError("unknown, expired or already used data connection id")
+        channel.detach()
+        waiting.claimed.set_result(channel.link)  # relayed by the client's task from here on
+
+    def _park(self, pool: Pool, channel: FrameChannel) -> None:
+        """Keep a ready data connection of an authenticated agent for a future client."""
+        session = self.agents.find(pool.agent_id)
+        if session is None:
+            raise ProtocolError("ready connection for an agent that has no session here")
+        expected = pool_proof(session.session_key, pool.agent_id, pool.counter)
+        if pool.counter <= session.ready_counter or not hmac.compare_digest(pool.proof, expected):
+            raise ProtocolError("ready connection with a bad or replayed proof")
+        session.ready_counter = pool.counter
+        if len(session.ready) >= MAX_READY:
+            session.ready.popleft().link.close()
+        session.ready.append(channel)
+
+    async def _handshake(self, hello: Hello, channel: FrameChannel) -> AgentSession:
+        link = channel.link
+        binding = self._binding_of_context.get(id(link.tls_context))
+        if binding is None:  # plaintext: bind to the identity the token names
+            assert self.identity is not None
+            binding = self.identity.fingerprint
+        handshake = LLHandshake(
+            self._secrets, heartbeat_ms=int(self.config.heartbeat * 1000), binding=binding
+        )
+        channel.send(handshake.receive(hello))
+        auth = await channel.recv()
+        if auth is None:
+            raise ProtocolError("connection closed during the handshake")
+        channel.send(handshake.receive(auth))
+        agent_id = handshake.agent_id.hex()[:12]
+        return AgentSession(
+            agent_id,
+            link.peer,
+            link.peer_host,
+            handshake.services,
+            channel,
+            raw_id=handshake.agent_id,
+            session_key=handshake.session_key,
+        )
+
+    async def _run_session(self, session: AgentSession) -> None:
+        link = session.channel.link
+        served = [s for s in session.services if s in self.config.services]
+        unknown = [s for s in session.services if s not in self.config.services]
+        log.info(
+            "agent %s connected from %s (services: %s)",
+            session.agent_id,
+            link.peer,
+            ", ".join(served),
+        )
+        if unknown:
+            log.warning(
+                "agent %s offers services this LL does not have: %s",
+                session.agent_id,
+                ", ".join(unknown),
+            )
+        # Registered for every service it offers, not only today's: a service added to
+        # this LL by a reload is served by the agents already connected.
+        stale = self.agents.add(session, session.services)
+        self.metrics.agents.set(len(self.agents))
+        if stale is not None:
+            log.info("agent %s: new session replaces the one from %s", session.agent_id, stale.peer)
+            stale.close()
+        heartbeat = self._tasks.spawn(self._heartbeat(session.channel), f"heartbeat {link.peer}")
+        try:
+            dead = await self._session_loop(session)
+        finally:
+            heartbeat.cancel()
+            self.agents.remove(session)
+            self.metrics.agents.set(len(self.agents))
+            session.close()  # with its ready connections, and those offered to clients
+            # Clients this agent was asked to take will not be claimed: try others.
+            for conn_id in list(session.pending):
+                waiting = self._waiting.get(conn_id)
+                if waiting is not None and not waiting.claimed.done():
+                    waiting.claimed.set_exception(
+                        PeerRefused(f"agent {session.agent_id} disconnected")
+                    )
+        if dead and session.relays:
+            # The link died silently: its data connections likely did too, and TCP
+            # alone could take many minutes to notice. End them now.
+            log.warning(
+                "closing %d connections carried by agent %s", len(session.relays), session.agent_id
+            )
+            for relay in list(session.relays):
+                relay.result.ended = "agent lost"
+                relay.close()
+
+    async def _session_loop(self, session: AgentSession) -> bool:
+        """Serve one agent's control messages; True if it ended by heartbeat timeout."""
+        channel = session.channel
+        while True:
+            try:
+                message = await channel.recv(within=3 * self.config.heartbeat)
+            except TimeoutError:
+                log.warning(
+                    "agent %s at %s silent for %.0f s: dropping it",
+                    session.agent_id,
+                    session.peer,
+                    3 * self.config.heartbeat,
+                )
+                return True
+            except ProtocolError as exc:
+                log.warning(
+                    "agent %s at %s sent a bad message: %s", session.agent_id, session.peer, exc
+                )
+                return False
+            if message is None:
+                log.info("agent %s at %s disconnected", session.agent_id, session.peer)
+                return False
+            if isinstance(message, Ping):
+                channel.send(Pong(message.token))
+            elif isinstance(message, Pong):
+                pass
+            elif isinstance(message, OpenFailed):
+                waiting = self._waiting.get(message.conn_id)
+                if waiting is not None and waiting.agent is session and not waiting.claimed.done():
+                    waiting.claimed.set_exception(
+                        PeerRefused(f"agent could not serve it: {message.reason}")
+                    )
+            else:
+                log.warning(
+                    "agent %s sent unexpected %s: closing its session",
+                    session.agent_id,
+                    message.TYPE.name,
+                )
+                channel.send(Error(ErrorCode.BAD_MESSAGE, f"unexpected {message.TYPE.name}"))
+                return False
+
+    async def _heartbeat(self, channel: FrameChannel) -> None:
+        for token in itertools.count():
+            await asyncio.sleep(self.config.heartbeat)
+            channel.send(Ping(token))
+
+
+def _looks_like_tls(exc: Exception) -> bool:
+    return f"unknown message type {_TLS_RECORD}" in str(exc)
+
+
+def _transport_reason(exc: BaseException, plaintext: bool) -> str:
+    if plaintext:
+        if isinstance(exc, ProtocolError) and _looks_like_tls(exc):
+            return (
+                "peer speaks TLS but this LL runs with --insecure-plaintext (both sides must agree)"
+            )
+        return str(exc)
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, ssl.SSLError) and "WRONG_VERSION_NUMBER" in text.upper():
+        return "peer does not speak TLS (an agent with --insecure-plaintext, or not a tcpgc agent)"
+    return f"TLS failed: {text}"
+
+
+def _public_reason(exc: ProtocolError) -> str:
+    """What an unauthenticated peer is told: enough to fix a setup, nothing more."""
+    code = error_code(exc)
+    if code == ErrorCode.AUTHENTICATION:
+        return "authentication failed: the agent's join token is not accepted by this LL"
+    return str(exc)
