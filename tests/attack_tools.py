@@ -33,6 +33,7 @@ from support import (
     Harness,
     Node,
     format_addr,
+    node_toml,
     parse_addr,
     recv_exactly,
     service_re,
@@ -68,25 +69,9 @@ PROMPT = 1.0
 # ---------------------------------------------------------------------------- config
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML for {value!r}")
-
-
 def write_toml(path: Path, top: dict[str, Any], services: dict[str, dict[str, Any]]) -> Path:
     """A node's config file: top-level keys, then one [services.NAME] table each."""
-    lines = [f"{key} = {_toml_value(value)}" for key, value in top.items()]
-    for name, body in services.items():
-        lines.append(f"\n[services.{name}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in body.items()]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(node_toml(top, services))
     return path
 
 

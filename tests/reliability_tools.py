@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from support import Process, connect, format_addr, recv_exactly
+from support import Process, connect, format_addr, node_toml, recv_exactly
 
 # Log lines of the reliability contract (searched, not full-line matched).
 RE_LL_SILENT = r"agent (?P<id>[0-9a-f]+) at (?P<addr>\S+) silent for (?P<s>[\d.]+) s: dropping it"
@@ -41,25 +41,9 @@ RE_RELOAD_REFUSED = r"reload refused, the running config stays: (?P<why>.*)"
 # ---------------------------------------------------------------------------- configs
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML for {value!r}")
-
-
 def toml(top: dict[str, object], services: dict[str, dict[str, object]]) -> str:
     """A node config: top-level keys, then one ``[services.NAME]`` table per service."""
-    lines = [f"{key} = {_toml_value(value)}" for key, value in top.items()]
-    for name, body in services.items():
-        lines += ["", f"[services.{name}]"]
-        lines += [f"{key} = {_toml_value(value)}" for key, value in body.items()]
-    return "\n".join(lines) + "\n"
+    return node_toml(top, services)
 
 
 def ll_config(

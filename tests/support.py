@@ -42,6 +42,27 @@ RE_CC_SERVER_DOWN = r"cannot reach server (?P<addr>\S+) for service '(?P<name>[^
 RE_LL_NO_AGENT = r"no agent for service '(?P<name>[^']+)'"
 
 
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def node_toml(top: dict[str, object], services: dict[str, dict[str, object]]) -> str:
+    """A node's config file: top-level keys, then one ``[services.NAME]`` table each."""
+    lines = [f"{key} = {_toml_value(value)}" for key, value in top.items()]
+    for name, body in services.items():
+        lines += ["", f"[services.{name}]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in body.items()]
+    return "\n".join(lines) + "\n"
+
+
 def service_re(name: str) -> str:
     """The LL's "service NAME listening for clients on ADDR" line for one service."""
     return rf"service '{re.escape(name)}' listening for clients on (?P<addr>\S+)"
