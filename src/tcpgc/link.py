@@ -29,6 +29,12 @@ PREATTACH_LIMIT = 64 * 1024
 #: the memory a slow reader can cost us (per direction).
 WRITE_HIGH_WATER = 512 * 1024
 
+#: Largest piece fed to a TLS memory BIO at once, which bounds what each BIO keeps
+#: allocated for the rest of the connection (OpenSSL never shrinks it).
+BIO_SLICE = 32 * 1024
+
+_MORE, _ENDED, _FAILED = object(), object(), object()
+
 #: How much decrypted data one SSLObject.read call returns at most.
 TLS_READ_SIZE = 64 * 1024
 
@@ -170,12 +176,32 @@ class Link(asyncio.Protocol):
         if self._ssl is None:
             self.handler.on_data(data)
             return
-        self._incoming.write(data)
-        if not self.ready.done():
-            self._handshake()
-            if not self.ready.done():
+        # The memory BIOs are fed a slice at a time: OpenSSL keeps a BIO's largest
+        # buffer for the life of the connection, so one 256 KiB read would otherwise
+        # pin 256 KiB per idle connection after any bulk transfer.
+        view = memoryview(data)
+        plain: list[bytes] = []
+        status = _MORE
+        for start in range(0, len(view), BIO_SLICE):
+            if self.transport is None or self.transport.is_closing():
                 return
-        self._read_tls()
+            self._incoming.write(view[start : start + BIO_SLICE])
+            if not self.ready.done():
+                self._handshake()
+                if not self.ready.done() or self.ready.exception() is not None:
+                    continue
+            status = self._decrypt(plain)
+            if status is not _MORE:
+                break
+        # Handed on as one chunk, so the peer gets one write, not one per 16 KiB record.
+        if plain:
+            self.handler.on_data(plain[0] if len(plain) == 1 else b"".join(plain))
+        if status is _FAILED:
+            self.reset()
+            return
+        if status is _ENDED:
+            self._got_eof()
+        self._flush()  # TLS 1.3 key updates and alerts are written during reads
 
     def eof_received(self) -> bool:
         if self._ssl is not None and not self.ready.done():
@@ -230,35 +256,21 @@ class Link(asyncio.Protocol):
             self.ready.exception()
         self.abort()
 
-    def _read_tls(self) -> None:
+    def _decrypt(self, plain: list[bytes]) -> object:
+        """Append every whole record's plaintext to `plain`; _MORE if more may come."""
         assert self._ssl is not None
-        # Each read returns at most one TLS record (16 KiB): gather them and hand them on
-        # as one chunk, so the peer gets one write instead of one per record.
-        chunks: list[bytes] = []
-        ended = failed = False
         while True:
             try:
                 chunk = self._ssl.read(TLS_READ_SIZE)
             except ssl.SSLWantReadError:
-                break
+                return _MORE
             except ssl.SSLZeroReturnError:
-                ended = True
-                break
+                return _ENDED
             except ssl.SSLError:
-                failed = True
-                break
+                return _FAILED
             if not chunk:
-                ended = True
-                break
-            chunks.append(chunk)
-        if chunks:
-            self.handler.on_data(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-        if failed:
-            self.reset()
-            return
-        if ended:
-            self._got_eof()
-        self._flush()  # TLS 1.3 session tickets and key updates are written during reads
+                return _ENDED
+            plain.append(chunk)
 
     def _flush(self) -> None:
         if (
@@ -346,12 +358,16 @@ class Link(asyncio.Protocol):
         if self._ssl is None:
             self.transport.write(data)
             return
+        view = memoryview(data)
+        records: list[bytes] = []
         try:
-            self._ssl.write(data)
+            for start in range(0, len(view), BIO_SLICE):  # see data_received
+                self._ssl.write(view[start : start + BIO_SLICE])
+                records.append(self._outgoing.read())
         except ssl.SSLError:
             self.reset()
             return
-        self._flush()
+        self.transport.write(records[0] if len(records) == 1 else b"".join(records))
 
     def write_eof(self) -> None:
         """Half-close: the peer sees the end of our stream, and we keep reading."""
