@@ -290,10 +290,6 @@ class Link(asyncio.Protocol):
         """The context in use: after SNI selection, the one that was chosen."""
         return self._ssl.context if self._ssl is not None else None
 
-    @property
-    def tls_version(self) -> str | None:
-        return self._ssl.version() if self._ssl is not None else None
-
     # ---- what handlers call ----------------------------------------------------------
 
     def _got_eof(self) -> None:

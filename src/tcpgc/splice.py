@@ -76,10 +76,6 @@ class PipePool:
             os.close(pipe[0])
             os.close(pipe[1])
 
-    @property
-    def idle(self) -> int:
-        return len(self._idle)
-
 
 PIPES = PipePool()
 
