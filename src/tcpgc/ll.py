@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
 import secrets
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -468,12 +470,27 @@ async def _listen(
     factory: Callable[[], asyncio.BaseProtocol], address: Address, what: str
 ) -> asyncio.Server:
     loop = asyncio.get_running_loop()
-    try:
-        return await loop.create_server(
-            factory, address.bind_host, address.port, reuse_address=True, backlog=1024
-        )
-    except OSError as exc:
-        raise UsageError(f"cannot listen on {address} for {what}: {exc.strerror or exc}") from None
+    tries = 1
+    port = address.port
+    if address.bind_host is None and port == 0:
+        # Both families on any free port: the same one for both, or a client would
+        # need to know which family it was given.
+        tries = 5
+    for attempt in range(tries):
+        if tries > 1:
+            with socket.socket() as probe:
+                probe.bind(("", 0))
+                port = probe.getsockname()[1]
+        try:
+            return await loop.create_server(
+                factory, address.bind_host, port, reuse_address=True, backlog=1024
+            )
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE and attempt + 1 < tries:
+                continue  # taken in between by someone else: pick another
+            reason = exc.strerror or exc
+            raise UsageError(f"cannot listen on {address} for {what}: {reason}") from None
+    raise AssertionError("unreachable")
 
 
 def _bound(server: asyncio.Server, wanted: Address) -> Address:
