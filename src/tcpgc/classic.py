@@ -33,8 +33,8 @@ from typing import Any
 
 from tcpgc.config import DEFAULT_SERVICE, Address, CCConfig, LLConfig
 from tcpgc.errors import UsageError
-from tcpgc.link import Link
-from tcpgc.relay import Relay, RelayResult
+from tcpgc.link import Link, _HandedOver
+from tcpgc.relay import RelayResult
 from tcpgc.splice import AnyRelay, start_relay
 from tcpgc.tasks import TaskGroup
 
@@ -365,12 +365,29 @@ class _LLLink(Link):
 
     def __init__(self) -> None:
         super().__init__()
-        self.spoke: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.spoke: asyncio.Future[None] = loop.create_future()
+        #: The LL connection ended (`closed` resolves when the splice relay takes the
+        #: socket over; this one only when the connection is really gone).
+        self.gone: asyncio.Future[None] = loop.create_future()
 
-    def data_received(self, data: bytes) -> None:
+    def heard(self) -> None:
         if not self.spoke.done():
             self.spoke.set_result(None)
+
+    def ended(self, _: object = None) -> None:
+        if not self.gone.done():
+            self.gone.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.heard()
         super().data_received(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        handed_over = isinstance(self.handler, _HandedOver)
+        super().connection_lost(exc)
+        if not handed_over:
+            self.ended()
 
 
 class ClassicConnectNode:
@@ -450,7 +467,7 @@ class ClassicConnectNode:
             self._silent.add(link)
             heard = functools.partial(self._heard, link)
             link.spoke.add_done_callback(heard)
-            link.closed.add_done_callback(heard)
+            link.gone.add_done_callback(heard)
             self._tasks.spawn(self._carry(link), f"classic connection {link.peer}")
             # One unconfirmed connection at a time. Dialing again at once, before the LL
             # has paired this one, lands in its backlog just before it closes the port,
@@ -459,11 +476,11 @@ class ClassicConnectNode:
             # waiting), closes it (nobody was: back to polling), or CONFIRM_GRACE passes
             # (a client silent until a server-first banner reaches it).
             await asyncio.wait(
-                [link.spoke, link.closed],
+                [link.spoke, link.gone],
                 timeout=CONFIRM_GRACE,
                 return_when=asyncio.FIRST_COMPLETED,
             )
-            if link.closed.done() and not link.spoke.done():
+            if link.gone.done() and not link.spoke.done():
                 await asyncio.sleep(self.config.interval)
 
     async def _carry(self, link: _LLLink) -> None:
@@ -484,9 +501,10 @@ class ClassicConnectNode:
             link.abort()
             raise
         self.served += 1
-        # The buffered relay: `_LLLink` must keep seeing the LL's bytes (its first one
-        # tells that a client is behind the connection), which splice would bypass.
-        relay = Relay(server_link, link)
+        # The LL's first byte tells that a client is behind the connection: the relay
+        # reports it (with splice, the bytes never pass through `_LLLink`).
+        relay = start_relay(server_link, link, on_first_b_to_a=link.heard)
+        relay.done.add_done_callback(link.ended)
         self._relays.add(relay)
         try:
             result: RelayResult = await relay.done

@@ -20,6 +20,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 from tcpgc.link import Link
 from tcpgc.relay import Relay, RelayResult, _Counter
@@ -186,6 +187,8 @@ class _Direction:
         if self.a_to_b:
             result.bytes_a_to_b += n
         else:
+            if not result.bytes_b_to_a and self.relay.on_first_b_to_a is not None:
+                self.relay.on_first_b_to_a()
             result.bytes_b_to_a += n
         if self.counter is not None:
             self.counter.inc(n)
@@ -232,6 +235,8 @@ class SpliceRelay:
         self.result = RelayResult()
         self.done: asyncio.Future[RelayResult] = self.loop.create_future()
         self.finished = False
+        #: Called once, when the first bytes from `b` have been moved on.
+        self.on_first_b_to_a: Callable[[], None] | None = None
         handed_a = a.hand_over()
         handed_b = b.hand_over()
         assert handed_a is not None and handed_b is not None
@@ -286,9 +291,12 @@ def start_relay(
     b: Link,
     count_a_to_b: _Counter | None = None,
     count_b_to_a: _Counter | None = None,
+    on_first_b_to_a: Callable[[], None] | None = None,
 ) -> AnyRelay:
     """The fastest relay the two links allow: splice(2) for plain TCP on Linux, the
     buffered relay otherwise (TLS, or TCPGC_NO_SPLICE=1 set to compare the two)."""
     if can_splice(a, b) and not os.environ.get("TCPGC_NO_SPLICE"):
-        return SpliceRelay(a, b, count_a_to_b, count_b_to_a)
+        relay = SpliceRelay(a, b, count_a_to_b, count_b_to_a)
+        relay.on_first_b_to_a = on_first_b_to_a
+        return relay
     return Relay(a, b, count_a_to_b, count_b_to_a)
