@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from support import ThreadedServer
+
 REPO = Path(__file__).resolve().parents[1]
 SOCAT = "socat"
 TEN_MB = 10 * 1024 * 1024
@@ -175,55 +177,28 @@ def free_port() -> int:
 # ---- servers -------------------------------------------------------------------------
 
 
-class Server:
-    """A threaded TCP server on 127.0.0.1 that counts the connections it accepts."""
+class Server(ThreadedServer):
+    """A threaded TCP server on 127.0.0.1 running `handler` per connection, counting
+    the connections it accepts."""
 
     def __init__(self, handler: Callable[[socket.socket], None]) -> None:
+        super().__init__()
         self.handler = handler
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
-        self.sock.settimeout(0.1)
-        self.port = int(self.sock.getsockname()[1])
-        self.accepted = 0
-        self._conns: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
+        self.start()
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            conn.settimeout(30)
-            with self._lock:
-                self.accepted += 1
-                self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+    @property
+    def port(self) -> int:
+        return self.addr[1]
 
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            self.handler(conn)
-        except OSError:
-            pass
-        finally:
-            with self._lock:
-                self._conns.discard(conn)
-            conn.close()
+    @property
+    def accepted(self) -> int:
+        return self.connections
+
+    def handle(self, conn: socket.socket) -> None:
+        self.handler(conn)
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
-        with self._lock:
-            for conn in self._conns:
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        self.stop()
 
 
 def echo(conn: socket.socket) -> None:
