@@ -407,7 +407,10 @@ class ConnectNode:
             return
         if isinstance(message, Open):
             # Its own task: ending the session must not cut the client it now carries.
-            self._tasks.spawn(self._open(address, channel, message, ready=True), "open")
+            opening = self._tasks.spawn(self._open(address, channel, message, ready=True), "open")
+            # The replacement is dialed once this client is answered: dialed now, its
+            # connect and the LL's accept would sit on the client's critical path.
+            await asyncio.wait([opening])
         else:
             channel.link.close()
 
