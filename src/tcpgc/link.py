@@ -341,7 +341,8 @@ class Link(asyncio.Protocol):
             return None
         assert self.transport is not None and isinstance(self.handler, _Buffer)
         raw = self.transport.get_extra_info("socket")
-        sock = socket.socket(fileno=os.dup(raw.fileno()))
+        # Family, type and protocol given: otherwise the socket asks the kernel for each.
+        sock = socket.socket(raw.family, raw.type, raw.proto, fileno=os.dup(raw.fileno()))
         sock.setblocking(False)
         buffered = self.handler
         self.handler = _HandedOver()
