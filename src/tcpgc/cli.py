@@ -40,6 +40,7 @@ from tcpgc.identity import (
 )
 from tcpgc.ll import ListenNode
 from tcpgc.logs import setup_logging
+from tcpgc.memory import tune_allocator
 
 EXIT_USAGE = 2
 
@@ -395,6 +396,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         return _check(args)
     setup_logging(args.log_level, args.log_format)
     raise_fd_limit()
+    tune_allocator()
     if getattr(args, "classic", False):
         from tcpgc.classic import run_classic
 
