@@ -255,3 +255,23 @@ def stop_all() -> None:
             proc.stop(grace=2.0)
         except Exception as exc:  # noqa: BLE001 - cleanup goes on for the others
             print(f"cleanup of {proc.name} failed: {exc}")
+
+
+def _cpu_times() -> tuple[int, int]:
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_quiet(busy_below: float = 0.15, window: float = 0.5, limit: float = 30.0) -> float:
+    """Wait until the machine is idle (what the previous system left behind, such as
+    sshd closing thousands of channels, must not be measured against the next one).
+    Returns the seconds waited; gives up after `limit`."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        busy0, total0 = _cpu_times()
+        time.sleep(window)
+        busy1, total1 = _cpu_times()
+        if total1 > total0 and (busy1 - busy0) / (total1 - total0) < busy_below:
+            break
+    return time.monotonic() - started

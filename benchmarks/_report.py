@@ -6,7 +6,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-ORDER = ["direct", "socat", "ssh", "tls", "plain", "classic"]
+ORDER = ["direct", "socat", "ssh", "tls", "plain", "classic", "tls-asyncio", "plain-asyncio"]
+#: measured for a few figures only, to compare event loops: tables, not the chart
+LOOP_VARIANTS = {"tls-asyncio": "tls", "plain-asyncio": "plain"}
 SHORT = {
     "direct": "direct",
     "socat": "socat pair",
@@ -14,6 +16,8 @@ SHORT = {
     "tls": "tcpgc TLS",
     "plain": "tcpgc plaintext",
     "classic": "tcpgc classic",
+    "tls-asyncio": "tcpgc TLS (asyncio loop)",
+    "plain-asyncio": "tcpgc plaintext (asyncio loop)",
 }
 
 
@@ -232,6 +236,27 @@ def tables(doc: dict[str, Any]) -> str:
                 for path in (("iperf_1", "gbit_s"), ("iperf_4", "gbit_s"), ("rate", "per_s"))
             ]
             rl.append(f"| {SHORT[a]} ÷ {SHORT[b]} | {' | '.join(cells)} | {held} |")
+    variants = [(k, base) for k, base in LOOP_VARIANTS.items()
+                if k in doc["systems"] and base in doc["systems"]]  # fmt: skip
+    if variants:
+        loop = doc.get("tcpgc_loop", "uvloop")
+        rl += [
+            "",
+            f"| {loop} ÷ asyncio loop | new conn/s | CPU ms/conn | connect+echo p50 | "
+            "connect+echo p99 |",
+            "|---|---|---|---|---|",
+        ]
+        for k, base in variants:
+            cells = [
+                _ratio(v(base, *path), v(k, *path))
+                for path in (
+                    ("rate", "per_s"),
+                    ("rate", "cpu_ms_per_conn"),
+                    ("connect", "p50_ms"),
+                    ("connect", "p99_ms"),
+                )  # fmt: skip
+            ]
+            rl.append(f"| {SHORT[base]} | {' | '.join(cells)} |")
     if "direct" in doc["systems"]:
         rl += [
             "",
@@ -270,7 +295,7 @@ def chart(doc: dict[str, Any], path: Path) -> bool:
     except ImportError:
         print("no matplotlib: no chart (pip install matplotlib)")
         return False
-    keys = [k for k in ORDER if k in doc["systems"]]
+    keys = [k for k in ORDER if k in doc["systems"] and k not in LOOP_VARIANTS]
     names = [SHORT[k] for k in keys]
     x = list(range(len(keys)))
     colors = {"direct": "#999999", "socat": "#d62728", "ssh": "#ff7f0e", "tls": "#1f77b4",
@@ -363,7 +388,8 @@ def update_doc(path: Path, doc: dict[str, Any], tables_md: str) -> bool:
         f"{BEGIN}\n"
         f"Run of {doc['started']} (`{doc['command']}`, {doc['seconds']:.0f} s): "
         f"{m['nproc']} × {m['cpu']}, {m['memory_gib']} GiB, Linux {m['kernel']}, "
-        f"Python {m['python']}; {m['socat']}; {m['openssh']}; {m['iperf3']}. "
+        f"Python {m['python']}; {m['socat']}; {m['openssh']}; {m['iperf3']}; "
+        f"tcpgc on {doc.get('tcpgc_loop', 'asyncio')}. "
         f"Load average before {doc['load_before']}, after {doc['load_after']}.\n\n"
         f"{tables_md}\n{END}"
     )

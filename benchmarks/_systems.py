@@ -22,8 +22,13 @@ def tcpgc_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "tcpgc", *args]
 
 
-def tcpgc_env(token: str | None = None) -> dict[str, str]:
+def tcpgc_env(token: str | None = None, loop: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    # the event loop a plain install picks (uvloop when the `fast` extra is there),
+    # unless a system asks for one
+    env.pop("TCPGC_LOOP", None)
+    if loop:
+        env["TCPGC_LOOP"] = loop
     # the working tree is what is measured, whatever is installed
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
@@ -37,6 +42,8 @@ def tcpgc_env(token: str | None = None) -> dict[str, str]:
 class System:
     key = ""
     label = ""
+    #: the figures measured; None: all of them
+    figures: tuple[str, ...] | None = None
     #: which processes are "LL" and "CC" for the fd census
     nodes: dict[str, Proc]
 
@@ -207,6 +214,7 @@ class SshR(System):
 class Tcpgc(System):
     plaintext = False
     classic = False
+    loop: str | None = None
 
     def start(self, target: int) -> Addr:
         self.runs += 1
@@ -239,7 +247,7 @@ class Tcpgc(System):
                 *mode,
                 *ll_extra,
             ),  # fmt: skip
-            env=tcpgc_env(),
+            env=tcpgc_env(loop=self.loop),
         )
         wait_listening(clients, 20, ll)
         cc = self._spawn(
@@ -247,7 +255,7 @@ class Tcpgc(System):
             tcpgc_argv(
                 "cc", "--ll", f"{LOCAL}:{agents}", "--server", f"{LOCAL}:{target}", *mode
             ),  # fmt: skip
-            env=tcpgc_env(token),
+            env=tcpgc_env(token, self.loop),
         )
         self.nodes = {"LL": ll, "CC": cc}
         if not self.classic:
@@ -275,7 +283,41 @@ class TcpgcClassic(Tcpgc):
     classic = True
 
 
-ALL = [Direct, SocatPair, SshR, TcpgcTLS, TcpgcPlain, TcpgcClassic]
+class TcpgcTLSAsyncio(TcpgcTLS):
+    """The same nodes on the standard asyncio loop: shows what uvloop brings."""
+
+    key = "tls-asyncio"
+    label = "tcpgc TLS, asyncio loop"
+    loop = "asyncio"
+    figures = ("connect", "rr", "rate")
+
+
+class TcpgcPlainAsyncio(TcpgcPlain):
+    key = "plain-asyncio"
+    label = "tcpgc --insecure-plaintext, asyncio loop"
+    loop = "asyncio"
+    figures = ("connect", "rr", "rate")
+
+
+ALL = [
+    Direct,
+    SocatPair,
+    SshR,
+    TcpgcTLS,
+    TcpgcPlain,
+    TcpgcClassic,
+    TcpgcTLSAsyncio,
+    TcpgcPlainAsyncio,
+]
+
+
+def tcpgc_loop() -> str:
+    """The event loop `tcpgc` runs on here by default."""
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    return f"uvloop {uvloop.__version__}"
 
 
 def classic_available() -> bool:

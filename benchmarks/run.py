@@ -38,8 +38,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _load  # noqa: E402
 import _report  # noqa: E402
-from _procs import Proc, cpu_seconds, fd_kinds, memory, raise_nofile, stop_all, wait_listening  # noqa: E402
-from _systems import ALL, ROOT, System, classic_available, missing_tools  # noqa: E402
+from _procs import (  # noqa: E402
+    Proc,
+    cpu_seconds,
+    fd_kinds,
+    memory,
+    raise_nofile,
+    stop_all,
+    wait_listening,
+    wait_quiet,
+)
+from _systems import ALL, ROOT, System, classic_available, missing_tools, tcpgc_loop  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -160,8 +169,11 @@ def probe(addr: tuple[str, int], timeout: float) -> str | None:
 
 def measure_system(system: System, p: dict[str, Any], echo: int, workdir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"label": system.label}
+    wanted = system.figures
 
     def step(name: str, fn: Any, *args: Any) -> None:
+        if wanted is not None and name not in wanted:
+            return
         if not system.alive():
             out[name] = {"error": f"system died: {system.dead()}"}
             return
@@ -175,6 +187,8 @@ def measure_system(system: System, p: dict[str, Any], echo: int, workdir: Path) 
         print(f"  {name:<10} {_report.brief(name, out[name])}", flush=True)
 
     # ---- throughput, in front of iperf3
+    if wanted is not None and not {"iperf_1", "iperf_4"} & set(wanted):
+        return _echo_phase(system, p, echo, out, step)
     iperf_server, iperf = start_iperf3(workdir)
     try:
         addr = system.start(iperf)
@@ -188,8 +202,14 @@ def measure_system(system: System, p: dict[str, Any], echo: int, workdir: Path) 
         system.stop()
         iperf_server.stop()
     time.sleep(0.5)
+    return _echo_phase(system, p, echo, out, step)
 
-    # ---- everything else, in front of the echo server
+
+def _echo_phase(
+    system: System, p: dict[str, Any], echo: int, out: dict[str, Any], step: Any
+) -> dict[str, Any]:
+    """Everything but throughput, in front of the echo server."""
+    wait_quiet()
     try:
         addr = system.start(echo)
         problem = probe(addr, 15)
@@ -201,7 +221,7 @@ def measure_system(system: System, p: dict[str, Any], echo: int, workdir: Path) 
         step("rr", _load.request_response, addr, p["rr_count"], p["rr_budget"])
         cpu0 = cpu_seconds(system.roots())
         step("rate", _load.conn_rate, addr, p["rate_seconds"], p["rate_concurrency"])
-        if out["rate"].get("ok") and system.roots():
+        if out.get("rate", {}).get("ok") and system.roots():
             cpu = cpu_seconds(system.roots()) - cpu0
             out["rate"]["system_cpu_s"] = cpu
             out["rate"]["cpu_ms_per_conn"] = cpu * 1000 / out["rate"]["ok"]
@@ -283,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         print("tcpgc ll --help has no --classic: skipping classic")
         chosen = [s for s in chosen if s.key != "classic"]
 
+    if tcpgc_loop() == "asyncio":
+        skipped = [s.key for s in chosen if s.key.endswith("-asyncio")]
+        if skipped:
+            print(f"uvloop is not installed (pip install '.[fast]'): tcpgc runs on asyncio "
+                  f"anyway, so {', '.join(skipped)} would repeat it: skipped")  # fmt: skip
+            chosen = [s for s in chosen if s.key not in skipped]
     started = datetime.datetime.now(datetime.UTC)
     doc: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"),
@@ -292,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "params": params,
         "machine": machine(),
+        "tcpgc_loop": tcpgc_loop(),
         "load_before": loadavg(),
         "systems": {},
     }
@@ -305,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         echo = start_echo(workdir)
         for cls in chosen:
             system = cls(workdir)
-            print(f"== {system.label}", flush=True)
+            quiet = wait_quiet()
+            print(f"== {system.label} (after {quiet:.1f} s waiting for an idle machine)",
+                  flush=True)  # fmt: skip
             s0 = time.monotonic()
             doc["systems"][system.key] = measure_system(system, params, echo, workdir)
             doc["systems"][system.key]["seconds"] = round(time.monotonic() - s0, 1)
