@@ -165,12 +165,33 @@ class AgentPort:
         if session is None:
             raise ProtocolError("ready connection for an agent that has no session here")
         expected = pool_proof(session.session_key, pool.agent_id, pool.counter)
-        if pool.counter <= session.ready_counter or not hmac.compare_digest(pool.proof, expected):
+        # The proof first: only proven numbers may move the replay window.
+        if not hmac.compare_digest(pool.proof, expected) or not session.offers.accept(pool.counter):
             raise ProtocolError("ready connection with a bad or replayed proof")
-        session.ready_counter = pool.counter
         if len(session.ready) >= MAX_READY:
             session.ready.popleft().link.close()
         session.ready.append(channel)
+
+    def _data_connection_idle(self, link: Link) -> None:
+        """A reusable data connection whose client is done: the agent offers it again
+        (a new POOL frame) or closes it."""
+        self._tasks.spawn(self._await_offer(link), f"used data connection {link.peer}")
+
+    async def _await_offer(self, link: Link) -> None:
+        channel = FrameChannel(link)
+        try:
+            async with asyncio.timeout(self.config.handshake_timeout):
+                message = await channel.recv()
+            if message is None:
+                link.close()  # the agent has enough ready connections
+            elif isinstance(message, Pool):
+                self._park(message, channel)
+            else:
+                raise ProtocolError(f"unexpected {message.TYPE.name} on a used data connection")
+        except (TimeoutError, ProtocolError, ssl.SSLError, OSError) as exc:
+            reason = str(exc) or "no offer in time"
+            log.warning("used data connection from %s dropped: %s", link.peer, reason)
+            link.abort()
 
     async def _handshake(self, hello: Hello, channel: FrameChannel) -> AgentSession:
         link = channel.link

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from tcpgc.channel import FrameChannel
+from tcpgc.protocol.replay import ReplayWindow
 from tcpgc.splice import AnyRelay
 
 log = logging.getLogger("tcpgc.ll")
@@ -28,9 +29,9 @@ class AgentSession:
     #: The agent's full id and the key its ready data connections prove (see Pool).
     raw_id: bytes = b""
     session_key: bytes = b""
-    #: Ready data connections, oldest first, and the highest counter seen on one.
+    #: Ready data connections, oldest first, and the offer numbers already accepted.
     ready: collections.deque[FrameChannel] = field(default_factory=collections.deque)
-    ready_counter: int = 0
+    offers: ReplayWindow = field(default_factory=ReplayWindow)
     #: Ready connections taken for a client and not answered yet.
     offered: set[FrameChannel] = field(default_factory=set)
     #: False once the session has ended: nothing more is to be asked of this agent.

@@ -17,9 +17,11 @@ import random
 import secrets
 import ssl
 import time
+from functools import partial
 from typing import Any
 
 from tcpgc.channel import FrameChannel
+from tcpgc.chunked import ChunkedRelay
 from tcpgc.config import Address, CCConfig
 from tcpgc.errors import PeerRefused, ProtocolError, TcpgcError, UsageError
 from tcpgc.identity import JoinToken, agent_context, format_fingerprint, pin_server_name
@@ -57,6 +59,31 @@ class HeartbeatLost(TcpgcError):
     pass
 
 
+#: Ready data connections kept per LL at most, counting those given back by their
+#: clients (the LL keeps as many per agent).
+MAX_READY = 64
+
+
+class _ReadyPool:
+    """The ready data connections of one session to one LL, and their numbering."""
+
+    def __init__(self, handshake: AgentHandshake) -> None:
+        self.handshake = handshake
+        self.counter = 0
+        self.ready: set[asyncio.Task[Any]] = set()
+        self.refill = asyncio.Event()
+        self.open = True
+
+    def offer(self, link: Link) -> FrameChannel:
+        """Offer `link` to the LL as ready (a POOL frame). Numbered when sent, so the
+        numbers leave in order whichever connection carries them."""
+        self.counter += 1
+        agent_id, key = self.handshake.agent_id, self.handshake.session_key
+        channel = FrameChannel(link)
+        channel.send(Pool(agent_id, self.counter, pool_proof(key, agent_id, self.counter)))
+        return channel
+
+
 class ConnectNode:
     """The CC node. Use as ``async with ConnectNode(config, token) as node:``; it keeps
     one session per LL address, reconnecting with backoff, until closed."""
@@ -83,7 +110,7 @@ class ConnectNode:
         self._sessions: dict[Address, asyncio.Task[Any]] = {}
         self._relays: dict[Address, set[AnyRelay]] = {}
         self._opening = 0
-        self._ready: dict[Address, int] = {}  # ready data connections per LL
+        self._pools: dict[Address, _ReadyPool] = {}
         self._relay_info: dict[AnyRelay, tuple[str, str]] = {}  # service, client
         self._idle = asyncio.Event()
         self._idle.set()
@@ -344,16 +371,15 @@ class ConnectNode:
 
     async def _keep_ready(self, address: Address, handshake: AgentHandshake) -> None:
         """Keep `pool_size` authenticated data connections open to the LL, so a new
-        client costs no connection set-up on the LL-CC leg."""
-        counter = 0
-        ready: set[asyncio.Task[Any]] = set()
-        refill = asyncio.Event()
+        client costs no connection set-up on the LL-CC leg. Over TLS, connections whose
+        client is done come back to the pool (see `_reuse`)."""
+        pool = self._pools[address] = _ReadyPool(handshake)
+        ready, refill = pool.ready, pool.refill
         delay = self.config.reconnect_min
         try:
             while True:
                 while len(ready) < self.config.pool_size:
-                    counter += 1
-                    opening = asyncio.ensure_future(self._open_ready(address, handshake, counter))
+                    opening = asyncio.ensure_future(self._open_ready(address, pool))
                     try:
                         channel = await asyncio.shield(opening)
                     except asyncio.CancelledError:
@@ -370,29 +396,42 @@ class ConnectNode:
                         delay = min(delay * 2, self.config.reconnect_max)
                         continue
                     delay = self.config.reconnect_min
-                    task = self._tasks.spawn(self._wait_ready(address, channel), "ready connection")
-                    ready.add(task)
-                    task.add_done_callback(ready.discard)
-                    task.add_done_callback(lambda _: refill.set())
-                self._ready[address] = len(ready)
-                self.metrics.pool_size.set(sum(self._ready.values()))
+                    self._add_ready(address, pool, channel)
+                self._count_ready()
                 await refill.wait()
                 refill.clear()
         finally:
+            pool.open = False
             for task in ready:
                 task.cancel()
-            self._ready.pop(address, None)
-            self.metrics.pool_size.set(sum(self._ready.values()))
+            if self._pools.get(address) is pool:
+                del self._pools[address]
+            self._count_ready()
 
-    async def _open_ready(
-        self, address: Address, handshake: AgentHandshake, counter: int
-    ) -> FrameChannel:
+    def _count_ready(self) -> None:
+        self.metrics.pool_size.set(sum(len(p.ready) for p in self._pools.values()))
+
+    def _add_ready(self, address: Address, pool: _ReadyPool, channel: FrameChannel) -> None:
+        task = self._tasks.spawn(self._wait_ready(address, channel), "ready connection")
+        pool.ready.add(task)
+        task.add_done_callback(pool.ready.discard)
+        task.add_done_callback(lambda _: pool.refill.set())
+
+    async def _open_ready(self, address: Address, pool: _ReadyPool) -> FrameChannel:
         async with asyncio.timeout(self.config.connect_timeout):
             link, _ = await self._dial_ll(address)
-        channel = FrameChannel(link)
-        proof = pool_proof(handshake.session_key, handshake.agent_id, counter)
-        channel.send(Pool(handshake.agent_id, counter, proof))
-        return channel
+        return pool.offer(link)
+
+    def _reuse(self, address: Address, link: Link) -> None:
+        """A data connection whose client is done: offer it to the LL again, which saves
+        the next client a TCP and a TLS handshake, or close it if the pool is full."""
+        pool = self._pools.get(address)
+        if pool is None or not pool.open or len(pool.ready) >= MAX_READY:
+            link.close()
+            return
+        self._add_ready(address, pool, pool.offer(link))
+        self.metrics.reused.inc()
+        self._count_ready()
 
     async def _wait_ready(self, address: Address, channel: FrameChannel) -> None:
         """One ready connection: wait for its OPEN, serve it; replaced after pool_ttl
@@ -520,12 +559,14 @@ class ConnectNode:
         data_link.write(encode(Data(MAX_VERSION, request.conn_id)))
         self.metrics.child(self.metrics.clients_accepted, request.service).inc()
         counted = self.metrics.bytes
-        return start_relay(
-            server_link,
-            data_link,
+        counters = (
             self.metrics.child(counted, request.service, "out"),
             self.metrics.child(counted, request.service, "in"),
         )
+        if ready and self._tls is not None:
+            # A ready connection over TLS carries the client chunked, and is reused.
+            return ChunkedRelay(server_link, data_link, *counters, on_idle=partial(self._reuse, ll))
+        return start_relay(server_link, data_link, *counters)
 
 
 def _format_endpoint(host: str, port: int) -> str:

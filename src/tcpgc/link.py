@@ -349,7 +349,7 @@ class Link(asyncio.Protocol):
         self.transport.abort()
         return sock, bytes(buffered.data), buffered.eof
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self.transport is None or self.transport.is_closing() or self.sent_eof:
             return
         if self._ssl is None:

@@ -27,6 +27,7 @@ from typing import Any
 
 from tcpgc.agent_port import AgentPort, WaitingClient
 from tcpgc.agents import AgentRegistry, AgentSession
+from tcpgc.chunked import ChunkedRelay
 from tcpgc.config import Address, LLConfig, ServiceListener
 from tcpgc.errors import PeerRefused, ProtocolError, UsageError
 from tcpgc.guard import PendingHandshakes
@@ -312,7 +313,7 @@ class ListenNode(AgentPort):
         if not any(s.clients for s in self.services.values()):
             self._no_clients.set()
 
-    async def _pair(self, service: str, link: Link) -> tuple[Link, AgentSession] | None:
+    async def _pair(self, service: str, link: Link) -> tuple[Link, AgentSession, bool] | None:
         """Find an agent that claims this client; try the next agent if one cannot."""
         loop = asyncio.get_running_loop()
         arrived = loop.time()
@@ -340,7 +341,8 @@ class ListenNode(AgentPort):
                 continue
             if ready is not None:
                 self.metrics.child(self.metrics.data_wait, service).observe(loop.time() - arrived)
-                return ready, agent
+                # A ready connection over TLS carries the client chunked, and is reused.
+                return ready, agent, self._tls is not None
             if closed.done():
                 break
             if not agent.alive:  # lost while we offered: try another
@@ -361,7 +363,7 @@ class ListenNode(AgentPort):
                     self.metrics.child(self.metrics.data_wait, service).observe(
                         loop.time() - arrived
                     )
-                    return data_link, agent
+                    return data_link, agent, False
                 if not closed.done():
                     reason = f"agent {agent.agent_id} did not take it in time"
             except PeerRefused as exc:
@@ -423,14 +425,16 @@ class ListenNode(AgentPort):
             # Closed before answering (replaced, or broken): try the next one.
         return None
 
-    def _relay(self, service: Service, link: Link, data_link: Link, agent: AgentSession) -> None:
+    def _relay(
+        self, service: Service, link: Link, data_link: Link, agent: AgentSession, reusable: bool
+    ) -> None:
         m = self.metrics
-        relay = start_relay(
-            link,
-            data_link,
-            m.child(m.bytes, service.name, "in"),
-            m.child(m.bytes, service.name, "out"),
-        )
+        counters = (m.child(m.bytes, service.name, "in"), m.child(m.bytes, service.name, "out"))
+        relay: AnyRelay
+        if reusable:
+            relay = ChunkedRelay(link, data_link, *counters, on_idle=self._data_connection_idle)
+        else:
+            relay = start_relay(link, data_link, *counters)
         service.relays.add(relay)
         agent.relays.add(relay)
         active = m.child(m.clients_active, service.name)

@@ -64,6 +64,11 @@ class Metrics:
         self.pool_size = Gauge(
             "tcpgc_pool_size", "Ready data connections held for new clients", registry=r
         )
+        self.reused = Counter(
+            "tcpgc_data_connections_reused",
+            "TLS data connections offered again after their client was done",
+            registry=r,
+        )
 
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, cached: prometheus-client's lookup costs tens of

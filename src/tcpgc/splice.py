@@ -22,6 +22,7 @@ import struct
 import time
 from collections.abc import Callable
 
+from tcpgc.chunked import ChunkedRelay
 from tcpgc.link import Link
 from tcpgc.relay import Relay, RelayResult, _Counter
 
@@ -283,7 +284,7 @@ def can_splice(a: Link, b: Link) -> bool:
     return AVAILABLE and a.can_hand_over() and b.can_hand_over()
 
 
-AnyRelay = Relay | SpliceRelay
+AnyRelay = Relay | SpliceRelay | ChunkedRelay
 
 
 def start_relay(

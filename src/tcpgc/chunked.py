@@ -1,0 +1,216 @@
+"""Relaying one client over a reusable TLS data connection.
+
+`ChunkedRelay` is `tcpgc.relay.Relay` for a data connection that outlives its client:
+what the plain side (the client on the LL, the server on the CC) sends goes into the
+data connection as chunks, its EOF as the end marker (see `tcpgc.protocol.chunks`), and
+the chunks that come back go out as plain bytes, the peer's end marker as a half-close.
+When both directions have ended, the plain side is closed and the data connection,
+untouched, is handed to `on_idle` to serve the next client: that saves a TCP and a TLS
+handshake per client, most of what a new TLS client costs the two nodes.
+
+Anything else (a reset on either side, the data connection closing before its end
+marker, a malformed chunk, `close()`) ends both sides, and the data connection is not
+reused. Back-pressure works as in the buffered relay: a side whose write buffer fills
+stops the reading of the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from tcpgc.errors import ProtocolError
+from tcpgc.link import Link
+from tcpgc.protocol.chunks import END, MAX_CHUNK, ChunkDecoder, chunk_header
+from tcpgc.relay import RelayResult, _Counter
+
+#: Chunks at most this long go out as one TLS record with their header.
+_SMALL = 1024
+#: What may follow a peer's end marker before our own end: only its next frame (a POOL
+#: offer of a few dozen bytes) is expected there.
+_MAX_LEFTOVER = 4096
+
+
+class _PlainSide:
+    """Handler of the plain link: what it reads goes to the data link as chunks."""
+
+    __slots__ = ("relay",)
+
+    def __init__(self, relay: ChunkedRelay) -> None:
+        self.relay = relay
+
+    def on_data(self, data: bytes) -> None:
+        relay = self.relay
+        relay.moved(len(data), True)
+        data_link = relay.b
+        if len(data) <= _SMALL:
+            data_link.write(chunk_header(len(data)) + data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), MAX_CHUNK):
+            piece = view[start : start + MAX_CHUNK]
+            data_link.write(chunk_header(len(piece)))
+            data_link.write(piece)
+
+    def on_eof(self) -> None:
+        relay = self.relay
+        relay.b.write(END)
+        relay.sent_end = True
+        relay.check_idle()
+
+    def on_lost(self, exc: BaseException | None) -> None:
+        relay = self.relay
+        if relay.idle:
+            return  # we closed it after both ends: the normal way
+        if _is_reset(exc):
+            relay.fail("reset", reset=True)
+        else:
+            relay.fail("closed early" if exc is None else f"error: {exc}", reset=True)
+
+    def on_pause(self) -> None:
+        self.relay.b.pause_reading()
+
+    def on_resume(self) -> None:
+        self.relay.b.resume_reading()
+
+
+class _DataSide:
+    """Handler of the data link: chunks from it go to the plain link as bytes."""
+
+    __slots__ = ("relay", "decoder")
+
+    def __init__(self, relay: ChunkedRelay) -> None:
+        self.relay = relay
+        self.decoder = ChunkDecoder()
+
+    def on_data(self, data: bytes) -> None:
+        relay = self.relay
+        if self.decoder.ended:
+            # The next message after our client's stream (an agent offering the
+            # connection again): kept for whoever takes the connection next.
+            relay.leftover += data
+            if len(relay.leftover) > _MAX_LEFTOVER:
+                relay.fail("error: bytes after the end of the stream", reset=True)
+            return
+        try:
+            pieces = self.decoder.feed(data)
+        except ProtocolError as exc:
+            relay.fail(f"error: {exc}", reset=True)
+            return
+        plain = relay.a
+        for piece in pieces:
+            relay.moved(len(piece), False)
+            plain.write(piece)
+        if self.decoder.ended:
+            relay.leftover = self.decoder.leftover
+            if len(relay.leftover) > _MAX_LEFTOVER:
+                relay.fail("error: bytes after the end of the stream", reset=True)
+                return
+            plain.write_eof()
+            relay.got_end = True
+            relay.check_idle()
+
+    def on_eof(self) -> None:
+        if not self.decoder.ended:
+            # Without its end marker the stream was cut short: say so with a reset
+            # rather than pass on an EOF that would look like a complete stream.
+            self.relay.fail("data connection closed mid-stream", reset=True)
+
+    def on_lost(self, exc: BaseException | None) -> None:
+        relay = self.relay
+        if relay.idle:
+            return
+        if _is_reset(exc):
+            relay.fail("reset", reset=True)
+        else:
+            relay.fail("data connection lost" if exc is None else f"error: {exc}", reset=True)
+
+    def on_pause(self) -> None:
+        self.relay.a.pause_reading()
+
+    def on_resume(self) -> None:
+        self.relay.a.resume_reading()
+
+
+class ChunkedRelay:
+    """Relay plain link `a` <-> chunked data link `b`; `await relay.done` for the result.
+    `on_idle(b)` gets the data connection back once both directions ended, with whatever
+    followed the end marker buffered in it."""
+
+    __slots__ = (
+        "a", "b", "result", "done", "on_idle", "sent_end", "got_end", "idle", "ended",
+        "leftover", "_count_a_to_b", "_count_b_to_a",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        a: Link,
+        b: Link,
+        count_a_to_b: _Counter | None = None,
+        count_b_to_a: _Counter | None = None,
+        on_idle: Callable[[Link], None] | None = None,
+    ) -> None:
+        self.a = a
+        self.b = b
+        self.result = RelayResult()
+        self.done: asyncio.Future[RelayResult] = asyncio.get_running_loop().create_future()
+        self.on_idle = on_idle
+        self._count_a_to_b = count_a_to_b
+        self._count_b_to_a = count_b_to_a
+        self.sent_end = False  # a's EOF went into b as the end marker
+        self.got_end = False  # b's end marker came, and went to a as EOF
+        self.idle = False  # both ended: b is free again
+        self.ended = False
+        self.leftover = b""
+        a.attach(_PlainSide(self))
+        b.attach(_DataSide(self))
+
+    def moved(self, n: int, a_to_b: bool) -> None:
+        result = self.result
+        result.last_activity = time.monotonic()
+        if a_to_b:
+            result.bytes_a_to_b += n
+            if self._count_a_to_b is not None:
+                self._count_a_to_b.inc(n)
+        else:
+            result.bytes_b_to_a += n
+            if self._count_b_to_a is not None:
+                self._count_b_to_a.inc(n)
+
+    def check_idle(self) -> None:
+        if not (self.sent_end and self.got_end) or self.ended:
+            return
+        self.idle = self.ended = True
+        self.a.close()  # after what is queued for it has been sent
+        data_link = self.b
+        data_link.detach(self.leftover)
+        if self.on_idle is not None and not data_link.closed.done():
+            self.on_idle(data_link)
+        else:
+            data_link.close()
+        self.done.set_result(self.result)
+
+    def fail(self, reason: str, *, reset: bool) -> None:
+        """End both sides now (resetting them if `reset`); the data connection is
+        dropped, not reused."""
+        if self.ended:
+            return
+        self.ended = True
+        if self.result.ended == "closed":
+            self.result.ended = reason
+        if reset:
+            self.a.reset()
+            self.b.reset()
+        else:
+            self.a.close()
+            self.b.abort()
+        self.done.set_result(self.result)
+
+    def close(self) -> None:
+        """End both directions now (idle timeout, drain, lost LL)."""
+        self.fail("closed", reset=False)
+
+
+def _is_reset(exc: BaseException | None) -> bool:
+    return isinstance(exc, ConnectionResetError | ConnectionAbortedError | BrokenPipeError)

@@ -1,0 +1,148 @@
+"""Reused TLS data connections, through real nodes: after a client is done, its ready
+data connection carries the next client (chunked stream, end markers both ways). Every
+client still gets exactly its own bytes, half-close and resets still cross, and a
+connection that ended badly is never reused."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import struct
+import time
+
+import pytest
+
+from support import (
+    Harness,
+    ThreadedServer,
+    Tunnel,
+    connect,
+    echo_roundtrip,
+    recv_exactly,
+    recv_until_eof,
+    sink_source_exchange,
+)
+from test_admin import admin_url, scrape, total
+
+ADMIN = ("--admin", "127.0.0.1:0")
+
+
+def _reused(tunnel: Tunnel) -> float:
+    return total(scrape(admin_url(tunnel.cc)), "tcpgc_data_connections_reused_total")
+
+
+def _wait_reused(tunnel: Tunnel, expected: int, timeout: float = 10.0) -> float:
+    """The reuse count once it reaches `expected` (each clean client gives its data
+    connection back, a moment after it is done), or whatever it is at the timeout."""
+    deadline = time.monotonic() + timeout
+    while (count := _reused(tunnel)) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return count
+
+
+def _tunnel(harness: Harness, server: str, *flags: str) -> Tunnel:
+    """A tunnel whose agent holds its full pool of ready connections (4), so that every
+    client of these tests rides on one (clients offered over the control connection
+    when none is ready get a single-use data connection)."""
+    tunnel = harness.tunnel(server, ll_args=[*flags, *ADMIN], cc_args=[*flags, *ADMIN])
+    deadline = time.monotonic() + 10
+    while total(scrape(admin_url(tunnel.cc)), "tcpgc_pool_size") < 4:
+        assert time.monotonic() < deadline, "the ready pool did not fill"
+        time.sleep(0.05)
+    return tunnel
+
+
+def test_sequential_clients_reuse_data_connections(harness: Harness) -> None:
+    """60 clients one after another, each with its own bytes and a half-close: each gets
+    exactly its bytes back, then EOF, and every data connection is given back."""
+    tunnel = _tunnel(harness, harness.echo_server().addr_str)
+    for i in range(60):
+        payload = hashlib.sha256(str(i).encode()).digest() * (1 + i % 7)
+        with connect(tunnel.client_addr) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(sock) == payload, f"client {i}"
+    assert _wait_reused(tunnel, 60) == 60
+    assert "dropped" not in tunnel.ll.output()
+
+
+def test_bulk_transfers_back_to_back_on_reused_connections(harness: Harness) -> None:
+    """5 MB up and 5 MB down, three times in a row: the SHA-256 of each matches."""
+    server = harness.sink_source_server(reply_size=5 << 20)
+    tunnel = _tunnel(harness, server.addr_str)
+    for _ in range(3):
+        assert sink_source_exchange(tunnel.client_addr, 5 << 20) == 5 << 20
+    for i in range(10):
+        assert sink_source_exchange(tunnel.client_addr, 1000 + i) == 5 << 20
+    assert _wait_reused(tunnel, 13) == 13
+
+
+class _GreetAndClose(ThreadedServer):
+    """Speaks first and closes without reading: the server's end comes first."""
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.sendall(b"hello from the server\n")
+        conn.shutdown(socket.SHUT_WR)
+        while conn.recv(1024):  # until the client's EOF
+            pass
+
+
+def test_server_that_closes_first(harness: Harness) -> None:
+    server = harness.adopt(_GreetAndClose().start())
+    tunnel = _tunnel(harness, server.addr_str)
+    for i in range(20):
+        with connect(tunnel.client_addr) as sock:
+            assert recv_until_eof(sock) == b"hello from the server\n", f"client {i}"
+            sock.sendall(b"late words")  # still allowed: only the server's side ended
+            sock.shutdown(socket.SHUT_WR)
+    assert _wait_reused(tunnel, 20) == 20
+
+
+class _RecordingEcho(ThreadedServer):
+    """Echoes, and counts the connections that ended with a reset."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resets = 0
+
+    def handle(self, conn: socket.socket) -> None:
+        try:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+        except ConnectionResetError:
+            self.resets += 1
+
+
+def test_reset_client_is_not_reused_and_does_not_disturb_the_next(harness: Harness) -> None:
+    """A client that resets mid-stream resets the server side; its data connection is
+    dropped rather than reused, and the clients after it get exactly their bytes."""
+    server = harness.adopt(_RecordingEcho().start())
+    assert isinstance(server, _RecordingEcho)
+    tunnel = _tunnel(harness, server.addr_str)
+    assert echo_roundtrip(tunnel.client_addr, b"warm-up") == b"warm-up"
+    for i in range(5):
+        sock = connect(tunnel.client_addr)
+        sock.sendall(b"x" * 1000)
+        recv_exactly(sock, 1000)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        payload = f"after reset {i}".encode() * 50
+        assert echo_roundtrip(tunnel.client_addr, payload) == payload
+    deadline = time.monotonic() + 10
+    while server.resets < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.resets == 5
+    # The six clean clients gave their connection back, the five reset ones did not.
+    assert _wait_reused(tunnel, 6) == 6
+    time.sleep(0.5)
+    assert _reused(tunnel) == 6
+
+
+@pytest.mark.parametrize("flags", [("--insecure-plaintext",)])
+def test_plaintext_data_connections_are_not_reused(harness: Harness, flags: tuple[str]) -> None:
+    """Plain data connections stay one per client: they are relayed with splice(2),
+    which moves a raw stream with no room for end markers."""
+    tunnel = _tunnel(harness, harness.echo_server().addr_str, *flags)
+    for i in range(10):
+        assert echo_roundtrip(tunnel.client_addr, b"%d" % i) == b"%d" % i
+    assert _reused(tunnel) == 0
