@@ -112,10 +112,10 @@ class _DataSide:
             relay.check_idle()
 
     def on_eof(self) -> None:
-        if not self.decoder.ended:
-            # Without its end marker the stream was cut short: say so with a reset
-            # rather than pass on an EOF that would look like a complete stream.
-            self.relay.fail("data connection closed mid-stream", reset=True)
+        # Before its end marker, the stream was cut short: say so with a reset rather
+        # than pass on an EOF that would look like a complete stream. After it, our own
+        # direction can no longer end properly (the peer gave up on the connection).
+        self.relay.fail("data connection closed mid-stream", reset=True)
 
     def on_lost(self, exc: BaseException | None) -> None:
         relay = self.relay
@@ -131,6 +131,27 @@ class _DataSide:
 
     def on_resume(self) -> None:
         self.relay.a.resume_reading()
+
+
+class _Done:
+    """Handler of the plain link once its client is done: nothing is relayed any more."""
+
+    __slots__ = ()
+
+    def on_data(self, data: bytes) -> None:
+        pass
+
+    def on_eof(self) -> None:
+        pass
+
+    def on_lost(self, exc: BaseException | None) -> None:
+        pass
+
+    def on_pause(self) -> None:
+        pass
+
+    def on_resume(self) -> None:
+        pass
 
 
 class ChunkedRelay:
@@ -182,10 +203,14 @@ class ChunkedRelay:
         if not (self.sent_end and self.got_end) or self.ended:
             return
         self.idle = self.ended = True
+        # The plain side is done with the data connection: its late events (a drained
+        # write buffer resuming the reader it paused) must not reach the next client's.
+        self.a.handler = _Done()
         self.a.close()  # after what is queued for it has been sent
         data_link = self.b
-        data_link.detach(self.leftover)
-        if self.on_idle is not None and not data_link.closed.done():
+        data_link.resume_reading()  # it may have been paused by this client's side
+        data_link.detach(self.leftover, eof=data_link.got_eof)
+        if self.on_idle is not None and not data_link.got_eof and not data_link.closed.done():
             self.on_idle(data_link)
         else:
             data_link.close()

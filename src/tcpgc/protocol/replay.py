@@ -28,7 +28,11 @@ class ReplayWindow:
             return False
         if counter > self.highest:
             shift = counter - self.highest
-            self._seen = ((self._seen << shift) | 1) & ((1 << self.width) - 1)
+            # A jump past the window forgets it all: never shift by a huge amount.
+            if shift >= self.width:
+                self._seen = 1
+            else:
+                self._seen = ((self._seen << shift) | 1) & ((1 << self.width) - 1)
             self.highest = counter
             return True
         offset = self.highest - counter
