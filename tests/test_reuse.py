@@ -66,6 +66,23 @@ def test_sequential_clients_reuse_data_connections(harness: Harness) -> None:
     assert "dropped" not in tunnel.ll.output()
 
 
+def test_connections_dialed_beyond_the_pool_join_it(harness: Harness) -> None:
+    """20 clients at once outnumber the 4 ready connections: the others are carried on
+    connections dialed for them, and every one of the 20 is offered again afterwards."""
+    tunnel = _tunnel(harness, harness.echo_server().addr_str)
+    socks = [connect(tunnel.client_addr) for _ in range(20)]
+    try:
+        for i, sock in enumerate(socks):
+            sock.sendall(b"client %02d" % i)
+        for i, sock in enumerate(socks):
+            assert recv_exactly(sock, 9) == b"client %02d" % i
+    finally:
+        for sock in socks:
+            sock.close()
+    assert _wait_reused(tunnel, 20) == 20
+    assert total(scrape(admin_url(tunnel.cc)), "tcpgc_pool_size") >= 20
+
+
 def test_bulk_transfers_back_to_back_on_reused_connections(harness: Harness) -> None:
     """5 MB up and 5 MB down, three times in a row: the SHA-256 of each matches."""
     server = harness.sink_source_server(reply_size=5 << 20)

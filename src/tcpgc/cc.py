@@ -563,8 +563,8 @@ class ConnectNode:
             self.metrics.child(counted, request.service, "out"),
             self.metrics.child(counted, request.service, "in"),
         )
-        if ready and self._tls is not None:
-            # A ready connection over TLS carries the client chunked, and is reused.
+        if self._tls is not None:
+            # Over TLS a data connection carries the client chunked, and is reused.
             return ChunkedRelay(server_link, data_link, *counters, on_idle=partial(self._reuse, ll))
         return start_relay(server_link, data_link, *counters)
 

@@ -313,7 +313,7 @@ class ListenNode(AgentPort):
         if not any(s.clients for s in self.services.values()):
             self._no_clients.set()
 
-    async def _pair(self, service: str, link: Link) -> tuple[Link, AgentSession, bool] | None:
+    async def _pair(self, service: str, link: Link) -> tuple[Link, AgentSession] | None:
         """Find an agent that claims this client; try the next agent if one cannot."""
         loop = asyncio.get_running_loop()
         arrived = loop.time()
@@ -341,8 +341,7 @@ class ListenNode(AgentPort):
                 continue
             if ready is not None:
                 self.metrics.child(self.metrics.data_wait, service).observe(loop.time() - arrived)
-                # A ready connection over TLS carries the client chunked, and is reused.
-                return ready, agent, self._tls is not None
+                return ready, agent
             if closed.done():
                 break
             if not agent.alive:  # lost while we offered: try another
@@ -363,7 +362,7 @@ class ListenNode(AgentPort):
                     self.metrics.child(self.metrics.data_wait, service).observe(
                         loop.time() - arrived
                     )
-                    return data_link, agent, False
+                    return data_link, agent
                 if not closed.done():
                     reason = f"agent {agent.agent_id} did not take it in time"
             except PeerRefused as exc:
@@ -425,13 +424,12 @@ class ListenNode(AgentPort):
             # Closed before answering (replaced, or broken): try the next one.
         return None
 
-    def _relay(
-        self, service: Service, link: Link, data_link: Link, agent: AgentSession, reusable: bool
-    ) -> None:
+    def _relay(self, service: Service, link: Link, data_link: Link, agent: AgentSession) -> None:
         m = self.metrics
         counters = (m.child(m.bytes, service.name, "in"), m.child(m.bytes, service.name, "out"))
         relay: AnyRelay
-        if reusable:
+        if self._tls is not None:
+            # Over TLS a data connection carries the client chunked, and is reused.
             relay = ChunkedRelay(link, data_link, *counters, on_idle=self._data_connection_idle)
         else:
             relay = start_relay(link, data_link, *counters)
