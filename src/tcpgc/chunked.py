@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 from tcpgc.errors import ProtocolError
-from tcpgc.link import Link
+from tcpgc.link import Ignoring, Link
 from tcpgc.protocol.chunks import END, MAX_CHUNK, ChunkDecoder, chunk_header
 from tcpgc.relay import RelayResult, _Counter
 
@@ -133,27 +133,6 @@ class _DataSide:
         self.relay.a.resume_reading()
 
 
-class _Done:
-    """Handler of the plain link once its client is done: nothing is relayed any more."""
-
-    __slots__ = ()
-
-    def on_data(self, data: bytes) -> None:
-        pass
-
-    def on_eof(self) -> None:
-        pass
-
-    def on_lost(self, exc: BaseException | None) -> None:
-        pass
-
-    def on_pause(self) -> None:
-        pass
-
-    def on_resume(self) -> None:
-        pass
-
-
 class ChunkedRelay:
     """Relay plain link `a` <-> chunked data link `b`; `await relay.done` for the result.
     `on_idle(b)` gets the data connection back once both directions ended, with whatever
@@ -205,7 +184,7 @@ class ChunkedRelay:
         self.idle = self.ended = True
         # The plain side is done with the data connection: its late events (a drained
         # write buffer resuming the reader it paused) must not reach the next client's.
-        self.a.handler = _Done()
+        self.a.handler = Ignoring()
         self.a.close()  # after what is queued for it has been sent
         data_link = self.b
         data_link.resume_reading()  # it may have been paused by this client's side

@@ -33,7 +33,7 @@ from typing import Any
 
 from tcpgc.config import DEFAULT_SERVICE, Address, CCConfig, LLConfig
 from tcpgc.errors import UsageError
-from tcpgc.link import Link, _HandedOver
+from tcpgc.link import Ignoring, Link
 from tcpgc.relay import RelayResult
 from tcpgc.splice import AnyRelay, start_relay
 from tcpgc.tasks import TaskGroup
@@ -384,7 +384,7 @@ class _LLLink(Link):
         super().data_received(data)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        handed_over = isinstance(self.handler, _HandedOver)
+        handed_over = isinstance(self.handler, Ignoring)
         super().connection_lost(exc)
         if not handed_over:
             self.ended()

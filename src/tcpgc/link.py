@@ -79,8 +79,9 @@ class _Buffer:
 _NO_BIO = ssl.MemoryBIO()
 
 
-class _HandedOver:
-    """Handler of a link whose socket now belongs to someone else: ignores everything."""
+class Ignoring:
+    """Handler that ignores everything: of a link whose socket now belongs to someone
+    else, or whose relay is over while the link still drains."""
 
     def on_data(self, data: bytes) -> None:
         pass
@@ -220,7 +221,7 @@ class Link(asyncio.Protocol):
             self.ready.exception()  # mark retrieved: a refused handshake is logged by the caller
         if not self.closed.done():
             self.closed.set_result(None)
-        handler, self.handler = self.handler, _HandedOver()
+        handler, self.handler = self.handler, Ignoring()
         handler.on_lost(exc)
         # Drop the TLS state and the transport now rather than at the next cyclic
         # garbage collection: OpenSSL's buffers are tens of KiB per connection, and after
@@ -345,7 +346,7 @@ class Link(asyncio.Protocol):
         sock = socket.socket(raw.family, raw.type, raw.proto, fileno=os.dup(raw.fileno()))
         sock.setblocking(False)
         buffered = self.handler
-        self.handler = _HandedOver()
+        self.handler = Ignoring()
         self.transport.abort()
         return sock, bytes(buffered.data), buffered.eof
 
