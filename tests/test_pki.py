@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import time
 from pathlib import Path
 
 from cryptography import x509
@@ -17,6 +18,7 @@ from support import (
     RE_CC_JOINED,
     RE_LL_AGENT_JOINED,
     Harness,
+    Node,
     echo_roundtrip,
     format_addr,
     parse_addr,
@@ -30,6 +32,15 @@ READY = 20.0
 def _join(harness: Harness, agent: tuple[str, int], token: str, server: str, name: str) -> None:
     cc = harness.start_cc("--ll", format_addr(*agent), "--server", server, token=token, name=name)
     cc.wait_for(RE_CC_JOINED, READY)
+
+
+def _joined(ll: Node, at_least: int) -> int:
+    """How many agents the LL logged as joined, once it logged `at_least` (its log line
+    may come a moment after the agent's own)."""
+    deadline = time.monotonic() + READY
+    while len(ll.find_all(RE_LL_AGENT_JOINED)) < at_least and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return len(ll.find_all(RE_LL_AGENT_JOINED))
 
 
 def test_rotation_accepts_old_and_new_tokens_until_the_old_is_retired(harness: Harness) -> None:
@@ -50,7 +61,7 @@ def test_rotation_accepts_old_and_new_tokens_until_the_old_is_retired(harness: H
     client = parse_addr(ll.wait_for(service_re("default"), READY)["addr"])
     _join(harness, agent, old, echo.addr_str, "cc-old")
     _join(harness, agent, new, echo.addr_str, "cc-new")
-    assert len(ll.find_all(RE_LL_AGENT_JOINED)) == 2
+    assert _joined(ll, 2) == 2
     assert echo_roundtrip(client, b"both") == b"both"
 
     # Retired: after a restart, the old token is refused and the new one still works.
@@ -64,7 +75,7 @@ def test_rotation_accepts_old_and_new_tokens_until_the_old_is_retired(harness: H
     )
     refused.wait_for(r"cannot connect to LL", READY)
     _join(harness, agent2, new, echo.addr_str, "cc-new2")
-    assert len(ll2.find_all(RE_LL_AGENT_JOINED)) == 1
+    assert _joined(ll2, 1) == 1
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -172,4 +183,4 @@ def test_own_pki_with_mutual_tls(harness: Harness, tmp_path: Path) -> None:
     bare = harness.start_cc("-c", str(cc_toml("bare", False)), token=token, name="cc-bare")
     bare.wait_for(r"cannot connect to LL", READY)
     ll.wait_for(r"handshake failed from .*(?:certificate|TLS)", READY)
-    assert len(ll.find_all(RE_LL_AGENT_JOINED)) == 1
+    assert _joined(ll, 1) == 1
