@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import time
 from pathlib import Path
 
 from cryptography import x509
@@ -29,18 +28,15 @@ from support import (
 READY = 20.0
 
 
-def _join(harness: Harness, agent: tuple[str, int], token: str, server: str, name: str) -> None:
+def _join(
+    harness: Harness, ll: Node, agent: tuple[str, int], token: str, server: str, name: str
+) -> None:
+    """Start an agent and wait until it and the LL both log that it joined (the LL's line
+    may come a moment after the agent's)."""
+    mark = ll.mark()
     cc = harness.start_cc("--ll", format_addr(*agent), "--server", server, token=token, name=name)
     cc.wait_for(RE_CC_JOINED, READY)
-
-
-def _joined(ll: Node, at_least: int) -> int:
-    """How many agents the LL logged as joined, once it logged `at_least` (its log line
-    may come a moment after the agent's own)."""
-    deadline = time.monotonic() + READY
-    while len(ll.find_all(RE_LL_AGENT_JOINED)) < at_least and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return len(ll.find_all(RE_LL_AGENT_JOINED))
+    ll.wait_for(RE_LL_AGENT_JOINED, READY, since=mark)
 
 
 def test_rotation_accepts_old_and_new_tokens_until_the_old_is_retired(harness: Harness) -> None:
@@ -59,9 +55,9 @@ def test_rotation_accepts_old_and_new_tokens_until_the_old_is_retired(harness: H
         "--clients", "127.0.0.1:0", "--cc", "127.0.0.1:0", "--state-dir", str(state)
     )
     client = parse_addr(ll.wait_for(service_re("default"), READY)["addr"])
-    _join(harness, agent, old, echo.addr_str, "cc-old")
-    _join(harness, agent, new, echo.addr_str, "cc-new")
-    assert _joined(ll, 2) == 2
+    _join(harness, ll, agent, old, echo.addr_str, "cc-old")
+    _join(harness, ll, agent, new, echo.addr_str, "cc-new")
+    assert len(ll.find_all(RE_LL_AGENT_JOINED)) == 2
     assert echo_roundtrip(client, b"both") == b"both"
 
     # Retired: after a restart, the old token is refused and the new one still works.
@@ -74,8 +70,8 @@ def test_rotation_accepts_old_and_new_tokens_until_the_old_is_retired(harness: H
         "--ll", format_addr(*agent2), "--server", echo.addr_str, token=old, name="cc-old2"
     )
     refused.wait_for(r"cannot connect to LL", READY)
-    _join(harness, agent2, new, echo.addr_str, "cc-new2")
-    assert _joined(ll2, 1) == 1
+    _join(harness, ll2, agent2, new, echo.addr_str, "cc-new2")
+    assert len(ll2.find_all(RE_LL_AGENT_JOINED)) == 1
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -177,10 +173,11 @@ def test_own_pki_with_mutual_tls(harness: Harness, tmp_path: Path) -> None:
 
     good = harness.start_cc("-c", str(cc_toml("good", True)), token=token, name="cc")
     good.wait_for(RE_CC_JOINED, READY)
+    ll.wait_for(RE_LL_AGENT_JOINED, READY)
     assert echo_roundtrip(client, b"pki") == b"pki"
 
     # Without a client certificate the LL refuses the agent at the TLS layer.
     bare = harness.start_cc("-c", str(cc_toml("bare", False)), token=token, name="cc-bare")
     bare.wait_for(r"cannot connect to LL", READY)
     ll.wait_for(r"handshake failed from .*(?:certificate|TLS)", READY)
-    assert _joined(ll, 1) == 1
+    assert len(ll.find_all(RE_LL_AGENT_JOINED)) == 1
