@@ -42,7 +42,9 @@ class StandIn:
     def resume_reading(self) -> None:
         self.paused = False
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | memoryview, prefix: bytes = b"") -> None:
+        if prefix:
+            self.events.append(prefix)
         self.events.append(bytes(data))
         if self.fills and self.handler is not None:
             self.handler.on_pause()

@@ -25,8 +25,6 @@ from tcpgc.link import Ignoring, Link
 from tcpgc.protocol.chunks import END, MAX_CHUNK, ChunkDecoder, chunk_header
 from tcpgc.relay import RelayResult, _Counter
 
-#: Chunks at most this long go out as one TLS record with their header.
-_SMALL = 1024
 #: What may follow a peer's end marker before our own end: only its next frame (a POOL
 #: offer of a few dozen bytes) is expected there.
 _MAX_LEFTOVER = 4096
@@ -43,15 +41,10 @@ class _PlainSide:
     def on_data(self, data: bytes) -> None:
         relay = self.relay
         relay.moved(len(data), True)
-        data_link = relay.b
-        if len(data) <= _SMALL:
-            data_link.write(chunk_header(len(data)) + data)
-            return
         view = memoryview(data)
         for start in range(0, len(view), MAX_CHUNK):
             piece = view[start : start + MAX_CHUNK]
-            data_link.write(chunk_header(len(piece)))
-            data_link.write(piece)
+            relay.b.write(piece, prefix=chunk_header(len(piece)))
 
     def on_eof(self) -> None:
         relay = self.relay

@@ -350,16 +350,25 @@ class Link(asyncio.Protocol):
         self.transport.abort()
         return sock, bytes(buffered.data), buffered.eof
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | memoryview, prefix: bytes = b"") -> None:
+        """Send `prefix` then `data`; over TLS in the same records and one socket write
+        (a chunk header does not cost a record and a send of its own)."""
         if self.transport is None or self.transport.is_closing() or self.sent_eof:
             return
         if self._ssl is None:
+            if prefix:
+                self.transport.write(prefix)
             self.transport.write(data)
             return
         view = memoryview(data)
         records: list[bytes] = []
         try:
-            for start in range(0, len(view), BIO_SLICE):  # see data_received
+            first = 0
+            if prefix:
+                first = BIO_SLICE - len(prefix)
+                self._ssl.write(prefix + view[:first])
+                records.append(self._outgoing.read())
+            for start in range(first, len(view), BIO_SLICE):  # see data_received
                 self._ssl.write(view[start : start + BIO_SLICE])
                 records.append(self._outgoing.read())
         except ssl.SSLError:
