@@ -182,6 +182,56 @@ def test_status_json(tunnel_with_admin: tuple[Tunnel, str, str]) -> None:
         assert len(cc["connections"]) == 1
 
 
+_NODES_WITH_ADMIN_OR_NOT = """
+import sys
+from tcpgc.cc import ConnectNode
+from tcpgc.config import Address, CCConfig, LLConfig, ServiceListener
+from tcpgc.errors import UsageError
+from tcpgc.identity import JoinToken
+from tcpgc.ll import ListenNode
+
+admin = Address("127.0.0.1", 0) if sys.argv[1] == "admin" else None
+ll = ListenNode(
+    LLConfig(
+        cc=Address("127.0.0.1", 0),
+        services={"s": ServiceListener(Address("127.0.0.1", 0))},
+        admin=admin,
+    )
+)
+cc = ConnectNode(
+    CCConfig(ll=[Address("127.0.0.1", 1)], services={"s": Address("127.0.0.1", 2)}, admin=admin),
+    JoinToken(bytes(32), bytes(32)),
+)
+print("counting", ll.metrics.registry is not None, cc.metrics.registry is not None)
+print("loaded", "prometheus_client" in sys.modules)
+from tcpgc.admin import AdminServer
+try:
+    AdminServer(ll, Address("127.0.0.1", 0), None)
+    print("admin ok")
+except UsageError as exc:
+    print("admin refused:", exc)
+"""
+
+
+@pytest.mark.parametrize("admin", ["admin", "none"])
+def test_only_nodes_with_an_admin_endpoint_count(admin: str) -> None:
+    """The admin endpoint is the one reader of the metrics: a node without one keeps
+    none, and does not even load prometheus-client (5.5 MB per process)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _NODES_WITH_ADMIN_OR_NOT, admin],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    lines = done.stdout.splitlines()
+    if admin == "admin":
+        assert lines[:3] == ["counting True True", "loaded True", "admin ok"], done.stdout
+    else:
+        assert lines[:2] == ["counting False False", "loaded False"], done.stdout
+        assert lines[2].startswith("admin refused: this node counts nothing"), done.stdout
+
+
 def test_cc_health_without_ll(harness: Harness) -> None:
     refusing = bound_unused_port()  # nothing listens: the CC cannot join
     try:

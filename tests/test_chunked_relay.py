@@ -25,7 +25,7 @@ class StandIn:
         self.events: list[object] = []
         self.fills = fills  # every write fills its buffer: the writer is paused
         self.got_eof = False
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.is_closed = False
         self.detached: tuple[bytes, bool] | None = None
 
     def attach(self, handler: Any) -> None:

@@ -86,6 +86,11 @@ class AdminServer:
     """Serves one node's admin endpoint on `address` until closed."""
 
     def __init__(self, node: ListenNode | ConnectNode, address: Address, token: str | None) -> None:
+        if node.metrics.registry is None:
+            raise UsageError(
+                "this node counts nothing: set its admin address in its config before "
+                "creating it, so that it keeps metrics"
+            )
         self.node = node
         self._wanted = address
         if token is not None:

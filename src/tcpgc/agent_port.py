@@ -133,7 +133,7 @@ class AgentPort:
             if self._tls is None and _looks_like_tls(exc):
                 reason = _transport_reason(exc, True)
             self._handshake_failed(link, reason)
-            if channel is not None and not link.closed.done():
+            if channel is not None and not link.is_closed:
                 channel.send(Error(error_code(exc), _public_reason(exc)))
                 link.close()
             else:

@@ -54,7 +54,7 @@ class AgentSession:
         """A ready data connection that is still open, or None."""
         while self.alive and self.ready:
             channel = self.ready.popleft()
-            if not channel.link.closed.done():
+            if not channel.link.is_closed:
                 return channel
         return None
 

@@ -43,7 +43,7 @@ from tcpgc.protocol.messages import (
 )
 from tcpgc.proxy_protocol import header
 from tcpgc.splice import AnyRelay, start_relay
-from tcpgc.tasks import TaskGroup
+from tcpgc.tasks import NO_CONTEXT, TaskGroup
 
 log = logging.getLogger("tcpgc.cc")
 
@@ -105,13 +105,14 @@ class ConnectNode:
         #: One id for the life of this process, so an LL can tell our new session from
         #: a stale one it still holds after a network failure, and replace it.
         self.agent_id = secrets.token_bytes(AGENT_ID_SIZE)
-        self.metrics = Metrics("cc")
+        # Only a node with an admin endpoint counts: nothing else could read the figures.
+        self.metrics = Metrics("cc", enabled=config.admin is not None)
         self._tasks = TaskGroup()
         self._sessions: dict[Address, asyncio.Task[Any]] = {}
-        self._relays: dict[Address, set[AnyRelay]] = {}
+        #: The clients being relayed through each LL, with the OPEN that brought each.
+        self._relays: dict[Address, dict[AnyRelay, Open]] = {}
         self._opening = 0
         self._pools: dict[Address, _ReadyPool] = {}
-        self._relay_info: dict[AnyRelay, tuple[str, str]] = {}  # service, client
         self._idle = asyncio.Event()
         self._idle.set()
         self.connected: dict[str, asyncio.Event] = {str(a): asyncio.Event() for a in config.ll}
@@ -123,7 +124,7 @@ class ConnectNode:
 
     def _start_session(self, address: Address) -> None:
         self.connected.setdefault(str(address), asyncio.Event())
-        self._relays.setdefault(address, set())
+        self._relays.setdefault(address, {})
         self._sessions[address] = self._tasks.spawn(
             self._keep_session(address), f"session to {address}"
         )
@@ -196,15 +197,15 @@ class ConnectNode:
             "connections": [
                 {
                     "ll": str(ll),
-                    "service": self._relay_info.get(relay, ("?", "?"))[0],
-                    "client": self._relay_info.get(relay, ("?", "?"))[1],
+                    "service": request.service,
+                    "client": _format_endpoint(request.client_host, request.client_port),
                     "server": relay.a.peer,
                     "bytes_in": relay.result.bytes_b_to_a,
                     "bytes_out": relay.result.bytes_a_to_b,
                     "seconds": round(now - relay.result.started, 1),
                 }
                 for ll, relays in self._relays.items()
-                for relay in relays
+                for relay, request in relays.items()
             ],
         }
 
@@ -332,7 +333,7 @@ class ConnectNode:
         try:
             await self._serve(address, channel, heartbeat)
         except HeartbeatLost:
-            relays = self._relays.get(address, set())
+            relays = self._relays.get(address, {})
             if relays:
                 # The data connections most likely died with the link: end them now
                 # rather than when TCP gives up, many minutes later.
@@ -475,32 +476,26 @@ class ConnectNode:
         if relay is None:
             self._check_idle()
             return
-        relays = self._relays.setdefault(ll, set())
-        relays.add(relay)
-        client = _format_endpoint(request.client_host, request.client_port)
-        self._relay_info[relay] = (request.service, client)
-        active = self.metrics.child(self.metrics.clients_active, request.service)
-        active.inc()
-
+        relays = self._relays.setdefault(ll, {})
+        relays[relay] = request
+        self.metrics.child(self.metrics.clients_active, request.service).inc()
         # A callback, not this task, sees the connection through: idle connections
-        # then cost no task and no frames.
-        def finished(_: object) -> None:
-            active.dec()
-            relays.discard(relay)
-            self._relay_info.pop(relay, None)
-            self._check_idle()
-            result = relay.result
-            log.info(
-                "service '%s' connection done after %.3f s: %d bytes to server, "
-                "%d bytes from it, %s",
-                request.service,
-                result.duration,
-                result.bytes_b_to_a,
-                result.bytes_a_to_b,
-                result.ended,
-            )
+        # then cost no task and no frames (and a partial less than a closure).
+        relay.done.add_done_callback(partial(self._finished, relays, relay), context=NO_CONTEXT)
 
-        relay.done.add_done_callback(finished)
+    def _finished(self, relays: dict[AnyRelay, Open], relay: AnyRelay, _: object) -> None:
+        request = relays.pop(relay)
+        self.metrics.child(self.metrics.clients_active, request.service).dec()
+        self._check_idle()
+        result = relay.result
+        log.info(
+            "service '%s' connection done after %.3f s: %d bytes to server, %d bytes from it, %s",
+            request.service,
+            result.duration,
+            result.bytes_b_to_a,
+            result.bytes_a_to_b,
+            result.ended,
+        )
 
     def _check_idle(self) -> None:
         if not self._active():

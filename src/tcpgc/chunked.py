@@ -182,7 +182,7 @@ class ChunkedRelay:
         data_link = self.b
         data_link.resume_reading()  # it may have been paused by this client's side
         data_link.detach(self.leftover, eof=data_link.got_eof)
-        if self.on_idle is not None and not data_link.got_eof and not data_link.closed.done():
+        if self.on_idle is not None and not data_link.got_eof and not data_link.is_closed:
             self.on_idle(data_link)
         else:
             data_link.close()

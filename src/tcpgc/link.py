@@ -103,11 +103,12 @@ class Link(asyncio.Protocol):
     """A TCP connection with an optional TLS layer and a swappable handler."""
 
     # Thousands are alive at once (two per relayed client on each node): no __dict__.
+    # Futures and peer strings are made only when asked for: most links never are, and
+    # they would cost about a kilobyte per relayed client.
     __slots__ = (
         "_tls_context", "_server_side", "_server_hostname", "_on_made", "_ssl",
-        "_incoming", "_outgoing", "transport", "handler", "ready", "closed", "peer",
-        "peer_host", "peer_endpoint", "local_endpoint", "shed", "got_eof", "sent_eof",
-        "_reading_paused", "__weakref__",
+        "_incoming", "_outgoing", "transport", "handler", "_ready", "_closed", "is_closed",
+        "_peername", "shed", "got_eof", "sent_eof", "_reading_paused", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -127,13 +128,11 @@ class Link(asyncio.Protocol):
         self._incoming = self._outgoing = _NO_BIO
         self.transport: asyncio.Transport | None = None
         self.handler: LinkHandler = _Buffer(self)
-        loop = asyncio.get_running_loop()
-        self.ready: asyncio.Future[None] = loop.create_future()  # TLS handshake done
-        self.closed: asyncio.Future[None] = loop.create_future()
-        self.peer = "?"
-        self.peer_host = ""
-        self.peer_endpoint: tuple[str, int] = ("", 0)
-        self.local_endpoint: tuple[str, int] = ("", 0)
+        self._ready: asyncio.Future[None] | None = None
+        self._closed: asyncio.Future[None] | None = None
+        #: The connection is gone (what `closed` tells, without making a future).
+        self.is_closed = False
+        self._peername: object = None
         #: Dropped by admission control; its task should not log it again.
         self.shed = False
         self.got_eof = False
@@ -145,21 +144,13 @@ class Link(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A TCP transport (uvloop's does not subclass asyncio.Transport, but is one).
         self.transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # A small request must never wait for Nagle's 40 ms.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # No TCP_NODELAY to set: asyncio and uvloop both set it on every TCP transport.
         # Write buffers above asyncio's 64 KiB default: a single socket read can return
         # 256 KiB, and pausing the peer on every chunk costs more than it saves.
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        peername = transport.get_extra_info("peername")
-        self.peer = format_peer(peername)
-        self.peer_host = str(peername[0]) if isinstance(peername, tuple) else ""
-        sockname = transport.get_extra_info("sockname")
-        #: (host, port) of each end, for PROXY protocol headers; ("", 0) if unknown.
-        self.peer_endpoint = _endpoint(peername)
-        self.local_endpoint = _endpoint(sockname)
+        self._peername = transport.get_extra_info("peername")
         if self._tls_context is not None:
+            self._ready = asyncio.get_running_loop().create_future()
             self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
             self._ssl = self._tls_context.wrap_bio(
                 self._incoming,
@@ -168,10 +159,9 @@ class Link(asyncio.Protocol):
                 server_hostname=self._server_hostname,
             )
             self._handshake()
-        else:
-            self.ready.set_result(None)
-        if self._on_made is not None:
-            self._on_made(self)
+        on_made, self._on_made = self._on_made, None  # needed once: let it go
+        if on_made is not None:
+            on_made(self)
 
     def data_received(self, data: bytes) -> None:
         if self._ssl is None:
@@ -214,13 +204,14 @@ class Link(asyncio.Protocol):
         return True  # keep our write side open: half-close
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if not self.ready.done():
-            self.ready.set_exception(
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(
                 exc or ConnectionResetError("connection closed before it was ready")
             )
-            self.ready.exception()  # mark retrieved: a refused handshake is logged by the caller
-        if not self.closed.done():
-            self.closed.set_result(None)
+            self._ready.exception()  # mark retrieved: a refused handshake is logged by the caller
+        self.is_closed = True
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
         handler, self.handler = self.handler, Ignoring()
         handler.on_lost(exc)
         # Drop the TLS state and the transport now rather than at the next cyclic
@@ -234,6 +225,47 @@ class Link(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.handler.on_resume()
+
+    # ---- state, made on demand ---------------------------------------------------------
+
+    @property
+    def ready(self) -> asyncio.Future[None]:
+        """Done once the link can carry data: at once for plain TCP, after the handshake
+        for TLS (with the handshake's error if it failed)."""
+        if self._ready is None:  # plain TCP
+            self._ready = asyncio.get_running_loop().create_future()
+            self._ready.set_result(None)
+        return self._ready
+
+    @property
+    def closed(self) -> asyncio.Future[None]:
+        """Done when the connection is gone; `is_closed` tells the same without a future."""
+        if self._closed is None:
+            self._closed = asyncio.get_running_loop().create_future()
+            if self.is_closed:
+                self._closed.set_result(None)
+        return self._closed
+
+    @property
+    def peer(self) -> str:
+        """'host:port' of the peer, for logs; '?' before the connection is made."""
+        return "?" if self._peername is None else format_peer(self._peername)
+
+    @property
+    def peer_host(self) -> str:
+        return str(self._peername[0]) if isinstance(self._peername, tuple) else ""
+
+    @property
+    def peer_endpoint(self) -> tuple[str, int]:
+        """(host, port) of the peer, for PROXY protocol headers; ("", 0) if unknown."""
+        return _endpoint(self._peername)
+
+    @property
+    def local_endpoint(self) -> tuple[str, int]:
+        """(host, port) of our end while the connection is open; ("", 0) otherwise."""
+        if self.transport is None:
+            return "", 0
+        return _endpoint(self.transport.get_extra_info("sockname"))
 
     # ---- TLS -------------------------------------------------------------------------
 
@@ -317,7 +349,7 @@ class Link(asyncio.Protocol):
     def detach(self, leftover: bytes = b"", eof: bool = False) -> None:
         """Go back to buffering, starting with `leftover` (bytes read past a frame)."""
         buffer = _Buffer(self, leftover, eof)
-        if self.closed.done():
+        if self.is_closed:
             buffer.lost = (None,)
         self.handler = buffer
 

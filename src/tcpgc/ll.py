@@ -49,7 +49,7 @@ from tcpgc.protocol.messages import (
     OpenFailed,
 )
 from tcpgc.splice import AnyRelay, start_relay
-from tcpgc.tasks import TaskGroup
+from tcpgc.tasks import NO_CONTEXT, TaskGroup
 
 log = logging.getLogger("tcpgc.ll")
 
@@ -77,7 +77,8 @@ class ListenNode(AgentPort):
         self.agent_address: Address | None = None
         self.services: dict[str, Service] = {}
         self.agents = AgentRegistry()
-        self.metrics = Metrics("ll")
+        # Only a node with an admin endpoint counts: nothing else could read the figures.
+        self.metrics = Metrics("ll", enabled=config.admin is not None)
         #: Clients refused by a service's controls, by service and reason.
         self.refused: collections.Counter[tuple[str, str]] = collections.Counter()
         self._agent_server: asyncio.Server | None = None
@@ -435,26 +436,28 @@ class ListenNode(AgentPort):
             relay = start_relay(link, data_link, *counters)
         service.relays.add(relay)
         agent.relays.add(relay)
-        active = m.child(m.clients_active, service.name)
-        active.inc()
+        m.child(m.clients_active, service.name).inc()
+        # A partial, not a closure: this lives as long as the connection.
+        done = partial(self._finished, service, agent, link, relay)
+        relay.done.add_done_callback(done, context=NO_CONTEXT)
 
-        def finished(_: object) -> None:
-            active.dec()
-            service.relays.discard(relay)
-            agent.relays.discard(relay)
-            self._client_gone(service)
-            result = relay.result
-            log.info(
-                "client %s of service '%s' done after %.3f s: %d bytes in, %d bytes out, %s",
-                link.peer,
-                service.name,
-                result.duration,
-                result.bytes_a_to_b,
-                result.bytes_b_to_a,
-                result.ended,
-            )
-
-        relay.done.add_done_callback(finished)
+    def _finished(
+        self, service: Service, agent: AgentSession, link: Link, relay: AnyRelay, _: object
+    ) -> None:
+        self.metrics.child(self.metrics.clients_active, service.name).dec()
+        service.relays.discard(relay)
+        agent.relays.discard(relay)
+        self._client_gone(service)
+        result = relay.result
+        log.info(
+            "client %s of service '%s' done after %.3f s: %d bytes in, %d bytes out, %s",
+            link.peer,
+            service.name,
+            result.duration,
+            result.bytes_a_to_b,
+            result.bytes_b_to_a,
+            result.ended,
+        )
 
     async def _reap_idle(self, service: Service) -> None:
         """Close connections of `service` that moved no byte for its idle timeout."""

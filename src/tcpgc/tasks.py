@@ -4,11 +4,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Coroutine
 from typing import Any
 
 log = logging.getLogger("tcpgc")
+
+#: For done-callbacks that read no context variable. Without it asyncio copies the
+#: current context for every callback, an object kept per relayed connection.
+NO_CONTEXT = contextvars.Context()
 
 
 class TaskGroup:

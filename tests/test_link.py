@@ -1,0 +1,123 @@
+"""`Link` state made on demand, on real loopback sockets, on each event loop we run on.
+
+A link makes its futures and peer strings only when asked (most never are): what it
+reports must not depend on when it is asked, before or after the connection ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from tcpgc.link import Link
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def _run(loop_name: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    if loop_name == "uvloop":
+        if importlib.util.find_spec("uvloop") is None:
+            pytest.skip("uvloop is not installed (it comes with the 'fast' extra)")
+        import uvloop
+
+        uvloop.run(asyncio.wait_for(main(), 10))
+    else:
+        asyncio.run(asyncio.wait_for(main(), 10))
+
+
+class _LostEvent(asyncio.Event):
+    """A link handler that only tells when the connection is gone."""
+
+    def on_data(self, data: bytes) -> None:
+        pass
+
+    def on_eof(self) -> None:
+        pass
+
+    def on_lost(self, exc: BaseException | None) -> None:
+        self.set()
+
+    def on_pause(self) -> None:
+        pass
+
+    def on_resume(self) -> None:
+        pass
+
+
+async def _pair() -> tuple[Link, Link, asyncio.Server]:
+    """A plain client link and the server-side link it reached."""
+    accepted: asyncio.Future[Link] = asyncio.get_running_loop().create_future()
+    server = await asyncio.get_running_loop().create_server(
+        lambda: Link(on_made=accepted.set_result), "127.0.0.1", 0
+    )
+    port = server.sockets[0].getsockname()[1]
+    _, client = await asyncio.get_running_loop().create_connection(Link, "127.0.0.1", port)
+    return client, await accepted, server
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_plain_link_is_ready_and_knows_both_ends(loop_name: str) -> None:
+    async def main() -> None:
+        client, accepted, server = await _pair()
+        try:
+            assert client.ready.done() and client.ready.result() is None
+            host, port = server.sockets[0].getsockname()[:2]
+            assert client.peer == f"{host}:{port}"
+            assert client.peer_host == host
+            assert client.peer_endpoint == (host, port)
+            assert accepted.local_endpoint == (host, port)
+            assert accepted.peer_endpoint == client.local_endpoint
+            assert not client.is_closed and not client.closed.done()
+        finally:
+            client.abort()
+            accepted.abort()
+            server.close()
+
+    _run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+@pytest.mark.parametrize("asked_before", [True, False], ids=["asked-before", "asked-after"])
+def test_closed_tells_the_same_whenever_it_is_asked(loop_name: str, asked_before: bool) -> None:
+    async def main() -> None:
+        client, accepted, server = await _pair()
+        peer = accepted.peer
+        early = accepted.closed if asked_before else None
+        lost = _LostEvent()
+        accepted.attach(lost)
+        client.reset()  # a plain end would leave the other side half-open, as relays want
+        await lost.wait()
+        assert accepted.is_closed
+        assert accepted.closed.done()
+        assert early is None or early is accepted.closed
+        # Still known once the connection is gone: logs name the peer after the end.
+        assert accepted.peer == peer != "?"
+        assert accepted.local_endpoint == ("", 0)
+        server.close()
+
+    _run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_links_have_nagle_off(loop_name: str) -> None:
+    """The loop's transports set TCP_NODELAY (a small request must not wait 40 ms);
+    `Link` relies on that instead of setting it again."""
+
+    async def main() -> None:
+        client, accepted, server = await _pair()
+        try:
+            for link in (client, accepted):
+                assert link.transport is not None
+                sock = link.transport.get_extra_info("socket")
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        finally:
+            client.abort()
+            accepted.abort()
+            server.close()
+
+    _run(loop_name, main)
