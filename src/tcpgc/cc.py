@@ -42,8 +42,9 @@ from tcpgc.protocol.messages import (
     encode,
 )
 from tcpgc.proxy_protocol import header
+from tcpgc.relay import RelayResult
 from tcpgc.splice import AnyRelay, start_relay
-from tcpgc.tasks import NO_CONTEXT, TaskGroup
+from tcpgc.tasks import TaskGroup
 
 log = logging.getLogger("tcpgc.cc")
 
@@ -481,9 +482,9 @@ class ConnectNode:
         self.metrics.child(self.metrics.clients_active, request.service).inc()
         # A callback, not this task, sees the connection through: idle connections
         # then cost no task and no frames (and a partial less than a closure).
-        relay.done.add_done_callback(partial(self._finished, relays, relay), context=NO_CONTEXT)
+        relay.on_done = partial(self._finished, relays, relay)
 
-    def _finished(self, relays: dict[AnyRelay, Open], relay: AnyRelay, _: object) -> None:
+    def _finished(self, relays: dict[AnyRelay, Open], relay: AnyRelay, _: RelayResult) -> None:
         request = relays.pop(relay)
         self.metrics.child(self.metrics.clients_active, request.service).dec()
         self._check_idle()

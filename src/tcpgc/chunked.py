@@ -16,14 +16,13 @@ stops the reading of the other.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 
 from tcpgc.errors import ProtocolError
 from tcpgc.link import Ignoring, Link
 from tcpgc.protocol.chunks import END, MAX_CHUNK, ChunkDecoder, chunk_header
-from tcpgc.relay import RelayResult, _Counter
+from tcpgc.relay import Finishing, RelayResult, _Counter
 
 #: What may follow a peer's end marker before our own end: only its next frame (a POOL
 #: offer of a few dozen bytes) is expected there.
@@ -126,13 +125,13 @@ class _DataSide:
         self.relay.a.resume_reading()
 
 
-class ChunkedRelay:
+class ChunkedRelay(Finishing):
     """Relay plain link `a` <-> chunked data link `b`; `await relay.done` for the result.
     `on_idle(b)` gets the data connection back once both directions ended, with whatever
     followed the end marker buffered in it."""
 
     __slots__ = (
-        "a", "b", "result", "done", "on_idle", "sent_end", "got_end", "idle", "ended",
+        "a", "b", "result", "on_idle", "sent_end", "got_end", "idle", "ended",
         "leftover", "_count_a_to_b", "_count_b_to_a",
     )  # fmt: skip
 
@@ -147,7 +146,7 @@ class ChunkedRelay:
         self.a = a
         self.b = b
         self.result = RelayResult()
-        self.done: asyncio.Future[RelayResult] = asyncio.get_running_loop().create_future()
+        self._init_finishing()
         self.on_idle = on_idle
         self._count_a_to_b = count_a_to_b
         self._count_b_to_a = count_b_to_a
@@ -186,7 +185,7 @@ class ChunkedRelay:
             self.on_idle(data_link)
         else:
             data_link.close()
-        self.done.set_result(self.result)
+        self._settle()
 
     def fail(self, reason: str, *, reset: bool) -> None:
         """End both sides now (resetting them if `reset`); the data connection is
@@ -202,7 +201,7 @@ class ChunkedRelay:
         else:
             self.a.close()
             self.b.abort()
-        self.done.set_result(self.result)
+        self._settle()
 
     def close(self) -> None:
         """End both directions now (idle timeout, drain, lost LL)."""

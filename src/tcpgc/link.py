@@ -17,6 +17,7 @@ import os
 import socket
 import ssl
 import struct
+import sys
 from collections.abc import Callable
 from typing import Protocol, cast
 
@@ -148,7 +149,11 @@ class Link(asyncio.Protocol):
         # Write buffers above asyncio's 64 KiB default: a single socket read can return
         # 256 KiB, and pausing the peer on every chunk costs more than it saves.
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self._peername = transport.get_extra_info("peername")
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, tuple) and len(peername) >= 2:
+            # Interned: the links of one agent, or to one server, share one host string.
+            peername = (sys.intern(str(peername[0])), peername[1])
+        self._peername = peername
         if self._tls_context is not None:
             self._ready = asyncio.get_running_loop().create_future()
             self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -177,9 +182,10 @@ class Link(asyncio.Protocol):
             if self.transport is None or self.transport.is_closing():
                 return
             self._incoming.write(view[start : start + BIO_SLICE])
-            if not self.ready.done():
-                self._handshake()
-                if not self.ready.done() or self.ready.exception() is not None:
+            if self._ready is not None:  # handshake under way (or failed)
+                if not self._ready.done():
+                    self._handshake()
+                if self._ready is not None:
                     continue
             status = self._decrypt(plain)
             if status is not _MORE:
@@ -195,7 +201,7 @@ class Link(asyncio.Protocol):
         self._flush()  # TLS 1.3 key updates and alerts are written during reads
 
     def eof_received(self) -> bool:
-        if self._ssl is not None and not self.ready.done():
+        if self._ready is not None and not self._ready.done():
             self._fail_handshake(
                 ConnectionResetError("peer closed the connection during the TLS handshake")
             )
@@ -232,10 +238,11 @@ class Link(asyncio.Protocol):
     def ready(self) -> asyncio.Future[None]:
         """Done once the link can carry data: at once for plain TCP, after the handshake
         for TLS (with the handshake's error if it failed)."""
-        if self._ready is None:  # plain TCP
-            self._ready = asyncio.get_running_loop().create_future()
-            self._ready.set_result(None)
-        return self._ready
+        if self._ready is not None:  # TLS handshake under way, or failed
+            return self._ready
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ready.set_result(None)
+        return ready
 
     @property
     def closed(self) -> asyncio.Future[None]:
@@ -281,12 +288,15 @@ class Link(asyncio.Protocol):
             self._fail_handshake(exc)
             return
         self._flush()
-        self.ready.set_result(None)
+        # Its awaiter holds the future: the link need not (a future per idle link).
+        ready, self._ready = self._ready, None
+        if ready is not None and not ready.done():
+            ready.set_result(None)
 
     def _fail_handshake(self, exc: BaseException) -> None:
-        if not self.ready.done():
-            self.ready.set_exception(exc)
-            self.ready.exception()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(exc)
+            self._ready.exception()
         self.abort()
 
     def _decrypt(self, plain: list[bytes]) -> object:

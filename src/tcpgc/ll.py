@@ -48,8 +48,9 @@ from tcpgc.protocol.messages import (
     Open,
     OpenFailed,
 )
+from tcpgc.relay import RelayResult
 from tcpgc.splice import AnyRelay, start_relay
-from tcpgc.tasks import NO_CONTEXT, TaskGroup
+from tcpgc.tasks import TaskGroup
 
 log = logging.getLogger("tcpgc.ll")
 
@@ -437,12 +438,11 @@ class ListenNode(AgentPort):
         service.relays.add(relay)
         agent.relays.add(relay)
         m.child(m.clients_active, service.name).inc()
-        # A partial, not a closure: this lives as long as the connection.
-        done = partial(self._finished, service, agent, link, relay)
-        relay.done.add_done_callback(done, context=NO_CONTEXT)
+        # A partial, not a closure or a future: it lives as long as the connection.
+        relay.on_done = partial(self._finished, service, agent, link, relay)
 
     def _finished(
-        self, service: Service, agent: AgentSession, link: Link, relay: AnyRelay, _: object
+        self, service: Service, agent: AgentSession, link: Link, relay: AnyRelay, _: RelayResult
     ) -> None:
         self.metrics.child(self.metrics.clients_active, service.name).dec()
         service.relays.discard(relay)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from tcpgc.link import Link
+from tcpgc.tasks import NO_CONTEXT
 
 
 class _Counter(Protocol):
@@ -34,6 +36,40 @@ class RelayResult:
     @property
     def duration(self) -> float:
         return time.monotonic() - self.started
+
+
+class Finishing:
+    """How a relay tells it is over: `await relay.done`, or `relay.on_done`, called soon
+    after with the result. The callback costs no future: thousands of relays are held
+    idle at once."""
+
+    __slots__ = ("_done", "on_done", "is_done")
+
+    result: RelayResult
+
+    def _init_finishing(self) -> None:
+        self._done: asyncio.Future[RelayResult] | None = None
+        self.on_done: Callable[[RelayResult], None] | None = None
+        self.is_done = False
+
+    @property
+    def done(self) -> asyncio.Future[RelayResult]:
+        if self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+            if self.is_done:
+                self._done.set_result(self.result)
+        return self._done
+
+    def _settle(self) -> None:
+        if self.is_done:
+            return
+        self.is_done = True
+        if self._done is not None:
+            self._done.set_result(self.result)
+        if self.on_done is not None:
+            loop = asyncio.get_running_loop()
+            loop.call_soon(self.on_done, self.result, context=NO_CONTEXT)
+            self.on_done = None
 
 
 class _Half:
@@ -89,8 +125,8 @@ class _Half:
         self.dst.resume_reading()
 
 
-class Relay:
-    """Relay `a` <-> `b`; `await relay.done` for the result."""
+class Relay(Finishing):
+    """Relay `a` <-> `b`; `await relay.done` (or set `on_done`) for the result."""
 
     def __init__(
         self,
@@ -103,14 +139,14 @@ class Relay:
         self.b = b
         self.result = RelayResult()
         self._lost = 0
-        self.done: asyncio.Future[RelayResult] = asyncio.get_running_loop().create_future()
+        self._init_finishing()
         a.attach(_Half(self, a, b, True, count_a_to_b))
         b.attach(_Half(self, b, a, False, count_b_to_a))
 
     def side_lost(self) -> None:
         self._lost += 1
-        if self._lost == 2 and not self.done.done():
-            self.done.set_result(self.result)
+        if self._lost == 2:
+            self._settle()
 
     def close(self) -> None:
         """End both directions now (e.g. idle timeout)."""

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from tcpgc.chunked import ChunkedRelay
 from tcpgc.link import Link
-from tcpgc.relay import Relay, RelayResult, _Counter
+from tcpgc.relay import Finishing, Relay, RelayResult, _Counter
 
 AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 
@@ -220,7 +220,7 @@ class _Direction:
             self.pipe = None
 
 
-class SpliceRelay:
+class SpliceRelay(Finishing):
     """Same interface as `tcpgc.relay.Relay`, moving bytes with splice(2)."""
 
     def __init__(
@@ -234,7 +234,7 @@ class SpliceRelay:
         self.b = b
         self.loop = asyncio.get_running_loop()
         self.result = RelayResult()
-        self.done: asyncio.Future[RelayResult] = self.loop.create_future()
+        self._init_finishing()
         self.finished = False
         #: Called once, when the first bytes from `b` have been moved on.
         self.on_first_b_to_a: Callable[[], None] | None = None
@@ -277,7 +277,7 @@ class SpliceRelay:
                 except OSError:
                     pass
             sock.close()
-        self.done.set_result(self.result)
+        self._settle()
 
 
 def can_splice(a: Link, b: Link) -> bool:

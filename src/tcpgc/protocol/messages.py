@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+import sys
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar, TypeAlias
@@ -96,7 +97,9 @@ class _Reader:
             raise ProtocolError(f"{self.kind.name} message has a name that is not UTF-8") from None
         if not is_valid_name(text):
             raise ProtocolError(f"{self.kind.name} message has an invalid name {text[:64]!r}")
-        return text
+        # Interned, like addresses below: an OPEN is kept for the life of its connection,
+        # and thousands of them name the same few services and hosts.
+        return sys.intern(text)
 
     def endpoint(self) -> tuple[str, int]:
         """An IP address as text (or empty: unknown) and a port."""
@@ -105,7 +108,7 @@ class _Reader:
         if not raw:
             return "", port
         try:
-            return str(ipaddress.ip_address(raw.decode("ascii"))), port
+            return sys.intern(str(ipaddress.ip_address(raw.decode("ascii")))), port
         except (UnicodeDecodeError, ValueError):
             raise ProtocolError(f"{self.kind.name} message has an invalid address") from None
 
