@@ -32,6 +32,9 @@ class StandIn:
         self.handler = handler
         self.detached = None
 
+    def move_to_socket(self) -> bool:
+        return False  # no socket behind a stand-in
+
     def detach(self, leftover: bytes = b"", eof: bool = False) -> None:
         self.handler = None
         self.detached = (leftover, eof)

@@ -155,6 +155,9 @@ class ChunkedRelay(Finishing):
         self.idle = False  # both ended: b is free again
         self.ended = False
         self.leftover = b""
+        # Held for the life of the client: on lean transports of our own.
+        a.move_to_socket()
+        b.move_to_socket()
         a.attach(_PlainSide(self))
         b.attach(_DataSide(self))
 

@@ -21,6 +21,8 @@ import sys
 from collections.abc import Callable
 from typing import Protocol, cast
 
+from tcpgc.socket_transport import SocketTransport
+
 #: What the buffering handler holds before it stops reading: a client's first request
 #: while it waits for an agent, or bytes that followed a frame. Bounded so a waiting
 #: client cannot make us buffer without limit.
@@ -98,6 +100,10 @@ class Ignoring:
 
     def on_resume(self) -> None:
         pass
+
+
+class _Retired(asyncio.Protocol):
+    """Protocol of a transport a link has moved off: hears its end, does nothing."""
 
 
 class Link(asyncio.Protocol):
@@ -391,6 +397,29 @@ class Link(asyncio.Protocol):
         self.handler = Ignoring()
         self.transport.abort()
         return sock, bytes(buffered.data), buffered.eof
+
+    def move_to_socket(self) -> bool:
+        """Go on over a `SocketTransport` of our own instead of the loop's transport
+        (0.5 to 1 KB less per connection: relays call this for the links they hold).
+        Only between writes: False, and nothing changes, if the transport still has
+        bytes to send, is closing, or has seen the peer's EOF."""
+        old = self.transport
+        if isinstance(old, SocketTransport):
+            return True
+        if old is None or old.is_closing() or old.get_write_buffer_size() or self.got_eof:
+            return False
+        raw = old.get_extra_info("socket")
+        if raw is None:
+            return False
+        sock = socket.socket(raw.family, raw.type, raw.proto, fileno=os.dup(raw.fileno()))
+        sock.setblocking(False)
+        old.set_protocol(_Retired())  # its last callback (connection_lost) goes nowhere
+        old.abort()  # closes its descriptor; ours keeps the connection
+        loop = asyncio.get_running_loop()
+        new = SocketTransport(loop, sock, self, reading_paused=self._reading_paused)
+        new.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.transport = new
+        return True
 
     def write(self, data: bytes | memoryview, prefix: bytes = b"") -> None:
         """Send `prefix` then `data`; over TLS in the same records and one socket write
