@@ -140,6 +140,31 @@ async def test_clean_end_reuses_without_reset() -> None:
     assert "RST" not in client.events
 
 
+@in_loop
+async def test_on_done_set_after_the_end_is_still_called_once() -> None:
+    """A relay can end while it is built (its link was already lost); the node sets
+    `on_done` only afterwards, and must still hear of the end."""
+    r = relay(StandIn(), StandIn(), [])
+    r.fail("the client reset before its relay began", reset=True)
+    calls: list[Any] = []
+    r.on_done = calls.append
+    await asyncio.sleep(0)
+    assert calls == [r.result] and r.done.done()
+
+
+@in_loop
+async def test_on_done_set_before_the_end_is_called_once_at_the_end() -> None:
+    r = relay(StandIn(), StandIn(), [])
+    calls: list[Any] = []
+    r.on_done = calls.append
+    await asyncio.sleep(0)
+    assert calls == []
+    r.fail("closed", reset=False)
+    r.fail("closed again", reset=False)
+    await asyncio.sleep(0)
+    assert calls == [r.result]
+
+
 @pytest.mark.parametrize("jump", [2**31, 2**63])
 def test_replay_window_takes_huge_jumps_at_once(jump: int) -> None:
     window = ReplayWindow()

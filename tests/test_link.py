@@ -7,7 +7,9 @@ reports must not depend on when it is asked, before or after the connection ends
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib.util
+import os
 import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 import pytest
 
 from tcpgc.link import Link
+from tcpgc.socket_transport import SocketTransport
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -121,3 +124,46 @@ def test_links_have_nagle_off(loop_name: str) -> None:
             server.close()
 
     _run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_link_that_cannot_move_stays_on_its_transport(
+    loop_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of descriptors for the duplicate, `move_to_socket` changes nothing and the
+    link carries on where it was."""
+
+    def no_descriptor_left(fd: int) -> int:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    async def main() -> None:
+        client, accepted, server = await _pair()
+        before = accepted.transport
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "dup", no_descriptor_left)
+            assert not accepted.move_to_socket()
+        assert accepted.transport is before and not before.is_closing()
+        assert accepted.move_to_socket()  # with a descriptor to spare it moves
+        assert isinstance(accepted.transport, SocketTransport)
+        got = _Collect()
+        accepted.attach(got)
+        client.write(b"still connected")
+        await got.wait()
+        assert bytes(got.data) == b"still connected"
+        client.abort()
+        accepted.abort()
+        server.close()
+
+    _run(loop_name, main)
+
+
+class _Collect(_LostEvent):
+    """Collects bytes; set once some arrived."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = bytearray()
+
+    def on_data(self, data: bytes) -> None:
+        self.data += data
+        self.set()

@@ -17,11 +17,11 @@ import os
 import socket
 import ssl
 import struct
-import sys
 from collections.abc import Callable
 from typing import Protocol, cast
 
 from tcpgc.socket_transport import SocketTransport
+from tcpgc.texts import shared
 
 #: What the buffering handler holds before it stops reading: a client's first request
 #: while it waits for an agent, or bytes that followed a frame. Bounded so a waiting
@@ -157,8 +157,8 @@ class Link(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple) and len(peername) >= 2:
-            # Interned: the links of one agent, or to one server, share one host string.
-            peername = (sys.intern(str(peername[0])), peername[1])
+            # The links of one agent, or to one server, share one host string.
+            peername = (shared(str(peername[0])), peername[1])
         self._peername = peername
         if self._tls_context is not None:
             self._ready = asyncio.get_running_loop().create_future()
@@ -402,7 +402,8 @@ class Link(asyncio.Protocol):
         """Go on over a `SocketTransport` of our own instead of the loop's transport
         (0.5 to 1 KB less per connection: relays call this for the links they hold).
         Only between writes: False, and nothing changes, if the transport still has
-        bytes to send, is closing, or has seen the peer's EOF."""
+        bytes to send, is closing, or has seen the peer's EOF, or if the move fails
+        (no descriptor left for the duplicate)."""
         old = self.transport
         if isinstance(old, SocketTransport):
             return True
@@ -411,13 +412,21 @@ class Link(asyncio.Protocol):
         raw = old.get_extra_info("socket")
         if raw is None:
             return False
-        sock = socket.socket(raw.family, raw.type, raw.proto, fileno=os.dup(raw.fileno()))
-        sock.setblocking(False)
+        try:
+            sock = socket.socket(raw.family, raw.type, raw.proto, fileno=os.dup(raw.fileno()))
+        except OSError:
+            return False
+        try:
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            new = SocketTransport(loop, sock, self, reading_paused=self._reading_paused)
+        except (OSError, RuntimeError, NotImplementedError):
+            sock.close()
+            return False
+        new.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        # Only now is the old one let go: nothing runs between the two registrations.
         old.set_protocol(_Retired())  # its last callback (connection_lost) goes nowhere
         old.abort()  # closes its descriptor; ours keeps the connection
-        loop = asyncio.get_running_loop()
-        new = SocketTransport(loop, sock, self, reading_paused=self._reading_paused)
-        new.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.transport = new
         return True
 

@@ -40,16 +40,17 @@ class RelayResult:
 
 class Finishing:
     """How a relay tells it is over: `await relay.done`, or `relay.on_done`, called soon
-    after with the result. The callback costs no future: thousands of relays are held
-    idle at once."""
+    after with the result (also when set after the end: a relay can end while it is
+    built, on a link that was already lost). The callback costs no future: thousands of
+    relays are held idle at once."""
 
-    __slots__ = ("_done", "on_done", "is_done")
+    __slots__ = ("_done", "_on_done", "is_done")
 
     result: RelayResult
 
     def _init_finishing(self) -> None:
         self._done: asyncio.Future[RelayResult] | None = None
-        self.on_done: Callable[[RelayResult], None] | None = None
+        self._on_done: Callable[[RelayResult], None] | None = None
         self.is_done = False
 
     @property
@@ -60,16 +61,28 @@ class Finishing:
                 self._done.set_result(self.result)
         return self._done
 
+    @property
+    def on_done(self) -> Callable[[RelayResult], None] | None:
+        return self._on_done
+
+    @on_done.setter
+    def on_done(self, callback: Callable[[RelayResult], None] | None) -> None:
+        self._on_done = callback
+        if self.is_done:
+            self._call_on_done()
+
     def _settle(self) -> None:
         if self.is_done:
             return
         self.is_done = True
         if self._done is not None:
             self._done.set_result(self.result)
-        if self.on_done is not None:
-            loop = asyncio.get_running_loop()
-            loop.call_soon(self.on_done, self.result, context=NO_CONTEXT)
-            self.on_done = None
+        self._call_on_done()
+
+    def _call_on_done(self) -> None:
+        callback, self._on_done = self._on_done, None  # once
+        if callback is not None:
+            asyncio.get_running_loop().call_soon(callback, self.result, context=NO_CONTEXT)
 
 
 class _Half:

@@ -18,8 +18,11 @@ that ended the connection, if any.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from typing import Any
+
+log = logging.getLogger("tcpgc")
 
 #: Largest read, as the loops' own transports do.
 READ_SIZE = 256 * 1024
@@ -78,12 +81,18 @@ class SocketTransport(asyncio.Transport):
         except OSError as exc:
             self._force_close(exc)
             return
-        if data:
-            self._protocol.data_received(data)
+        try:
+            if data:
+                self._protocol.data_received(data)
+                return
+            self._eof_received = True
+            self._read_off()
+            keep_open = self._protocol.eof_received()
+        except Exception as exc:  # a bug in the protocol ends its connection, no other
+            log.error("error in a connection's protocol: %r", exc, exc_info=exc)
+            self._force_close(exc)
             return
-        self._eof_received = True
-        self._read_off()
-        if not self._protocol.eof_received():
+        if not keep_open:
             self.close()
 
     def pause_reading(self) -> None:

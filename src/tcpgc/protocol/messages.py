@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-import sys
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar, TypeAlias
 
 from tcpgc.errors import ProtocolError
+from tcpgc.texts import shared
 
 #: Protocol versions this implementation speaks. A peer offering a disjoint range is
 #: refused with a message naming both ranges.
@@ -97,9 +97,9 @@ class _Reader:
             raise ProtocolError(f"{self.kind.name} message has a name that is not UTF-8") from None
         if not is_valid_name(text):
             raise ProtocolError(f"{self.kind.name} message has an invalid name {text[:64]!r}")
-        # Interned, like addresses below: an OPEN is kept for the life of its connection,
+        # Shared, like addresses below: an OPEN is kept for the life of its connection,
         # and thousands of them name the same few services and hosts.
-        return sys.intern(text)
+        return shared(text)
 
     def endpoint(self) -> tuple[str, int]:
         """An IP address as text (or empty: unknown) and a port."""
@@ -108,7 +108,7 @@ class _Reader:
         if not raw:
             return "", port
         try:
-            return sys.intern(str(ipaddress.ip_address(raw.decode("ascii")))), port
+            return shared(str(ipaddress.ip_address(raw.decode("ascii")))), port
         except (UnicodeDecodeError, ValueError):
             raise ProtocolError(f"{self.kind.name} message has an invalid address") from None
 
