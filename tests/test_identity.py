@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import os
 import ssl
@@ -11,11 +10,10 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from attack_tools import self_signed_certificate
 from tcpgc.errors import UsageError
 from tcpgc.identity import (
     CERT_FILE,
@@ -359,26 +357,11 @@ def test_p256_identity_of_an_earlier_release_still_serves(state_dir: Path) -> No
     """State dirs made before the switch to Ed25519 keep their P-256 certificate: it is
     loaded as it is, and an agent pinning it completes a handshake."""
     load_identity(state_dir, create=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tcpgc LL")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .sign(key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    (state_dir / KEY_FILE).write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    (state_dir / CERT_FILE).write_bytes(cert.public_bytes(pem))
+    cert_path, key_path, fingerprint = self_signed_certificate(state_dir, "earlier")  # P-256
+    key_path.replace(state_dir / KEY_FILE)  # 0600, as the LL wrote it
+    cert_path.replace(state_dir / CERT_FILE)
     identity = load_identity(state_dir, create=False)
-    assert identity.fingerprint == hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()
+    assert identity.fingerprint == fingerprint
     server_ctx, _ = identity.server_context()
     bios = [(ssl.MemoryBIO(), ssl.MemoryBIO()) for _ in range(2)]
     client = agent_context().wrap_bio(

@@ -7,30 +7,17 @@ reports must not depend on when it is asked, before or after the connection ends
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
-import importlib.util
 import os
 import socket
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator
 
 import pytest
 
+from loops import LOOPS, run_on
 from tcpgc.link import Link
 from tcpgc.socket_transport import SocketTransport
-
-LOOPS = ["asyncio", "uvloop"]
-
-
-def _run(loop_name: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    if loop_name == "uvloop":
-        if importlib.util.find_spec("uvloop") is None:
-            pytest.skip("uvloop is not installed (it comes with the 'fast' extra)")
-        import uvloop
-
-        uvloop.run(asyncio.wait_for(main(), 10))
-    else:
-        asyncio.run(asyncio.wait_for(main(), 10))
 
 
 class _LostEvent(asyncio.Event):
@@ -52,22 +39,29 @@ class _LostEvent(asyncio.Event):
         pass
 
 
-async def _pair() -> tuple[Link, Link, asyncio.Server]:
-    """A plain client link and the server-side link it reached."""
+@contextlib.asynccontextmanager
+async def _pair() -> AsyncIterator[tuple[Link, Link, asyncio.Server]]:
+    """A plain client link and the server-side link it reached, with their server; all
+    three closed on the way out."""
     accepted: asyncio.Future[Link] = asyncio.get_running_loop().create_future()
     server = await asyncio.get_running_loop().create_server(
         lambda: Link(on_made=accepted.set_result), "127.0.0.1", 0
     )
     port = server.sockets[0].getsockname()[1]
     _, client = await asyncio.get_running_loop().create_connection(Link, "127.0.0.1", port)
-    return client, await accepted, server
+    try:
+        yield client, await accepted, server
+    finally:
+        client.abort()
+        if accepted.done():
+            accepted.result().abort()
+        server.close()
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_plain_link_is_ready_and_knows_both_ends(loop_name: str) -> None:
     async def main() -> None:
-        client, accepted, server = await _pair()
-        try:
+        async with _pair() as (client, accepted, server):
             assert client.ready.done() and client.ready.result() is None
             host, port = server.sockets[0].getsockname()[:2]
             assert client.peer == f"{host}:{port}"
@@ -76,34 +70,29 @@ def test_plain_link_is_ready_and_knows_both_ends(loop_name: str) -> None:
             assert accepted.local_endpoint == (host, port)
             assert accepted.peer_endpoint == client.local_endpoint
             assert not client.is_closed and not client.closed.done()
-        finally:
-            client.abort()
-            accepted.abort()
-            server.close()
 
-    _run(loop_name, main)
+    run_on(loop_name, main, 10)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
 @pytest.mark.parametrize("asked_before", [True, False], ids=["asked-before", "asked-after"])
 def test_closed_tells_the_same_whenever_it_is_asked(loop_name: str, asked_before: bool) -> None:
     async def main() -> None:
-        client, accepted, server = await _pair()
-        peer = accepted.peer
-        early = accepted.closed if asked_before else None
-        lost = _LostEvent()
-        accepted.attach(lost)
-        client.reset()  # a plain end would leave the other side half-open, as relays want
-        await lost.wait()
-        assert accepted.is_closed
-        assert accepted.closed.done()
-        assert early is None or early is accepted.closed
-        # Still known once the connection is gone: logs name the peer after the end.
-        assert accepted.peer == peer != "?"
-        assert accepted.local_endpoint == ("", 0)
-        server.close()
+        async with _pair() as (client, accepted, _):
+            peer = accepted.peer
+            early = accepted.closed if asked_before else None
+            lost = _LostEvent()
+            accepted.attach(lost)
+            client.reset()  # a plain end would leave the other side half-open, as relays want
+            await lost.wait()
+            assert accepted.is_closed
+            assert accepted.closed.done()
+            assert early is None or early is accepted.closed
+            # Still known once the connection is gone: logs name the peer after the end.
+            assert accepted.peer == peer != "?"
+            assert accepted.local_endpoint == ("", 0)
 
-    _run(loop_name, main)
+    run_on(loop_name, main, 10)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -112,18 +101,13 @@ def test_links_have_nagle_off(loop_name: str) -> None:
     `Link` relies on that instead of setting it again."""
 
     async def main() -> None:
-        client, accepted, server = await _pair()
-        try:
+        async with _pair() as (client, accepted, _):
             for link in (client, accepted):
                 assert link.transport is not None
                 sock = link.transport.get_extra_info("socket")
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
-        finally:
-            client.abort()
-            accepted.abort()
-            server.close()
 
-    _run(loop_name, main)
+    run_on(loop_name, main, 10)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -137,24 +121,21 @@ def test_a_link_that_cannot_move_stays_on_its_transport(
         raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
 
     async def main() -> None:
-        client, accepted, server = await _pair()
-        before = accepted.transport
-        with monkeypatch.context() as patched:
-            patched.setattr(os, "dup", no_descriptor_left)
-            assert not accepted.move_to_socket()
-        assert accepted.transport is before and not before.is_closing()
-        assert accepted.move_to_socket()  # with a descriptor to spare it moves
-        assert isinstance(accepted.transport, SocketTransport)
-        got = _Collect()
-        accepted.attach(got)
-        client.write(b"still connected")
-        await got.wait()
-        assert bytes(got.data) == b"still connected"
-        client.abort()
-        accepted.abort()
-        server.close()
+        async with _pair() as (client, accepted, _):
+            before = accepted.transport
+            with monkeypatch.context() as patched:
+                patched.setattr(os, "dup", no_descriptor_left)
+                assert not accepted.move_to_socket()
+            assert accepted.transport is before and not before.is_closing()
+            assert accepted.move_to_socket()  # with a descriptor to spare it moves
+            assert isinstance(accepted.transport, SocketTransport)
+            got = _Collect()
+            accepted.attach(got)
+            client.write(b"still connected")
+            await got.wait()
+            assert bytes(got.data) == b"still connected"
 
-    _run(loop_name, main)
+    run_on(loop_name, main, 10)
 
 
 class _Collect(_LostEvent):

@@ -7,29 +7,17 @@ it sees is what the kernel delivered: exact bytes, FIN, RST.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import select
 import socket
 import struct
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 import pytest
 
+from loops import LOOPS, loop_turns, run_on
+from support import recv_until_eof
 from tcpgc.socket_transport import SocketTransport
 
-LOOPS = ["asyncio", "uvloop"]
 TIMEOUT = 20
-
-
-def _run(loop_name: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    if loop_name == "uvloop":
-        if importlib.util.find_spec("uvloop") is None:
-            pytest.skip("uvloop is not installed (it comes with the 'fast' extra)")
-        import uvloop
-
-        uvloop.run(asyncio.wait_for(main(), TIMEOUT))
-    else:
-        asyncio.run(asyncio.wait_for(main(), TIMEOUT))
 
 
 class Recorder(asyncio.Protocol):
@@ -70,16 +58,10 @@ def _connected_pair() -> tuple[socket.socket, socket.socket]:
     return ours, theirs
 
 
-def _read_all(sock: socket.socket) -> bytes:
-    """Everything until the peer's FIN."""
-    chunks = []
-    while chunk := sock.recv(1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    return await asyncio.to_thread(fn, *args)
+def _wait_readable(sock: socket.socket) -> None:
+    """Until bytes the far end sent wait in `sock`'s receive buffer (not read)."""
+    readable, _, _ = select.select([sock], [], [], TIMEOUT)
+    assert readable, "the far end's bytes never arrived"
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -93,14 +75,14 @@ def test_bulk_write_pauses_the_writer_and_arrives_whole(loop_name: str) -> None:
         transport.write(payload)
         assert transport.get_write_buffer_size() > 0 and protocol.pauses == 1
         transport.write_eof()  # only once the buffer is out
-        received = await _in_thread(_read_all, theirs)
+        received = await asyncio.to_thread(recv_until_eof, theirs)
         assert received == payload
         assert protocol.resumes == 1 and transport.get_write_buffer_size() == 0
         theirs.close()
         transport.close()
         assert await protocol.lost is None
 
-    _run(loop_name, main)
+    run_on(loop_name, main, TIMEOUT)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -115,12 +97,12 @@ def test_half_close_both_ways(loop_name: str) -> None:
         assert bytes(protocol.data) == b"request" and not transport.is_closing()
         transport.write(b"answer after their end")  # our direction still flows
         transport.write_eof()
-        assert await _in_thread(_read_all, theirs) == b"answer after their end"
+        assert await asyncio.to_thread(recv_until_eof, theirs) == b"answer after their end"
         theirs.close()
         transport.close()
         assert await protocol.lost is None
 
-    _run(loop_name, main)
+    run_on(loop_name, main, TIMEOUT)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -131,10 +113,10 @@ def test_eof_closes_unless_the_protocol_keeps_it_open(loop_name: str) -> None:
         SocketTransport(asyncio.get_running_loop(), ours, protocol)
         theirs.shutdown(socket.SHUT_WR)
         assert await protocol.lost is None
-        assert await _in_thread(theirs.recv, 1) == b""  # we closed too
+        assert await asyncio.to_thread(theirs.recv, 1) == b""  # we closed too
         theirs.close()
 
-    _run(loop_name, main)
+    run_on(loop_name, main, TIMEOUT)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -148,7 +130,7 @@ def test_close_sends_what_is_buffered_first_and_abort_does_not(loop_name: str) -
         transport.write(payload)
         transport.close()
         assert transport.is_closing() and not closing.lost.done()
-        assert await _in_thread(_read_all, theirs) == payload
+        assert await asyncio.to_thread(recv_until_eof, theirs) == payload
         assert await closing.lost is None
         theirs.close()
 
@@ -158,10 +140,10 @@ def test_close_sends_what_is_buffered_first_and_abort_does_not(loop_name: str) -
         transport.write(payload)
         transport.abort()
         assert await aborting.lost is None
-        assert len(await _in_thread(_read_all, theirs)) < len(payload)
+        assert len(await asyncio.to_thread(recv_until_eof, theirs)) < len(payload)
         theirs.close()
 
-    _run(loop_name, main)
+    run_on(loop_name, main, TIMEOUT)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -174,7 +156,7 @@ def test_peer_reset_is_reported_as_such(loop_name: str) -> None:
         theirs.close()
         assert isinstance(await protocol.lost, ConnectionResetError)
 
-    _run(loop_name, main)
+    run_on(loop_name, main, TIMEOUT)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -184,14 +166,16 @@ def test_paused_reading_delivers_nothing_until_resumed(loop_name: str) -> None:
         protocol = Recorder()
         transport = SocketTransport(asyncio.get_running_loop(), ours, protocol, reading_paused=True)
         theirs.sendall(b"held back")
-        await asyncio.sleep(0.2)  # time enough for a read that must not happen
+        _wait_readable(ours)
+        await loop_turns()  # a read, were one registered, would have happened
         assert not protocol.data and not transport.is_reading()
         transport.resume_reading()
         await protocol.got_data.wait()
         assert bytes(protocol.data) == b"held back"
         transport.pause_reading()
         theirs.sendall(b" and more")
-        await asyncio.sleep(0.2)
+        _wait_readable(ours)
+        await loop_turns()
         assert bytes(protocol.data) == b"held back"
         transport.resume_reading()
         while bytes(protocol.data) != b"held back and more":
@@ -201,7 +185,7 @@ def test_paused_reading_delivers_nothing_until_resumed(loop_name: str) -> None:
         transport.close()
         await protocol.lost
 
-    _run(loop_name, main)
+    run_on(loop_name, main, TIMEOUT)
 
 
 def test_writes_after_the_end_are_dropped() -> None:
@@ -211,10 +195,10 @@ def test_writes_after_the_end_are_dropped() -> None:
         transport = SocketTransport(asyncio.get_running_loop(), ours, protocol)
         transport.write_eof()
         transport.write(b"too late")
-        assert await _in_thread(_read_all, theirs) == b""
+        assert await asyncio.to_thread(recv_until_eof, theirs) == b""
         transport.abort()
         transport.write(b"later still")
         assert await protocol.lost is None
         theirs.close()
 
-    _run("asyncio", main)
+    run_on("asyncio", main, TIMEOUT)

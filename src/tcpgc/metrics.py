@@ -44,7 +44,6 @@ class Metrics:
 
     def __init__(self, role: str, enabled: bool = True) -> None:
         self.role = role
-        self.enabled = enabled
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         if not enabled:
             self.registry = None
