@@ -325,11 +325,9 @@ def test_replayed_ll_side_refused_by_cc(
 # ---------------------------------------------------------------------------- 4. data ids
 
 
-def read_stream(sock: socket.socket, size: int, *, chunked: bool) -> bytes:
-    """`size` bytes of a client's stream on a data connection; over TLS the stream is
-    chunked (docs/protocol.md, "Ready data connections")."""
-    if not chunked:
-        return recv_exactly(sock, size)
+def read_stream(sock: socket.socket, size: int) -> bytes:
+    """`size` bytes of a client's stream on a data connection, which is chunked
+    (docs/protocol.md, "Ready data connections")."""
     got = b""
     while len(got) < size:
         length = int.from_bytes(recv_exactly(sock, HEADER_SIZE), "big")
@@ -363,8 +361,8 @@ def test_guessed_data_ids_get_no_client(harness: Harness, plaintext: bool) -> No
             ]
             # The rightful agent claims the first client: its bytes are all there.
             with agent.claim(ids[0]) as data:
-                assert read_stream(data, len(MARKER) + 4, chunked=tls) == MARKER + b"bait"
-                data.sendall(chunk_header(4) + b"pong" if tls else b"pong")
+                assert read_stream(data, len(MARKER) + 4) == MARKER + b"bait"
+                data.sendall(chunk_header(4) + b"pong")
                 assert recv_exactly(waiting[0], 4) == b"pong"
                 # Replaying the same id while it is in use, then after, gets nothing.
                 replays = [hostile(env.agent_addr, encode(Data(MAX_VERSION, ids[0])), tls=tls)]

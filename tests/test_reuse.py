@@ -1,7 +1,8 @@
-"""Reused TLS data connections, through real nodes: after a client is done, its ready
-data connection carries the next client (chunked stream, end markers both ways). Every
-client still gets exactly its own bytes, half-close and resets still cross, and a
-connection that ended badly is never reused."""
+"""Reused data connections, through real nodes, over TLS and in plaintext (where the
+relay splices the chunked stream): after a client is done, its ready data connection
+carries the next client (chunked stream, end markers both ways). Every client still
+gets exactly its own bytes, half-close and resets still cross, and a connection that
+ended badly is never reused."""
 
 from __future__ import annotations
 
@@ -27,6 +28,12 @@ from test_admin import admin_url, scrape, total
 ADMIN = ("--admin", "127.0.0.1:0")
 
 
+@pytest.fixture(params=["tls", "plaintext"])
+def mode(request: pytest.FixtureRequest) -> tuple[str, ...]:
+    """The flags of both nodes: the default TLS, or plaintext (splice relay)."""
+    return ("--insecure-plaintext",) if request.param == "plaintext" else ()
+
+
 def _reused(tunnel: Tunnel) -> float:
     return total(scrape(admin_url(tunnel.cc)), "tcpgc_data_connections_reused_total")
 
@@ -40,7 +47,7 @@ def _wait_reused(tunnel: Tunnel, expected: int, timeout: float = 10.0) -> float:
     return count
 
 
-def _tunnel(harness: Harness, server: str, *flags: str) -> Tunnel:
+def _tunnel(harness: Harness, server: str, flags: tuple[str, ...]) -> Tunnel:
     """A tunnel whose agent holds its full pool of ready connections (4), so that every
     client of these tests rides on one (clients offered over the control connection
     when none is ready get a single-use data connection)."""
@@ -52,10 +59,10 @@ def _tunnel(harness: Harness, server: str, *flags: str) -> Tunnel:
     return tunnel
 
 
-def test_sequential_clients_reuse_data_connections(harness: Harness) -> None:
+def test_sequential_clients_reuse_data_connections(harness: Harness, mode: tuple[str, ...]) -> None:
     """60 clients one after another, each with its own bytes and a half-close: each gets
     exactly its bytes back, then EOF, and every data connection is given back."""
-    tunnel = _tunnel(harness, harness.echo_server().addr_str)
+    tunnel = _tunnel(harness, harness.echo_server().addr_str, mode)
     for i in range(60):
         payload = hashlib.sha256(str(i).encode()).digest() * (1 + i % 7)
         with connect(tunnel.client_addr) as sock:
@@ -66,10 +73,12 @@ def test_sequential_clients_reuse_data_connections(harness: Harness) -> None:
     assert "dropped" not in tunnel.ll.output()
 
 
-def test_connections_dialed_beyond_the_pool_join_it(harness: Harness) -> None:
+def test_connections_dialed_beyond_the_pool_join_it(
+    harness: Harness, mode: tuple[str, ...]
+) -> None:
     """20 clients at once outnumber the 4 ready connections: the others are carried on
     connections dialed for them, and every one of the 20 is offered again afterwards."""
-    tunnel = _tunnel(harness, harness.echo_server().addr_str)
+    tunnel = _tunnel(harness, harness.echo_server().addr_str, mode)
     socks = [connect(tunnel.client_addr) for _ in range(20)]
     try:
         for i, sock in enumerate(socks):
@@ -83,10 +92,12 @@ def test_connections_dialed_beyond_the_pool_join_it(harness: Harness) -> None:
     assert total(scrape(admin_url(tunnel.cc)), "tcpgc_pool_size") >= 20
 
 
-def test_bulk_transfers_back_to_back_on_reused_connections(harness: Harness) -> None:
+def test_bulk_transfers_back_to_back_on_reused_connections(
+    harness: Harness, mode: tuple[str, ...]
+) -> None:
     """5 MB up and 5 MB down, three times in a row: the SHA-256 of each matches."""
     server = harness.sink_source_server(reply_size=5 << 20)
-    tunnel = _tunnel(harness, server.addr_str)
+    tunnel = _tunnel(harness, server.addr_str, mode)
     for _ in range(3):
         assert sink_source_exchange(tunnel.client_addr, 5 << 20) == 5 << 20
     for i in range(10):
@@ -104,9 +115,9 @@ class _GreetAndClose(ThreadedServer):
             pass
 
 
-def test_server_that_closes_first(harness: Harness) -> None:
+def test_server_that_closes_first(harness: Harness, mode: tuple[str, ...]) -> None:
     server = harness.adopt(_GreetAndClose().start())
-    tunnel = _tunnel(harness, server.addr_str)
+    tunnel = _tunnel(harness, server.addr_str, mode)
     for i in range(20):
         with connect(tunnel.client_addr) as sock:
             assert recv_until_eof(sock) == b"hello from the server\n", f"client {i}"
@@ -130,12 +141,14 @@ class _RecordingEcho(ThreadedServer):
             self.resets += 1
 
 
-def test_reset_client_is_not_reused_and_does_not_disturb_the_next(harness: Harness) -> None:
+def test_reset_client_is_not_reused_and_does_not_disturb_the_next(
+    harness: Harness, mode: tuple[str, ...]
+) -> None:
     """A client that resets mid-stream resets the server side; its data connection is
     dropped rather than reused, and the clients after it get exactly their bytes."""
     server = harness.adopt(_RecordingEcho().start())
     assert isinstance(server, _RecordingEcho)
-    tunnel = _tunnel(harness, server.addr_str)
+    tunnel = _tunnel(harness, server.addr_str, mode)
     assert echo_roundtrip(tunnel.client_addr, b"warm-up") == b"warm-up"
     for i in range(5):
         sock = connect(tunnel.client_addr)
@@ -153,13 +166,3 @@ def test_reset_client_is_not_reused_and_does_not_disturb_the_next(harness: Harne
     assert _wait_reused(tunnel, 6) == 6
     time.sleep(0.5)
     assert _reused(tunnel) == 6
-
-
-@pytest.mark.parametrize("flags", [("--insecure-plaintext",)])
-def test_plaintext_data_connections_are_not_reused(harness: Harness, flags: tuple[str]) -> None:
-    """Plain data connections stay one per client: they are relayed with splice(2),
-    which moves a raw stream with no room for end markers."""
-    tunnel = _tunnel(harness, harness.echo_server().addr_str, *flags)
-    for i in range(10):
-        assert echo_roundtrip(tunnel.client_addr, b"%d" % i) == b"%d" % i
-    assert _reused(tunnel) == 0

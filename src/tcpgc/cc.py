@@ -21,7 +21,7 @@ from functools import partial
 from typing import Any
 
 from tcpgc.channel import FrameChannel
-from tcpgc.chunked import ChunkedRelay
+from tcpgc.chunked_splice import start_chunked_relay
 from tcpgc.config import Address, CCConfig
 from tcpgc.errors import PeerRefused, ProtocolError, TcpgcError, UsageError
 from tcpgc.identity import JoinToken, agent_context, format_fingerprint, pin_server_name
@@ -43,7 +43,7 @@ from tcpgc.protocol.messages import (
 )
 from tcpgc.proxy_protocol import header
 from tcpgc.relay import RelayResult
-from tcpgc.splice import AnyRelay, start_relay
+from tcpgc.splice import AnyRelay
 from tcpgc.tasks import TaskGroup
 
 log = logging.getLogger("tcpgc.cc")
@@ -559,10 +559,10 @@ class ConnectNode:
             self.metrics.child(counted, request.service, "out"),
             self.metrics.child(counted, request.service, "in"),
         )
-        if self._tls is not None:
-            # Over TLS a data connection carries the client chunked, and is reused.
-            return ChunkedRelay(server_link, data_link, *counters, on_idle=partial(self._reuse, ll))
-        return start_relay(server_link, data_link, *counters)
+        # The data connection carries the client chunked, and is reused after it.
+        return start_chunked_relay(
+            server_link, data_link, *counters, on_idle=partial(self._reuse, ll)
+        )
 
 
 def _format_endpoint(host: str, port: int) -> str:

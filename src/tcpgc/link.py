@@ -398,6 +398,31 @@ class Link(asyncio.Protocol):
         self.transport.abort()
         return sock, bytes(buffered.data), buffered.eof
 
+    def lend(self) -> tuple[socket.socket, bytes] | None:
+        """Lend the socket, for a while, to a caller that drives it itself (the chunked
+        splice relay) while this link keeps the connection: returns the socket and the
+        bytes read so far. Until `take_back`, the link neither reads nor writes. None,
+        and nothing changes, if the link is TLS, has bytes left to send, has seen the
+        peer's EOF or its end, or cannot move onto a socket of its own."""
+        handler = self.handler
+        if (
+            self._ssl is not None
+            or not isinstance(handler, _Buffer)
+            or handler.eof
+            or handler.lost is not None
+            or not self.move_to_socket()
+        ):
+            return None
+        assert self.transport is not None
+        self.pause_reading()
+        self.handler = Ignoring()  # its end, if the borrower ends it, concerns nobody here
+        return self.transport.get_extra_info("socket"), bytes(handler.data)
+
+    def take_back(self, leftover: bytes = b"") -> None:
+        """End a `lend`: buffer again, starting with `leftover`, and read again."""
+        self.detach(leftover)
+        self.resume_reading()
+
     def move_to_socket(self) -> bool:
         """Go on over a `SocketTransport` of our own instead of the loop's transport
         (0.5 to 1 KB less per connection: relays call this for the links they hold).

@@ -27,7 +27,7 @@ from typing import Any
 
 from tcpgc.agent_port import AgentPort, WaitingClient
 from tcpgc.agents import AgentRegistry, AgentSession
-from tcpgc.chunked import ChunkedRelay
+from tcpgc.chunked_splice import start_chunked_relay
 from tcpgc.config import Address, LLConfig, ServiceListener
 from tcpgc.errors import PeerRefused, ProtocolError, UsageError
 from tcpgc.guard import PendingHandshakes
@@ -49,7 +49,7 @@ from tcpgc.protocol.messages import (
     OpenFailed,
 )
 from tcpgc.relay import RelayResult
-from tcpgc.splice import AnyRelay, start_relay
+from tcpgc.splice import AnyRelay
 from tcpgc.tasks import TaskGroup
 
 log = logging.getLogger("tcpgc.ll")
@@ -429,12 +429,8 @@ class ListenNode(AgentPort):
     def _relay(self, service: Service, link: Link, data_link: Link, agent: AgentSession) -> None:
         m = self.metrics
         counters = (m.child(m.bytes, service.name, "in"), m.child(m.bytes, service.name, "out"))
-        relay: AnyRelay
-        if self._tls is not None:
-            # Over TLS a data connection carries the client chunked, and is reused.
-            relay = ChunkedRelay(link, data_link, *counters, on_idle=self._data_connection_idle)
-        else:
-            relay = start_relay(link, data_link, *counters)
+        # The data connection carries the client chunked, and is reused after it.
+        relay = start_chunked_relay(link, data_link, *counters, on_idle=self._data_connection_idle)
         service.relays.add(relay)
         agent.relays.add(relay)
         m.child(m.clients_active, service.name).inc()

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from tcpgc.chunked import ChunkedRelay
 from tcpgc.link import Link
+from tcpgc.protocol.chunks import chunk_header
 from tcpgc.relay import Finishing, Relay, RelayResult, _Counter
 
 AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
@@ -85,6 +86,9 @@ PIPES = PipePool()
 class _Direction:
     """src → pipe → dst, for one direction of the relay."""
 
+    #: Each batch goes out as a chunk (`tcpgc.protocol.chunks`): see `tcpgc.chunked_splice`.
+    chunked = False
+
     def __init__(
         self,
         relay: SpliceRelay,
@@ -99,6 +103,7 @@ class _Direction:
         self.src = src
         self.dst = dst
         self.prefix = prefix  # bytes read before the relay began, sent first
+        self.header = b""  # a chunk header due before the prefix or the pipe (not counted)
         self.pipe: tuple[int, int] | None = None
         self.in_pipe = 0
         self.eof = eof  # src has ended
@@ -109,7 +114,7 @@ class _Direction:
         self.writing = False
 
     def start(self) -> None:
-        if self.prefix or self.eof:
+        if self.header or self.prefix or self.eof:
             self._flush()
         else:
             self._read_on()
@@ -124,7 +129,9 @@ class _Direction:
     def _read_off(self) -> None:
         if self.reading:
             self.reading = False
-            self.relay.loop.remove_reader(self.src.fileno())
+            fd = self.src.fileno()
+            if fd != -1:  # -1: closed under us (a lent socket whose link was closed)
+                self.relay.loop.remove_reader(fd)
 
     def _write_on(self) -> None:
         if not self.writing:
@@ -134,7 +141,9 @@ class _Direction:
     def _write_off(self) -> None:
         if self.writing:
             self.writing = False
-            self.relay.loop.remove_writer(self.dst.fileno())
+            fd = self.dst.fileno()
+            if fd != -1:
+                self.relay.loop.remove_writer(fd)
 
     def _readable(self) -> None:
         if self.pipe is None:
@@ -152,10 +161,20 @@ class _Direction:
             self._read_off()
         else:
             self.in_pipe += n
+            if self.chunked:
+                self.header = chunk_header(n)
         self._flush()
 
     def _flush(self) -> None:
         try:
+            if self.header:
+                # Held back (MSG_MORE) when its chunk follows: header and bytes then
+                # leave in one segment, and the peer wakes once for both.
+                more = socket.MSG_MORE if self.prefix or self.in_pipe else 0
+                sent = self.dst.send(self.header, more)
+                self.header = self.header[sent:]
+                if self.header:
+                    raise BlockingIOError
             if self.prefix:
                 sent = self.dst.send(self.prefix)
                 self._moved(sent)
@@ -170,7 +189,7 @@ class _Direction:
         except OSError as exc:
             self.relay.failed(exc, reset=exc.errno in _RESET_ERRORS)
             return
-        if self.prefix or self.in_pipe:
+        if self.header or self.prefix or self.in_pipe:
             # dst is full: stop reading src until it drains (back-pressure).
             self._read_off()
             self._write_on()
@@ -230,14 +249,7 @@ class SpliceRelay(Finishing):
         count_a_to_b: _Counter | None = None,
         count_b_to_a: _Counter | None = None,
     ) -> None:
-        self.a = a
-        self.b = b
-        self.loop = asyncio.get_running_loop()
-        self.result = RelayResult()
-        self._init_finishing()
-        self.finished = False
-        #: Called once, when the first bytes from `b` have been moved on.
-        self.on_first_b_to_a: Callable[[], None] | None = None
+        self._init_relay(a, b)
         handed_a = a.hand_over()
         handed_b = b.hand_over()
         assert handed_a is not None and handed_b is not None
@@ -249,6 +261,16 @@ class SpliceRelay(Finishing):
         )
         for direction in self._directions:
             direction.start()
+
+    def _init_relay(self, a: Link, b: Link) -> None:
+        self.a = a
+        self.b = b
+        self.loop = asyncio.get_running_loop()
+        self.result = RelayResult()
+        self._init_finishing()
+        self.finished = False
+        #: Called once, when the first bytes from `b` have been moved on.
+        self.on_first_b_to_a: Callable[[], None] | None = None
 
     def direction_done(self) -> None:
         if all(d.done for d in self._directions):
@@ -269,15 +291,19 @@ class SpliceRelay(Finishing):
             self.result.ended = ended
         for direction in self._directions:
             direction.stop()
-        for sock in (self._sa, self._sb):
-            if reset:
-                # Send RST, so each peer sees the reset the other side saw.
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                except OSError:
-                    pass
-            sock.close()
+        _close(self._sa, reset)
+        _close(self._sb, reset)
         self._settle()
+
+
+def _close(sock: socket.socket, reset: bool) -> None:
+    if reset:
+        # Send RST, so each peer sees the reset the other side saw.
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    sock.close()
 
 
 def can_splice(a: Link, b: Link) -> bool:

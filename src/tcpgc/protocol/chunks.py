@@ -41,6 +41,16 @@ class ChunkDecoder:
         self.ended = False
         self.leftover = b""
 
+    @property
+    def remaining(self) -> int:
+        """Payload bytes still due in the current chunk."""
+        return self._remaining
+
+    @property
+    def partial_header(self) -> bytes:
+        """The part of the next header already fed."""
+        return bytes(self._header)
+
     def feed(self, data: bytes) -> list[memoryview]:
         if self.ended:
             raise ProtocolError("bytes after the end of a chunked stream")

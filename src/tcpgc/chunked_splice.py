@@ -1,0 +1,216 @@
+"""Relaying one client over a reusable plain data connection, with splice(2).
+
+The chunked stream (`tcpgc.protocol.chunks`) is what lets a data connection outlive its
+client. `ChunkedRelay` speaks it by copying bytes through Python, as TLS requires; this
+relay speaks it for plain data connections and still never reads the payload into
+Python: each batch spliced from the plain side into a pipe leaves as a 4-byte header
+(sent with MSG_MORE) and the pipe's contents; on the way back, headers are read with
+exact 4-byte `recv` calls and then exactly the chunk's length is spliced, so nothing
+past a chunk, and nothing after the end marker, is ever read here. Once both directions
+have ended, the data link gets its socket back, unread bytes and all, and goes to
+`on_idle` to serve the next client.
+
+Failures end both sides with a reset, as in `ChunkedRelay`: a data connection that
+closes before its end marker must not look like a complete stream.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Callable
+
+from tcpgc.chunked import ChunkedRelay
+from tcpgc.errors import ProtocolError
+from tcpgc.link import Link
+from tcpgc.protocol.chunks import END, HEADER_SIZE, MAX_CHUNK, ChunkDecoder, chunk_header
+from tcpgc.relay import _Counter
+from tcpgc.splice import _FLAGS, _RESET_ERRORS, AVAILABLE, PIPES, SpliceRelay, _close, _Direction
+
+
+class _ChunkingDirection(_Direction):
+    """plain → data: each batch as a chunk, the plain side's EOF as the end marker."""
+
+    chunked = True
+    ending = False  # the end marker is queued
+
+    def _deliver_eof(self) -> None:
+        if self.done:
+            return
+        if not self.ending:
+            self.ending = True
+            self.header = END
+            self._flush()  # comes back here once the marker is out
+            return
+        self.done = True
+        self.relay.direction_done()
+
+
+class _DechunkingDirection(_Direction):
+    """data → plain: chunk headers read exactly, payload spliced, the end marker
+    delivered as EOF. `remaining` is what the current chunk still owes."""
+
+    def __init__(
+        self,
+        relay: ChunkedSpliceRelay,
+        src: socket.socket,
+        dst: socket.socket,
+        prefix: bytes,
+        eof: bool,
+        counter: _Counter | None,
+        *,
+        remaining: int,
+        partial: bytes,
+    ) -> None:
+        super().__init__(relay, src, dst, prefix, eof, counter, False)
+        self.relay: ChunkedSpliceRelay = relay
+        self.remaining = remaining
+        self.partial = bytearray(partial)  # a header read in part
+
+    def _readable(self) -> None:
+        if not self.remaining:
+            try:
+                got = self.src.recv(HEADER_SIZE - len(self.partial))
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.relay.failed(exc, reset=True)
+                return
+            if not got:
+                self.relay.stream_broken("data connection closed mid-stream")
+                return
+            self.partial += got
+            if len(self.partial) < HEADER_SIZE:
+                return
+            length = int.from_bytes(self.partial, "big")
+            self.partial.clear()
+            if length == 0:  # the end marker: stop reading here, the rest is not ours
+                self.eof = True
+                self._read_off()
+                self._flush()
+                return
+            if length > MAX_CHUNK:
+                self.relay.stream_broken(f"error: chunk of {length} bytes (at most {MAX_CHUNK})")
+                return
+            self.remaining = length
+        if self.pipe is None:
+            self.pipe = PIPES.take()
+        try:
+            n = os.splice(self.src.fileno(), self.pipe[1], self.remaining, flags=_FLAGS)
+        except BlockingIOError:
+            self._release_if_empty()
+            return
+        except OSError as exc:
+            self.relay.failed(exc, reset=True)
+            return
+        if n == 0:
+            self.relay.stream_broken("data connection closed mid-stream")
+            return
+        self.remaining -= n
+        self.in_pipe += n
+        self._flush()
+
+
+class ChunkedSpliceRelay(SpliceRelay):
+    """Plain link `a` <-> plain data link `b` carrying the chunked stream. `on_idle(b)`
+    gets the data link back once both directions ended."""
+
+    def __init__(
+        self,
+        a: Link,
+        b: Link,
+        count_a_to_b: _Counter | None,
+        count_b_to_a: _Counter | None,
+        on_idle: Callable[[Link], None] | None,
+        lent: tuple[socket.socket, bytes],
+        handed: tuple[socket.socket, bytes, bool],
+    ) -> None:
+        self._init_relay(a, b)
+        self.on_idle = on_idle
+        self._sa, prefix_a, eof_a = handed
+        self._sb, framed = lent
+        self.leftover = b""
+        decoder = ChunkDecoder()
+        broken = None
+        try:
+            prefix_b = b"".join(decoder.feed(framed))
+        except ProtocolError as exc:
+            prefix_b, broken = b"", f"error: {exc}"
+        if decoder.ended:
+            self.leftover = decoder.leftover  # the peer's next message: kept for later
+        out = _ChunkingDirection(self, self._sa, self._sb, prefix_a, eof_a, count_a_to_b, True)
+        if prefix_a:  # read before the relay began: within MAX_CHUNK (a link buffers less)
+            out.header = chunk_header(len(prefix_a))
+        back = _DechunkingDirection(
+            self, self._sb, self._sa, prefix_b, decoder.ended, count_b_to_a,
+            remaining=decoder.remaining, partial=decoder.partial_header,
+        )  # fmt: skip
+        self._directions = (out, back)
+        if broken is not None:
+            self.stream_broken(broken)
+            return
+        for direction in self._directions:
+            direction.start()
+
+    def stream_broken(self, reason: str) -> None:
+        self._finish(reason, reset=True)
+
+    def failed(self, exc: OSError, reset: bool) -> None:
+        # Any failure resets both sides: the data connection cannot be reused after it.
+        reason = "reset" if exc.errno in _RESET_ERRORS else f"error: {exc.strerror or exc}"
+        self._finish(reason, reset=True)
+
+    def direction_done(self) -> None:
+        if not all(d.done for d in self._directions) or self.finished:
+            return
+        self.finished = True
+        for direction in self._directions:
+            direction.stop()
+        self._sa.close()
+        link = self.b
+        link.take_back(self.leftover)
+        if self.on_idle is not None and not link.is_closed:
+            self.on_idle(link)
+        else:
+            link.close()
+        self._settle()
+
+    def _finish(self, ended: str, reset: bool = False) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.result.ended == "closed":
+            self.result.ended = ended
+        for direction in self._directions:
+            direction.stop()
+        _close(self._sa, reset)
+        if reset:
+            self.b.reset()
+        else:
+            self.b.abort()
+        self._settle()
+
+
+def start_chunked_relay(
+    a: Link,
+    b: Link,
+    count_a_to_b: _Counter | None = None,
+    count_b_to_a: _Counter | None = None,
+    on_idle: Callable[[Link], None] | None = None,
+) -> SpliceRelay | ChunkedRelay:
+    """Relay plain link `a` over data link `b`, which carries the chunked stream: with
+    splice(2) when both are plain TCP on Linux, through Python otherwise (TLS)."""
+    if AVAILABLE and a.can_hand_over() and not os.environ.get("TCPGC_NO_SPLICE"):
+        lent = b.lend()
+        if lent is not None:
+            try:
+                handed = a.hand_over()
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                handed = None  # no descriptor for the duplicate: go on without splice
+            if handed is not None:
+                return ChunkedSpliceRelay(a, b, count_a_to_b, count_b_to_a, on_idle, lent, handed)
+            b.take_back(lent[1])
+    return ChunkedRelay(a, b, count_a_to_b, count_b_to_a, on_idle=on_idle)

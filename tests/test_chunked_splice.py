@@ -1,0 +1,240 @@
+"""The chunked stream spliced: `start_chunked_relay` on plain links, real loopback
+sockets, each event loop we run on. The peers are raw sockets, so the bytes on the
+data connection are checked exactly: headers, end markers, and what follows them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+import tcpgc.chunked_splice
+from loops import LOOPS, loop_turns, run_on
+from tcpgc.chunked import ChunkedRelay
+from tcpgc.chunked_splice import ChunkedSpliceRelay, start_chunked_relay
+from tcpgc.link import Link
+from tcpgc.protocol.chunks import END, MAX_CHUNK, ChunkDecoder, chunk_header
+
+pytestmark = pytest.mark.skipif(
+    not tcpgc.chunked_splice.AVAILABLE, reason="splice(2) is Linux-only"
+)
+
+
+class _Rig:
+    """Two connections through a local server: plain peer <-> link `a` (the client
+    or server leg) and data peer <-> link `b` (the data connection)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.plain_peer = socket.socket()
+        self.data_peer = socket.socket()
+        self.a: Link | None = None
+        self.b: Link | None = None
+        self.idle: list[Link] = []
+        self.server: asyncio.Server | None = None
+
+    async def connect(self) -> None:
+        accepted: asyncio.Queue[Link] = asyncio.Queue()
+        self.server = await self.loop.create_server(
+            lambda: Link(on_made=accepted.put_nowait), "127.0.0.1", 0
+        )
+        address = self.server.sockets[0].getsockname()
+        for peer in (self.plain_peer, self.data_peer):
+            peer.setblocking(False)
+            await self.loop.sock_connect(peer, address)
+        self.a = await accepted.get()
+        self.b = await accepted.get()
+
+    def relay(self) -> Any:
+        assert self.a is not None and self.b is not None
+        return start_chunked_relay(self.a, self.b, on_idle=self.idle.append)
+
+    async def recv_all(self, sock: socket.socket) -> bytes:
+        """Everything until EOF (a reset raises)."""
+        got = bytearray()
+        while chunk := await asyncio.wait_for(self.loop.sock_recv(sock, 1 << 16), 10):
+            got += chunk
+        return bytes(got)
+
+    async def recv_stream(self) -> tuple[bytes, bytes]:
+        """The payload of one chunked stream from the data peer, up to its end marker,
+        and whatever came after the marker."""
+        decoder = ChunkDecoder()
+        payload = bytearray()
+        while not decoder.ended:
+            data = await asyncio.wait_for(self.loop.sock_recv(self.data_peer, 1 << 16), 10)
+            assert data, "the data connection closed before the end marker"
+            for piece in decoder.feed(data):
+                payload += piece
+        return bytes(payload), decoder.leftover
+
+    def close(self) -> None:
+        for peer in (self.plain_peer, self.data_peer):
+            peer.close()
+        for link in (self.a, self.b):
+            if link is not None:
+                link.abort()
+        if self.server is not None:
+            self.server.close()
+
+
+@contextlib.asynccontextmanager
+async def _rig() -> AsyncIterator[_Rig]:
+    rig = _Rig()
+    try:
+        await rig.connect()
+        yield rig
+    finally:
+        rig.close()
+
+
+def _reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_both_directions_spliced_then_the_connection_is_handed_back(
+    loop_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real_splice = os.splice
+
+    def counting_splice(*args: Any, **kwargs: Any) -> int:
+        n = real_splice(*args, **kwargs)
+        calls.append(n)
+        return n
+
+    monkeypatch.setattr(tcpgc.chunked_splice.os, "splice", counting_splice)
+
+    async def main() -> None:
+        async with _rig() as rig:
+            relay = rig.relay()
+            assert isinstance(relay, ChunkedSpliceRelay)
+            upload = os.urandom(3 * MAX_CHUNK // 2)
+            await rig.loop.sock_sendall(rig.plain_peer, upload)
+            rig.plain_peer.shutdown(socket.SHUT_WR)
+            payload, after = await rig.recv_stream()
+            assert payload == upload and after == b""
+
+            download = os.urandom(200_000)
+            stream = b"".join(
+                chunk_header(len(download[i : i + 70_000])) + download[i : i + 70_000]
+                for i in range(0, len(download), 70_000)
+            )
+            # The agent's next message follows its end marker at once: not ours to read.
+            await rig.loop.sock_sendall(rig.data_peer, stream + END + b"NEXT")
+            assert await rig.recv_all(rig.plain_peer) == download
+            await relay.done
+            assert relay.result.ended == "closed"
+            assert (relay.result.bytes_a_to_b, relay.result.bytes_b_to_a) == (
+                len(upload),
+                len(download),
+            )
+            assert rig.idle == [rig.b]
+            await loop_turns()
+            buffered = rig.b.handler  # reading again, into the link's buffer
+            assert bytes(getattr(buffered, "data", b"")) == b"NEXT"
+            # Payload went through pipes: splice moved it, in and out, both ways.
+            assert sum(calls) >= 2 * (len(upload) + len(download))
+
+    run_on(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_bytes_read_before_the_relay_are_framed_and_unframed(loop_name: str) -> None:
+    async def main() -> None:
+        async with _rig() as rig:
+            # Both links read before the relay starts: the client's first request, and
+            # a chunk and half a header from the data connection.
+            rig.plain_peer.send(b"early")
+            rig.data_peer.send(chunk_header(3) + b"abc" + chunk_header(10)[:2])
+            await asyncio.sleep(0.05)
+            await loop_turns()
+            relay = rig.relay()
+            assert isinstance(relay, ChunkedSpliceRelay)
+            rig.data_peer.send(chunk_header(10)[2:] + b"0123456789" + END)
+            got = bytearray()
+            while len(got) < 13:
+                got += await asyncio.wait_for(rig.loop.sock_recv(rig.plain_peer, 100), 10)
+            assert bytes(got) == b"abc0123456789"
+            assert await rig.recv_all(rig.plain_peer) == b""  # the end marker, as EOF
+            # Ours is framed: the early bytes as one chunk, then the end marker.
+            rig.plain_peer.shutdown(socket.SHUT_WR)
+            raw = bytearray()
+            while not raw.endswith(END):
+                raw += await asyncio.wait_for(rig.loop.sock_recv(rig.data_peer, 100), 10)
+            assert bytes(raw) == chunk_header(5) + b"early" + END
+            await relay.done
+            assert rig.idle == [rig.b]
+
+    run_on(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+@pytest.mark.parametrize(
+    ("stream", "reason"),
+    [
+        (chunk_header(10) + b"12345", "data connection closed mid-stream"),
+        (chunk_header(10)[:3], "data connection closed mid-stream"),
+        ((MAX_CHUNK + 1).to_bytes(4, "big"), "error: chunk of"),
+    ],
+    ids=["closed-mid-chunk", "closed-mid-header", "oversized-chunk"],
+)
+def test_broken_stream_resets_the_plain_side(loop_name: str, stream: bytes, reason: str) -> None:
+    async def main() -> None:
+        async with _rig() as rig:
+            relay = rig.relay()
+            assert isinstance(relay, ChunkedSpliceRelay)
+            rig.data_peer.send(stream)
+            if reason.endswith("mid-stream"):
+                rig.data_peer.shutdown(socket.SHUT_WR)
+            with pytest.raises(ConnectionResetError):
+                await rig.recv_all(rig.plain_peer)
+            await relay.done
+            assert relay.result.ended.startswith(reason)
+            assert rig.idle == []
+
+    run_on(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_plain_reset_resets_the_data_connection(loop_name: str) -> None:
+    async def main() -> None:
+        async with _rig() as rig:
+            relay = rig.relay()
+            rig.plain_peer.send(b"partial request")
+            payload = await asyncio.wait_for(rig.loop.sock_recv(rig.data_peer, 100), 10)
+            assert payload == chunk_header(15) + b"partial request"
+            _reset(rig.plain_peer)
+            with pytest.raises(ConnectionResetError):
+                await rig.recv_all(rig.data_peer)
+            await relay.done
+            assert relay.result.ended == "reset" and rig.idle == []
+
+    run_on(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_data_link_that_saw_eof_is_relayed_without_splice(loop_name: str) -> None:
+    """A data link whose peer already closed cannot be lent: the buffered relay takes
+    the client, and sees the stream cut short."""
+
+    async def main() -> None:
+        async with _rig() as rig:
+            rig.data_peer.shutdown(socket.SHUT_WR)
+            await asyncio.sleep(0.05)
+            await loop_turns()
+            relay = rig.relay()
+            assert isinstance(relay, ChunkedRelay)
+            with pytest.raises(ConnectionResetError):
+                await rig.recv_all(rig.plain_peer)
+            assert rig.idle == []
+
+    run_on(loop_name, main)
