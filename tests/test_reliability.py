@@ -44,6 +44,7 @@ from support import (
     format_addr,
     parse_addr,
     recv_exactly,
+    recv_until_eof,
     service_re,
 )
 
@@ -78,11 +79,12 @@ def start_cc(
     server: str,
     name: str = "cc",
     since: dict[Node, int] | None = None,
+    flags: tuple[str, ...] = (),
 ) -> tuple[Node, str]:
     """``tcpgc cc --ll ... --server SERVER``, joined to every LL; returns it and its id.
 
     ``since`` maps each LL node to the log mark to look for the join from."""
-    args = [a for ll in lls for a in ("--ll", format_addr(*ll))]
+    args = [*flags, *(a for ll in lls for a in ("--ll", format_addr(*ll)))]
     cc = harness.start_cc(*args, "--server", server, token=token, name=name)
     agent_id, mark = "", 0
     for _ in lls:
@@ -189,6 +191,36 @@ def test_two_agents_spread_clients_and_200_are_served_after_one_is_killed(
     ll.wait_for(rf"agent {id_a} at \S+ (?:disconnected|silent)", DETECTION)
     served = [roundtrip(addr, prefix=b"?") for _ in range(200)]
     assert served == [b"B"] * 200
+
+
+@pytest.mark.parametrize("mode", ["tls", "plaintext"])
+def test_first_bytes_behind_open_reach_the_next_agent_once_after_a_refusal(
+    harness: Harness, tmp_path: Path, mode: str
+) -> None:
+    """A client's first bytes ride right behind OPEN on a ready connection, before the
+    agent has answered. An agent whose server is down refuses such a client after it has
+    them; the LL then offers the client, with the same bytes, to the other agent, and the
+    server sees each client's bytes exactly once."""
+    plaintext = mode == "plaintext"
+    server = harness.echo_server(prefix=b"B")
+    extra = {"insecure_plaintext": True} if plaintext else {}
+    ll, agent, clients, token = ll_with_token(harness, tmp_path, **extra)
+    flags = ("--insecure-plaintext",) if plaintext else ()
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there: that agent refuses
+    mark = ll.mark()
+    cc_dead, _ = start_cc(harness, token, [agent], dead, "cc-dead", {ll: mark}, flags)
+    mark = ll.mark()
+    start_cc(harness, token, [agent], server.addr_str, "cc-live", {ll: mark}, flags)
+
+    for i in range(20):
+        payload = os.urandom(100 + i)
+        with connect(clients["default"], timeout=10) as sock:
+            sock.sendall(payload)  # at once: in the LL's buffer when it sends OPEN
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(sock) == b"B" + payload
+    # Agents take clients in turn, so about half went to the dead one first.
+    assert len(cc_dead.find_all(r"cannot reach server")) >= 5
+    assert server.connections == 20
 
 
 def test_frozen_agent_is_dropped_by_heartbeat_and_its_connections_closed(

@@ -362,6 +362,18 @@ class Link(asyncio.Protocol):
             if previous.lost is not None:
                 handler.on_lost(previous.lost[0])
 
+    @property
+    def buffered(self) -> bytes:
+        """The bytes read and held until a handler is attached."""
+        handler = self.handler
+        return bytes(handler.data) if isinstance(handler, _Buffer) else b""
+
+    def consume(self, n: int) -> None:
+        """Drop the first `n` held bytes: they were passed on another way."""
+        handler = self.handler
+        if isinstance(handler, _Buffer):
+            del handler.data[:n]
+
     def detach(self, leftover: bytes = b"", eof: bool = False) -> None:
         """Go back to buffering, starting with `leftover` (bytes read past a frame)."""
         buffer = _Buffer(self, leftover, eof)
@@ -462,8 +474,9 @@ class Link(asyncio.Protocol):
             return
         if self._ssl is None:
             if prefix:
-                self.transport.write(prefix)
-            self.transport.write(data)
+                self.transport.writelines((prefix, data))  # one send, one segment
+            else:
+                self.transport.write(data)
             return
         view = memoryview(data)
         records: list[bytes] = []

@@ -41,18 +41,24 @@ from tcpgc.identity import (
 from tcpgc.link import Link
 from tcpgc.memory import BurstTrimmer, trim_periodically
 from tcpgc.metrics import Metrics
+from tcpgc.protocol.chunks import chunk_header
 from tcpgc.protocol.handshake import key_id
 from tcpgc.protocol.messages import (
     CONN_ID_SIZE,
     Data,
     Open,
     OpenFailed,
+    encode,
 )
 from tcpgc.relay import RelayResult
 from tcpgc.splice import AnyRelay
 from tcpgc.tasks import TaskGroup
 
 log = logging.getLogger("tcpgc.ll")
+
+#: The most of a client's first bytes sent right behind its OPEN. An agent reads frames
+#: in bounded amounts (pausing its reads beyond 32 KiB), and the rest follows at once.
+EARLY_BYTES = 16 * 1024
 
 
 @dataclass(eq=False)
@@ -315,8 +321,10 @@ class ListenNode(AgentPort):
         if not any(s.clients for s in self.services.values()):
             self._no_clients.set()
 
-    async def _pair(self, service: str, link: Link) -> tuple[Link, AgentSession] | None:
-        """Find an agent that claims this client; try the next agent if one cannot."""
+    async def _pair(self, service: str, link: Link) -> tuple[Link, AgentSession, int] | None:
+        """Find an agent that claims this client; try the next agent if one cannot.
+        Returns its data connection, the agent, and how many of the client's first bytes
+        went to it behind OPEN."""
         loop = asyncio.get_running_loop()
         arrived = loop.time()
         deadline = arrived + self.config.client_wait
@@ -343,7 +351,7 @@ class ListenNode(AgentPort):
                 continue
             if ready is not None:
                 self.metrics.child(self.metrics.data_wait, service).observe(loop.time() - arrived)
-                return ready, agent
+                return ready[0], agent, ready[1]
             if closed.done():
                 break
             if not agent.alive:  # lost while we offered: try another
@@ -364,7 +372,7 @@ class ListenNode(AgentPort):
                     self.metrics.child(self.metrics.data_wait, service).observe(
                         loop.time() - arrived
                     )
-                    return data_link, agent
+                    return data_link, agent, 0
                 if not closed.done():
                     reason = f"agent {agent.agent_id} did not take it in time"
             except PeerRefused as exc:
@@ -390,15 +398,24 @@ class ListenNode(AgentPort):
 
     async def _offer_ready(
         self, agent: AgentSession, conn_id: bytes, service: str, link: Link, within: float
-    ) -> Link | None:
+    ) -> tuple[Link, int] | None:
         """Offer the client on one of the agent's ready data connections. Returns the
-        claimed connection; None when the agent has no live ready connection (the
-        caller then asks over the control connection). Raises PeerRefused if the agent
-        answers that it cannot serve the client."""
+        claimed connection and how many of the client's first bytes it got; None when
+        the agent has no live ready connection (the caller then asks over the control
+        connection). Raises PeerRefused if the agent answers that it cannot serve the
+        client."""
         open_message = Open(conn_id, service, *link.peer_endpoint, *link.local_endpoint)
         closed: asyncio.Future[Any] = link.closed
         while (channel := agent.take_ready()) is not None:
-            channel.send(open_message)
+            # What the client has sent so far rides right behind OPEN, in the same
+            # segment, as the stream's first chunk: the agent hands it to the server as
+            # soon as it is connected, instead of a turn later. The client's buffer keeps
+            # it until the agent answers DATA, so a refusal can still go to another agent.
+            early = link.buffered[:EARLY_BYTES]
+            if early:
+                channel.link.write(early, prefix=encode(open_message) + chunk_header(len(early)))
+            else:
+                channel.send(open_message)
             answer = asyncio.ensure_future(channel.recv())
             agent.offered.add(channel)  # aborted if the agent is lost meanwhile
             try:
@@ -419,18 +436,24 @@ class ListenNode(AgentPort):
                 continue
             if isinstance(reply, Data) and reply.conn_id == conn_id:
                 channel.detach()
-                return channel.link
+                return channel.link, len(early)
             channel.link.abort()
             if isinstance(reply, OpenFailed) and reply.conn_id == conn_id:
                 raise PeerRefused(f"agent could not serve it: {reply.reason}")
             # Closed before answering (replaced, or broken): try the next one.
         return None
 
-    def _relay(self, service: Service, link: Link, data_link: Link, agent: AgentSession) -> None:
+    def _relay(
+        self, service: Service, link: Link, data_link: Link, agent: AgentSession, early: int
+    ) -> None:
         m = self.metrics
         counters = (m.child(m.bytes, service.name, "in"), m.child(m.bytes, service.name, "out"))
+        link.consume(early)  # the agent has them: they went behind OPEN
         # The data connection carries the client chunked, and is reused after it.
         relay = start_chunked_relay(link, data_link, *counters, on_idle=self._data_connection_idle)
+        if early:
+            relay.result.bytes_a_to_b += early
+            counters[0].inc(early)
         service.relays.add(relay)
         agent.relays.add(relay)
         m.child(m.clients_active, service.name).inc()
