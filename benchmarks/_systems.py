@@ -253,7 +253,7 @@ class Tcpgc(System):
         cc = self._spawn(
             "cc",
             tcpgc_argv(
-                "cc", "--ll", f"{LOCAL}:{agents}", "--server", f"{LOCAL}:{target}", *mode
+                "cc", "--ll", self.cc_ll_address(agents), "--server", f"{LOCAL}:{target}", *mode
             ),  # fmt: skip
             env=tcpgc_env(token, self.loop),
         )
@@ -264,6 +264,10 @@ class Tcpgc(System):
         else:
             time.sleep(0.3)
         return (LOCAL, clients)
+
+    def cc_ll_address(self, agents: int) -> str:
+        """Where the CC dials the LL's agent port (`wan.py` puts a slow leg between)."""
+        return f"{LOCAL}:{agents}"
 
 
 class TcpgcTLS(Tcpgc):
