@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import os
 import random
 import secrets
 import ssl
@@ -28,7 +27,7 @@ from tcpgc.identity import JoinToken, agent_context, format_fingerprint, pin_ser
 from tcpgc.link import Link
 from tcpgc.memory import trim_periodically
 from tcpgc.metrics import Metrics, failure_reason
-from tcpgc.protocol.handshake import AgentHandshake, State, pool_proof
+from tcpgc.protocol.handshake import AgentHandshake, State
 from tcpgc.protocol.messages import (
     AGENT_ID_SIZE,
     MAX_VERSION,
@@ -38,10 +37,10 @@ from tcpgc.protocol.messages import (
     OpenFailed,
     Ping,
     Pong,
-    Pool,
     encode,
 )
 from tcpgc.proxy_protocol import header
+from tcpgc.ready_pool import ReadyPool, ReadyPools, describe
 from tcpgc.relay import RelayResult
 from tcpgc.splice import AnyRelay
 from tcpgc.tasks import TaskGroup
@@ -60,32 +59,7 @@ class HeartbeatLost(TcpgcError):
     pass
 
 
-#: Ready data connections kept per LL at most, counting those given back by their
-#: clients (the LL keeps as many per agent).
-MAX_READY = 64
-
-
-class _ReadyPool:
-    """The ready data connections of one session to one LL, and their numbering."""
-
-    def __init__(self, handshake: AgentHandshake) -> None:
-        self.handshake = handshake
-        self.counter = 0
-        self.ready: set[asyncio.Task[Any]] = set()
-        self.refill = asyncio.Event()
-        self.open = True
-
-    def offer(self, link: Link) -> FrameChannel:
-        """Offer `link` to the LL as ready (a POOL frame). Numbered when sent, so the
-        numbers leave in order whichever connection carries them."""
-        self.counter += 1
-        agent_id, key = self.handshake.agent_id, self.handshake.session_key
-        channel = FrameChannel(link)
-        channel.send(Pool(agent_id, self.counter, pool_proof(key, agent_id, self.counter)))
-        return channel
-
-
-class ConnectNode:
+class ConnectNode(ReadyPools):
     """The CC node. Use as ``async with ConnectNode(config, token) as node:``; it keeps
     one session per LL address, reconnecting with backoff, until closed."""
 
@@ -113,7 +87,7 @@ class ConnectNode:
         #: The clients being relayed through each LL, with the OPEN that brought each.
         self._relays: dict[Address, dict[AnyRelay, Open]] = {}
         self._opening = 0
-        self._pools: dict[Address, _ReadyPool] = {}
+        self._pools: dict[Address, ReadyPool] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self.connected: dict[str, asyncio.Event] = {str(a): asyncio.Event() for a in config.ll}
@@ -268,7 +242,7 @@ class ConnectNode:
             try:
                 await self._session(address)
             except (TcpgcError, OSError, ssl.SSLError, TimeoutError) as exc:
-                log.error("cannot connect to LL %s: %s", address, _describe(exc))
+                log.error("cannot connect to LL %s: %s", address, describe(exc))
             finally:
                 self.connected[str(address)].clear()
             if time.monotonic() - started > STABLE_SESSION:
@@ -313,9 +287,7 @@ class ConnectNode:
         try:
             link, channel, handshake = await self._join(address)
         except (TcpgcError, OSError, ssl.SSLError, TimeoutError) as exc:
-            self.metrics.child(
-                self.metrics.handshake_failures, failure_reason(_describe(exc))
-            ).inc()
+            self.metrics.child(self.metrics.handshake_failures, failure_reason(describe(exc))).inc()
             raise
         agent_id = handshake.agent_id.hex()[:12]
         log.info(
@@ -370,90 +342,6 @@ class ConnectNode:
                 raise PeerRefused(f"the LL closed the session: {message.message}")
             else:
                 raise ProtocolError(f"unexpected {message.TYPE.name} from the LL")
-
-    async def _keep_ready(self, address: Address, handshake: AgentHandshake) -> None:
-        """Keep `pool_size` authenticated data connections open to the LL, so a new
-        client costs no connection set-up on the LL-CC leg. Over TLS, connections whose
-        client is done come back to the pool (see `_reuse`)."""
-        pool = self._pools[address] = _ReadyPool(handshake)
-        ready, refill = pool.ready, pool.refill
-        delay = self.config.reconnect_min
-        try:
-            while True:
-                while len(ready) < self.config.pool_size:
-                    opening = asyncio.ensure_future(self._open_ready(address, pool))
-                    try:
-                        channel = await asyncio.shield(opening)
-                    except asyncio.CancelledError:
-                        # Stopping must not cut a connection between its TLS handshake
-                        # and its first frame (the LL would log it as an attack): let it
-                        # finish, with the control connection still up, then close it.
-                        await asyncio.gather(opening, return_exceptions=True)
-                        _close_opened(opening)
-                        raise
-                    except (TcpgcError, OSError, ssl.SSLError, TimeoutError) as exc:
-                        reason = _describe(exc)
-                        log.warning("cannot open a ready connection to %s: %s", address, reason)
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, self.config.reconnect_max)
-                        continue
-                    delay = self.config.reconnect_min
-                    self._add_ready(address, pool, channel)
-                self._count_ready()
-                await refill.wait()
-                refill.clear()
-        finally:
-            pool.open = False
-            for task in ready:
-                task.cancel()
-            if self._pools.get(address) is pool:
-                del self._pools[address]
-            self._count_ready()
-
-    def _count_ready(self) -> None:
-        self.metrics.pool_size.set(sum(len(p.ready) for p in self._pools.values()))
-
-    def _add_ready(self, address: Address, pool: _ReadyPool, channel: FrameChannel) -> None:
-        task = self._tasks.spawn(self._wait_ready(address, channel), "ready connection")
-        pool.ready.add(task)
-        task.add_done_callback(pool.ready.discard)
-        task.add_done_callback(lambda _: pool.refill.set())
-
-    async def _open_ready(self, address: Address, pool: _ReadyPool) -> FrameChannel:
-        async with asyncio.timeout(self.config.connect_timeout):
-            link, _ = await self._dial_ll(address)
-        return pool.offer(link)
-
-    def _reuse(self, address: Address, link: Link) -> None:
-        """A data connection whose client is done: offer it to the LL again, which saves
-        the next client a TCP and a TLS handshake, or close it if the pool is full."""
-        pool = self._pools.get(address)
-        if pool is None or not pool.open or len(pool.ready) >= MAX_READY:
-            link.close()
-            return
-        self._add_ready(address, pool, pool.offer(link))
-        self.metrics.reused.inc()
-        self._count_ready()
-
-    async def _wait_ready(self, address: Address, channel: FrameChannel) -> None:
-        """One ready connection: wait for its OPEN, serve it; replaced after pool_ttl
-        idle seconds so no middlebox forgets it silently."""
-        try:
-            message = await channel.recv(within=self.config.pool_ttl)
-        except asyncio.CancelledError:
-            channel.link.close()  # the session ended
-            raise
-        except (TimeoutError, ProtocolError):
-            channel.link.close()  # time to renew it, or the LL dropped it
-            return
-        if isinstance(message, Open):
-            # Its own task: ending the session must not cut the client it now carries.
-            opening = self._tasks.spawn(self._open(address, channel, message, ready=True), "open")
-            # The replacement is dialed once this client is answered: dialed now, its
-            # connect and the LL's accept would sit on the client's critical path.
-            await asyncio.wait([opening])
-        else:
-            channel.link.close()
 
     async def _ping(self, channel: FrameChannel, interval: float) -> None:
         token = 0
@@ -526,7 +414,7 @@ class ConnectNode:
                     Link, server.connect_host, server.port
                 )
         except (OSError, TimeoutError) as exc:
-            reason = _describe(exc)
+            reason = describe(exc)
             log.warning(
                 "cannot reach server %s for service '%s': %s", server, request.service, reason
             )
@@ -545,7 +433,7 @@ class ConnectNode:
                 async with asyncio.timeout(self.config.connect_timeout):
                     data_link, _ = await self._dial_ll(ll)
             except (TcpgcError, OSError, ssl.SSLError, TimeoutError) as exc:
-                log.warning("cannot open a data connection to LL %s: %s", ll, _describe(exc))
+                log.warning("cannot open a data connection to LL %s: %s", ll, describe(exc))
                 server_link.abort()
                 return None
         version = self.config.proxy_protocol.get(request.service)
@@ -569,20 +457,3 @@ def _format_endpoint(host: str, port: int) -> str:
     if not host:
         return "unknown"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _close_opened(opening: asyncio.Future[FrameChannel]) -> None:
-    if not opening.cancelled() and opening.exception() is None:
-        opening.result().link.close()
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS failed ({exc.reason or exc}); is the LL running with --insecure-plaintext?"
-    if isinstance(exc, ConnectionResetError) and "TLS" in str(exc):
-        return f"{exc}; is the LL running with --insecure-plaintext?"
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno).lower()
-    return str(exc) or type(exc).__name__
