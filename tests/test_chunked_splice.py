@@ -238,3 +238,82 @@ def test_data_link_that_saw_eof_is_relayed_without_splice(loop_name: str) -> Non
             assert rig.idle == []
 
     run_on(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_closing_data_link_is_not_lent(loop_name: str) -> None:
+    """A data link already being closed (its agent was lost in the same loop turn that
+    its answer came) is not taken for splicing: the client is reset at once."""
+
+    async def main() -> None:
+        async with _rig() as rig:
+            assert rig.b is not None and rig.b.move_to_socket()
+            rig.b.abort()
+            relay = rig.relay()
+            assert isinstance(relay, ChunkedRelay)
+            with pytest.raises(ConnectionResetError):
+                await rig.recv_all(rig.plain_peer)
+            assert rig.idle == []
+
+    run_on(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_data_link_with_unsent_bytes_is_not_lent(loop_name: str) -> None:
+    """Bytes the data link still has to send (its peer reads slowly) must leave before
+    any chunk: such a link is relayed through Python, in order."""
+
+    async def main() -> None:
+        async with _rig() as rig:
+            assert rig.b is not None and rig.b.move_to_socket()
+            queued = os.urandom(8 << 20)  # more than the socket buffers take at once
+            rig.b.write(queued)
+            assert rig.b.transport is not None and rig.b.transport.get_write_buffer_size()
+            relay = rig.relay()
+            assert isinstance(relay, ChunkedRelay)
+            rig.plain_peer.send(b"after")
+            expected = queued + chunk_header(5) + b"after"
+            got = bytearray()
+            while len(got) < len(expected):
+                got += await asyncio.wait_for(rig.loop.sock_recv(rig.data_peer, 1 << 20), 10)
+            assert bytes(got) == expected
+
+    run_on(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_data_link_closed_by_its_owner_ends_the_relay_first(loop_name: str) -> None:
+    """The node closes a lent data link (its agent is gone): the relay lets go of the
+    socket before it closes, resets the client, and leaves no callback on the
+    descriptor for whichever socket gets its number next."""
+
+    async def main() -> None:
+        async with _rig() as rig:
+            relay = rig.relay()
+            assert isinstance(relay, ChunkedSpliceRelay) and rig.b is not None
+            fd = rig.b.transport.get_extra_info("socket").fileno()  # type: ignore[union-attr]
+            rig.b.abort()
+            with pytest.raises(ConnectionResetError):
+                await rig.recv_all(rig.plain_peer)
+            await relay.done
+            assert relay.result.ended == "data connection closed" and rig.idle == []
+            # Sockets until one gets that descriptor number: it must report readable.
+            held = []
+            try:
+                while True:
+                    left, right = socket.socketpair()
+                    held += [left, right]
+                    if fd in (left.fileno(), right.fileno()) or left.fileno() > fd:
+                        break
+                if fd in (left.fileno(), right.fileno()):
+                    reader, writer = (left, right) if left.fileno() == fd else (right, left)
+                    readable = asyncio.Event()
+                    rig.loop.add_reader(fd, readable.set)
+                    writer.send(b"x")
+                    await asyncio.wait_for(readable.wait(), 5)
+                    rig.loop.remove_reader(fd)
+            finally:
+                for sock in held:
+                    sock.close()
+
+    run_on(loop_name, main)

@@ -16,7 +16,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from loops import LOOPS, run_on
+from tcpgc.channel import FrameChannel
 from tcpgc.link import Link
+from tcpgc.protocol.messages import MAX_PAYLOAD, Ping, encode
 from tcpgc.socket_transport import SocketTransport
 
 
@@ -148,3 +150,32 @@ class _Collect(_LostEvent):
     def on_data(self, data: bytes) -> None:
         self.data += data
         self.set()
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_channel_pause_ends_with_the_channel(loop_name: str) -> None:
+    """A frame channel pauses its link while more than two frames' worth waits unread.
+    The stream that follows the last frame (a client's bytes behind DATA) must flow
+    to whoever takes the link next, not stay paused."""
+
+    async def main() -> None:
+        async with _pair() as (client, accepted, _):
+            channel = FrameChannel(accepted)
+            stream = os.urandom(4 * MAX_PAYLOAD)
+            client.write(encode(Ping(7)))
+            assert await channel.recv(within=5) == Ping(7)
+            client.write(stream)  # unread by the channel: over its limit, it pauses
+            deadline = asyncio.get_running_loop().time() + 5
+            while not accepted._reading_paused:  # the rest arrives, past the limit
+                assert asyncio.get_running_loop().time() < deadline, "never paused"
+                await asyncio.sleep(0.01)
+            channel.detach()
+            collected = _Collect()
+            accepted.attach(collected)
+            client.write(b"more")
+            while len(collected.data) < len(stream) + 4:
+                assert asyncio.get_running_loop().time() < deadline, "the link stayed paused"
+                await asyncio.sleep(0.01)
+            assert bytes(collected.data) == stream + b"more"
+
+    run_on(loop_name, main, 10)

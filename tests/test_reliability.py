@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,7 @@ from support import (
     recv_until_eof,
     service_re,
 )
+from test_reuse import ADMIN, wait_pool_full
 
 HEARTBEAT = 0.5
 #: A silent peer is dropped after three intervals; allow scheduling slack on top.
@@ -574,3 +576,61 @@ def test_service_added_by_reload_goes_to_agents_that_already_offer_it(
     ll.proc.send_signal(signal.SIGHUP)
     b_addr = parse_addr(ll.wait_for(service_re("b"), 5, since=mark)["addr"])
     roundtrip(b_addr)
+
+
+def test_first_bytes_of_an_unanswered_offer_are_not_sent_twice(harness: Harness) -> None:
+    """The agent cannot reach the server in time (its accept queue is full, so the SYNs
+    wait for retransmission), and the LL stops waiting for its answer. The client's
+    first bytes already went to that agent behind OPEN, so the LL must not offer them
+    again (over the control connection, or to another agent): the client is reset, and
+    the server, reachable a moment later, gets them at most once."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    filler = socket.create_connection(listener.getsockname())  # the queue is now full
+    received: list[bytes] = []
+    release, stop = threading.Event(), threading.Event()
+
+    def serve() -> None:
+        release.wait(20)
+        listener.settimeout(0.2)
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(1)
+                got = b""
+                try:
+                    while chunk := conn.recv(4096):
+                        got += chunk
+                except OSError:
+                    pass
+                received.append(got)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        server_addr = format_addr(*listener.getsockname())
+        tunnel = harness.tunnel(
+            server_addr, ll_args=["--client-wait", "2.5", *ADMIN], cc_args=list(ADMIN)
+        )
+        wait_pool_full(tunnel)  # the client goes on a ready connection, OPEN and bytes
+        mark = tunnel.ll.mark()
+        with connect(tunnel.client_addr, timeout=10) as client:
+            client.sendall(b"REQ")  # say, a request that must not run twice
+            time.sleep(2.7)
+            release.set()  # the server accepts again: the agent's SYN gets through at 3 s
+            with pytest.raises(ConnectionResetError):
+                recv_until_eof(client)
+        tunnel.ll.wait_for(r"not offered to another agent", 5, since=mark)
+        time.sleep(2)  # the agent's late connection, if any, is served and done
+        assert sum(b"REQ" in got for got in received) <= 1, received
+    finally:
+        stop.set()
+        release.set()
+        server.join(10)
+        filler.close()
+        listener.close()

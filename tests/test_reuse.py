@@ -52,11 +52,16 @@ def _tunnel(harness: Harness, server: str, flags: tuple[str, ...]) -> Tunnel:
     client of these tests rides on one (clients offered over the control connection
     when none is ready get a single-use data connection)."""
     tunnel = harness.tunnel(server, ll_args=[*flags, *ADMIN], cc_args=[*flags, *ADMIN])
+    wait_pool_full(tunnel)
+    return tunnel
+
+
+def wait_pool_full(tunnel: Tunnel, size: int = 4) -> None:
+    """Until the agent (started with ADMIN) holds its `size` ready connections."""
     deadline = time.monotonic() + 10
-    while total(scrape(admin_url(tunnel.cc)), "tcpgc_pool_size") < 4:
+    while total(scrape(admin_url(tunnel.cc)), "tcpgc_pool_size") < size:
         assert time.monotonic() < deadline, "the ready pool did not fill"
         time.sleep(0.05)
-    return tunnel
 
 
 def test_sequential_clients_reuse_data_connections(harness: Harness, mode: tuple[str, ...]) -> None:

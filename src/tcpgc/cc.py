@@ -425,6 +425,13 @@ class ConnectNode(ReadyPools):
             if ready:
                 channel.link.close()  # a ready connection serves one client at most
             return None
+        if ready and (channel.link.is_closed or channel.link.got_eof):
+            # The LL gave up on this client meanwhile (and may have given it to another
+            # agent): its first bytes, which came with the OPEN, must not reach a server.
+            log.info("LL %s closed the connection of a client being opened: dropped", ll)
+            server_link.abort()
+            channel.link.abort()
+            return None
         if ready:
             data_link = channel.link
             channel.detach()

@@ -65,5 +65,8 @@ class FrameChannel:
         self.link.write(encode(message))
 
     def detach(self) -> None:
-        """Hand the link back to buffering, with any bytes read past the last frame."""
+        """Hand the link back to buffering, with any bytes read past the last frame.
+        Reading resumes: a pause of ours was for our buffer, and the link's own buffer
+        pauses by itself when it needs to."""
         self.link.detach(self._decoder.leftover(), self._eof)
+        self.link.resume_reading()

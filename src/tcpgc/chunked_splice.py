@@ -123,14 +123,32 @@ class ChunkedSpliceRelay(SpliceRelay):
         count_a_to_b: _Counter | None,
         count_b_to_a: _Counter | None,
         on_idle: Callable[[Link], None] | None,
-        lent: tuple[socket.socket, bytes],
-        handed: tuple[socket.socket, bytes, bool],
     ) -> None:
         self._init_relay(a, b)
         self.on_idle = on_idle
+        self._counters = (count_a_to_b, count_b_to_a)
+        self._directions = ()
+        self.leftover = b""
+
+    def start(self) -> bool:
+        """Take both sockets and start; False, with both links as they were, if either
+        cannot be had (the buffered `ChunkedRelay` can still serve them)."""
+        lent = self.b.lend(self._reclaimed)
+        if lent is None:
+            return False
+        try:
+            handed = self.a.hand_over()
+        except OSError as exc:
+            self.b.take_back(lent[1])
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            return False  # no descriptor for the duplicate
+        if handed is None:
+            self.b.take_back(lent[1])
+            return False
         self._sa, prefix_a, eof_a = handed
         self._sb, framed = lent
-        self.leftover = b""
+        count_a_to_b, count_b_to_a = self._counters
         decoder = ChunkDecoder()
         broken = None
         try:
@@ -149,9 +167,15 @@ class ChunkedSpliceRelay(SpliceRelay):
         self._directions = (out, back)
         if broken is not None:
             self.stream_broken(broken)
-            return
+            return True
         for direction in self._directions:
             direction.start()
+        return True
+
+    def _reclaimed(self) -> None:
+        # The data link is being closed by its owner (its agent is gone, the node
+        # stops): let go of both sockets now, while the descriptor is still ours.
+        self._finish("data connection closed", reset=True)
 
     def stream_broken(self, reason: str) -> None:
         self._finish(reason, reset=True)
@@ -202,15 +226,7 @@ def start_chunked_relay(
     """Relay plain link `a` over data link `b`, which carries the chunked stream: with
     splice(2) when both are plain TCP on Linux, through Python otherwise (TLS)."""
     if AVAILABLE and a.can_hand_over() and not os.environ.get("TCPGC_NO_SPLICE"):
-        lent = b.lend()
-        if lent is not None:
-            try:
-                handed = a.hand_over()
-            except OSError as exc:
-                if exc.errno not in (errno.EMFILE, errno.ENFILE):
-                    raise
-                handed = None  # no descriptor for the duplicate: go on without splice
-            if handed is not None:
-                return ChunkedSpliceRelay(a, b, count_a_to_b, count_b_to_a, on_idle, lent, handed)
-            b.take_back(lent[1])
+        relay = ChunkedSpliceRelay(a, b, count_a_to_b, count_b_to_a, on_idle)
+        if relay.start():
+            return relay
     return ChunkedRelay(a, b, count_a_to_b, count_b_to_a, on_idle=on_idle)

@@ -115,7 +115,8 @@ class Link(asyncio.Protocol):
     __slots__ = (
         "_tls_context", "_server_side", "_server_hostname", "_on_made", "_ssl",
         "_incoming", "_outgoing", "transport", "handler", "_ready", "_closed", "is_closed",
-        "_peername", "shed", "got_eof", "sent_eof", "_reading_paused", "__weakref__",
+        "_peername", "shed", "got_eof", "sent_eof", "_reading_paused", "_borrower",
+        "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -145,6 +146,7 @@ class Link(asyncio.Protocol):
         self.got_eof = False
         self.sent_eof = False
         self._reading_paused = False
+        self._borrower: Callable[[], None] | None = None  # see `lend`
 
     # ---- asyncio.Protocol ------------------------------------------------------------
 
@@ -410,15 +412,21 @@ class Link(asyncio.Protocol):
         self.transport.abort()
         return sock, bytes(buffered.data), buffered.eof
 
-    def lend(self) -> tuple[socket.socket, bytes] | None:
+    def lend(self, on_reclaim: Callable[[], None]) -> tuple[socket.socket, bytes] | None:
         """Lend the socket, for a while, to a caller that drives it itself (the chunked
         splice relay) while this link keeps the connection: returns the socket and the
-        bytes read so far. Until `take_back`, the link neither reads nor writes. None,
-        and nothing changes, if the link is TLS, has bytes left to send, has seen the
+        bytes read so far. Until `take_back`, the link neither reads nor writes, and a
+        `close`, `abort` or `reset` of the link first calls `on_reclaim`, in which the
+        borrower must let go of the socket (its readiness callbacks). None, and nothing
+        changes, if the link is TLS, is closing, has bytes left to send, has seen the
         peer's EOF or its end, or cannot move onto a socket of its own."""
         handler = self.handler
+        transport = self.transport
         if (
             self._ssl is not None
+            or transport is None
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
             or not isinstance(handler, _Buffer)
             or handler.eof
             or handler.lost is not None
@@ -428,12 +436,21 @@ class Link(asyncio.Protocol):
         assert self.transport is not None
         self.pause_reading()
         self.handler = Ignoring()  # its end, if the borrower ends it, concerns nobody here
+        self._borrower = on_reclaim
         return self.transport.get_extra_info("socket"), bytes(handler.data)
 
     def take_back(self, leftover: bytes = b"") -> None:
         """End a `lend`: buffer again, starting with `leftover`, and read again."""
+        self._borrower = None
         self.detach(leftover)
         self.resume_reading()
+
+    def _let_go(self) -> None:
+        """Before the socket closes: a borrower lets go of it first (its callbacks on a
+        closed descriptor would be stale, and on a reused one, wrong)."""
+        borrower, self._borrower = self._borrower, None
+        if borrower is not None:
+            borrower()
 
     def move_to_socket(self) -> bool:
         """Go on over a `SocketTransport` of our own instead of the loop's transport
@@ -473,10 +490,8 @@ class Link(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing() or self.sent_eof:
             return
         if self._ssl is None:
-            if prefix:
-                self.transport.writelines((prefix, data))  # one send, one segment
-            else:
-                self.transport.write(data)
+            # With its prefix in one write: one send, one segment.
+            self.transport.write(prefix + data if prefix else data)
             return
         view = memoryview(data)
         records: list[bytes] = []
@@ -524,15 +539,21 @@ class Link(asyncio.Protocol):
 
     def close(self) -> None:
         """Close after what we wrote is sent."""
+        if self._borrower is not None:
+            self._let_go()
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
+        if self._borrower is not None:
+            self._let_go()
         if self.transport is not None:
             self.transport.abort()
 
     def reset(self) -> None:
         """Close with a TCP RST, so the peer sees a reset as we did."""
+        if self._borrower is not None:
+            self._let_go()
         if self.transport is None:
             return
         sock = self.transport.get_extra_info("socket")

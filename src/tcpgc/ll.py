@@ -29,7 +29,7 @@ from tcpgc.agent_port import AgentPort, WaitingClient
 from tcpgc.agents import AgentRegistry, AgentSession
 from tcpgc.chunked_splice import start_chunked_relay
 from tcpgc.config import Address, LLConfig, ServiceListener
-from tcpgc.errors import PeerRefused, ProtocolError, UsageError
+from tcpgc.errors import PeerRefused, ProtocolError, TcpgcError, UsageError
 from tcpgc.guard import PendingHandshakes
 from tcpgc.identity import (
     Certificate,
@@ -55,6 +55,13 @@ from tcpgc.splice import AnyRelay
 from tcpgc.tasks import TaskGroup
 
 log = logging.getLogger("tcpgc.ll")
+
+
+class Unanswered(TcpgcError):
+    """A client's first bytes went to an agent that then neither took the client nor
+    refused it: that agent may have passed them to a server, so offering them to
+    another would deliver them twice."""
+
 
 #: The most of a client's first bytes sent right behind its OPEN. An agent reads frames
 #: in bounded amounts (pausing its reads beyond 32 KiB), and the rest follows at once.
@@ -306,6 +313,9 @@ class ListenNode(AgentPort):
 
     async def _serve_client(self, service: Service, link: Link) -> None:
         paired = None
+        # One loop turn first: asyncio runs this task before it reads the client's first
+        # bytes, and the bytes read by the time OPEN leaves go with it.
+        await asyncio.sleep(0)
         try:
             paired = await self._pair(service.name, link)
         finally:
@@ -330,6 +340,7 @@ class ListenNode(AgentPort):
         deadline = arrived + self.config.client_wait
         tried: set[AgentSession] = set()
         reason = f"no agent for service '{service}' within {self.config.client_wait:.1f} s"
+        unanswered = ""
         closed: asyncio.Future[Any] = link.closed
         while not closed.done() and (remaining := deadline - loop.time()) > 0:
             agent = self.agents.pick(service, tried)
@@ -349,10 +360,13 @@ class ListenNode(AgentPort):
                 tried.add(agent)
                 reason = str(exc)
                 continue
+            except Unanswered as exc:
+                unanswered = str(exc)
+                break
             if ready is not None:
                 self.metrics.child(self.metrics.data_wait, service).observe(loop.time() - arrived)
                 return ready[0], agent, ready[1]
-            if closed.done():
+            if closed.done() or (remaining := deadline - loop.time()) <= 0:
                 break
             if not agent.alive:  # lost while we offered: try another
                 tried.add(agent)
@@ -386,6 +400,14 @@ class ListenNode(AgentPort):
         if closed.done():
             label = "left"
             log.info("client %s of service '%s' left before it was served", link.peer, service)
+        elif unanswered:
+            label = "unanswered"
+            log.warning(
+                "client %s of service '%s' reset: %s after its first bytes went to it; "
+                "not offered to another agent, as they may have reached a server",
+                link.peer, service, unanswered,
+            )  # fmt: skip
+            link.reset()  # what the client sees when a connection breaks mid-request
         elif reason.startswith("no agent"):
             label = "no_agent"
             log.warning("%s: closing client %s", reason, link.peer)
@@ -427,19 +449,26 @@ class ListenNode(AgentPort):
             if not answer.done():
                 answer.cancel()
                 channel.link.abort()
+                if early and not closed.done():
+                    raise Unanswered(f"agent {agent.agent_id} did not answer in time")
                 return None  # the client left, or the agent is too slow
             try:
                 reply = answer.result()
             except ProtocolError as exc:
                 log.warning("agent %s: bad answer on a ready connection: %s", agent.agent_id, exc)
                 channel.link.abort()
+                if early:
+                    raise Unanswered(f"agent {agent.agent_id} answered badly") from None
                 continue
             if isinstance(reply, Data) and reply.conn_id == conn_id:
                 channel.detach()
                 return channel.link, len(early)
             channel.link.abort()
             if isinstance(reply, OpenFailed) and reply.conn_id == conn_id:
+                # Said before any byte went to a server: the next agent may have them.
                 raise PeerRefused(f"agent could not serve it: {reply.reason}")
+            if early:
+                raise Unanswered(f"agent {agent.agent_id} closed the connection")
             # Closed before answering (replaced, or broken): try the next one.
         return None
 

@@ -255,7 +255,7 @@ class SpliceRelay(Finishing):
         assert handed_a is not None and handed_b is not None
         self._sa, prefix_a, eof_a = handed_a
         self._sb, prefix_b, eof_b = handed_b
-        self._directions = (
+        self._directions: tuple[_Direction, ...] = (
             _Direction(self, self._sa, self._sb, prefix_a, eof_a, count_a_to_b, True),
             _Direction(self, self._sb, self._sa, prefix_b, eof_b, count_b_to_a, False),
         )
