@@ -33,6 +33,7 @@ from tcpgc.protocol.messages import (
     Pong,
     Pool,
     Ready,
+    Retire,
     decode,
     encode,
     is_valid_name,
@@ -69,6 +70,7 @@ SAMPLES: list[Message] = [
     Data(1, CONN_ID),
     Pool(AGENT_ID, 1, PROOF),
     Pool(AGENT_ID, 0xFFFFFFFFFFFFFFFF, PROOF),
+    Retire(),
 ]
 
 

@@ -10,6 +10,7 @@ import hashlib
 import socket
 import struct
 import time
+from pathlib import Path
 
 import pytest
 
@@ -171,3 +172,22 @@ def test_reset_client_is_not_reused_and_does_not_disturb_the_next(
     assert _wait_reused(tunnel, 6) == 6
     time.sleep(0.5)
     assert _reused(tunnel) == 6
+
+
+def test_clients_that_speak_first_after_the_pool_was_renewed(
+    harness: Harness, mode: tuple[str, ...], tmp_path: Path
+) -> None:
+    """The agent renews ready connections idle for `pool_ttl` (closing them after a
+    RETIRE frame). A client that arrives after a lull must not be sent, first bytes and
+    all, on a connection the agent closed: every one is served."""
+    config = tmp_path / "cc.toml"
+    config.write_text("pool_ttl = 0.5\npool_size = 2\n")
+    tunnel = harness.tunnel(
+        harness.echo_server().addr_str, ll_args=list(mode), cc_args=[*mode, "-c", str(config)]
+    )
+    for i in range(4):
+        time.sleep(1.2)  # every ready connection is renewed meanwhile
+        with connect(tunnel.client_addr, timeout=10) as sock:
+            sock.sendall(b"first %d" % i)  # right away: rides with the OPEN
+            assert recv_exactly(sock, 7) == b"first %d" % i
+    assert "not offered to another agent" not in tunnel.ll.output()

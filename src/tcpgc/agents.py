@@ -51,11 +51,14 @@ class AgentSession:
             channel.link.abort()
 
     def take_ready(self) -> FrameChannel | None:
-        """A ready data connection that is still open, or None."""
+        """A ready data connection that is still open, or None. One the agent closed
+        (renewed after `pool_ttl` idle) is dropped here, before a client's first bytes
+        go on it."""
         while self.alive and self.ready:
             channel = self.ready.popleft()
-            if not channel.link.is_closed:
+            if not (channel.link.is_closed or channel.link.got_eof):
                 return channel
+            channel.link.abort()
         return None
 
 

@@ -406,6 +406,8 @@ class ConnectNode(ReadyPools):
                     request.conn_id, f"service '{request.service}' is not served by this agent"
                 )
             )
+            if ready:
+                channel.link.close()  # a ready connection serves one client at most
             return None
         loop = asyncio.get_running_loop()
         try:

@@ -48,6 +48,7 @@ from tcpgc.protocol.messages import (
     Data,
     Open,
     OpenFailed,
+    Retire,
     encode,
 )
 from tcpgc.relay import RelayResult
@@ -313,10 +314,10 @@ class ListenNode(AgentPort):
 
     async def _serve_client(self, service: Service, link: Link) -> None:
         paired = None
-        # One loop turn first: asyncio runs this task before it reads the client's first
-        # bytes, and the bytes read by the time OPEN leaves go with it.
-        await asyncio.sleep(0)
         try:
+            # One loop turn first: asyncio runs this task before it reads the client's
+            # first bytes, and the bytes read by the time OPEN leaves go with it.
+            await asyncio.sleep(0)
             paired = await self._pair(service.name, link)
         finally:
             if paired is None:
@@ -464,6 +465,8 @@ class ListenNode(AgentPort):
                 channel.detach()
                 return channel.link, len(early)
             channel.link.abort()
+            if isinstance(reply, Retire):
+                continue  # the agent was closing it and did not read our OPEN
             if isinstance(reply, OpenFailed) and reply.conn_id == conn_id:
                 # Said before any byte went to a server: the next agent may have them.
                 raise PeerRefused(f"agent could not serve it: {reply.reason}")

@@ -19,7 +19,7 @@ from tcpgc.errors import ProtocolError, TcpgcError
 from tcpgc.link import Link
 from tcpgc.metrics import Metrics
 from tcpgc.protocol.handshake import AgentHandshake, pool_proof
-from tcpgc.protocol.messages import Open, Pool
+from tcpgc.protocol.messages import Open, Pool, Retire
 from tcpgc.tasks import TaskGroup
 
 log = logging.getLogger("tcpgc.cc")
@@ -138,8 +138,14 @@ class ReadyPools:
         except asyncio.CancelledError:
             channel.link.close()  # the session ended
             raise
-        except (TimeoutError, ProtocolError):
-            channel.link.close()  # time to renew it, or the LL dropped it
+        except TimeoutError:
+            # Time to renew it. Said first, so that an OPEN crossing our close is known
+            # to the LL as never acted on, and can go elsewhere with its first bytes.
+            channel.send(Retire())
+            channel.link.close()
+            return
+        except ProtocolError:
+            channel.link.close()  # the LL dropped it
             return
         if isinstance(message, Open):
             # Its own task: ending the session must not cut the client it now carries.

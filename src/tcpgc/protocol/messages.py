@@ -55,6 +55,7 @@ class MessageType(IntEnum):
     PONG = 9
     DATA = 10
     POOL = 11
+    RETIRE = 12
 
 
 class ErrorCode(IntEnum):
@@ -360,18 +361,58 @@ class Pool:
         return cls(r.take(AGENT_ID_SIZE), r.u64(), r.take(PROOF_SIZE))
 
 
+@dataclass(frozen=True)
+class Retire:
+    """Agent → LL, on a ready data connection the agent is about to close (renewed after
+    `pool_ttl` idle): it will not act on anything sent on it, so an OPEN that crossed it
+    may go to another connection, first bytes and all."""
+
+    TYPE: ClassVar[MessageType] = MessageType.RETIRE
+
+    def payload(self) -> bytes:
+        return b""
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Retire:
+        return cls()
+
+
 def _magic(r: _Reader) -> None:
     if r.take(len(MAGIC)) != MAGIC:
         raise ProtocolError("not a tcpgc peer (bad magic)")
 
 
 Message: TypeAlias = (
-    Hello | Challenge | Auth | Ready | Error | Open | OpenFailed | Ping | Pong | Data | Pool
+    Hello
+    | Challenge
+    | Auth
+    | Ready
+    | Error
+    | Open
+    | OpenFailed
+    | Ping
+    | Pong
+    | Data
+    | Pool
+    | Retire
 )
 
 _PARSERS: dict[MessageType, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Hello, Challenge, Auth, Ready, Error, Open, OpenFailed, Ping, Pong, Data, Pool)
+    for cls in (
+        Hello,
+        Challenge,
+        Auth,
+        Ready,
+        Error,
+        Open,
+        OpenFailed,
+        Ping,
+        Pong,
+        Data,
+        Pool,
+        Retire,
+    )
 }
 
 
