@@ -619,7 +619,7 @@ def test_first_bytes_of_an_unanswered_offer_are_not_sent_twice(harness: Harness)
             server_addr, ll_args=["--client-wait", "2.5", *ADMIN], cc_args=list(ADMIN)
         )
         wait_pool_full(tunnel)  # the client goes on a ready connection, OPEN and bytes
-        mark = tunnel.ll.mark()
+        mark, cc_mark = tunnel.ll.mark(), tunnel.cc.mark()
         with connect(tunnel.client_addr, timeout=10) as client:
             client.sendall(b"REQ")  # say, a request that must not run twice
             time.sleep(2.7)
@@ -627,8 +627,8 @@ def test_first_bytes_of_an_unanswered_offer_are_not_sent_twice(harness: Harness)
             with pytest.raises(ConnectionResetError):
                 recv_until_eof(client)
         tunnel.ll.wait_for(r"not offered to another agent", 5, since=mark)
-        time.sleep(2)  # the agent's late connection, if any, is served and done
         # The agent's server connection came after the LL gave up: dropped unused.
+        tunnel.cc.wait_for(r"closed the connection of a client being opened", 10, since=cc_mark)
         assert not any(b"REQ" in got for got in received), received
     finally:
         stop.set()

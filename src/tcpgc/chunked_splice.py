@@ -200,20 +200,13 @@ class ChunkedSpliceRelay(SpliceRelay):
             link.close()
         self._settle()
 
-    def _finish(self, ended: str, reset: bool = False) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        if self.result.ended == "closed":
-            self.result.ended = ended
-        for direction in self._directions:
-            direction.stop()
+    def _close_sockets(self, reset: bool) -> None:
+        # The data socket belongs to its link: closed through it, which is not reused.
         _close(self._sa, reset)
         if reset:
             self.b.reset()
         else:
             self.b.abort()
-        self._settle()
 
 
 def start_chunked_relay(

@@ -291,9 +291,12 @@ class SpliceRelay(Finishing):
             self.result.ended = ended
         for direction in self._directions:
             direction.stop()
+        self._close_sockets(reset)
+        self._settle()
+
+    def _close_sockets(self, reset: bool) -> None:
         _close(self._sa, reset)
         _close(self._sb, reset)
-        self._settle()
 
 
 def _close(sock: socket.socket, reset: bool) -> None:
