@@ -22,11 +22,13 @@ from typing import Any
 from tcpgc.channel import FrameChannel
 from tcpgc.chunked_splice import start_chunked_relay
 from tcpgc.config import Address, CCConfig
+from tcpgc.dial import dial
 from tcpgc.errors import PeerRefused, ProtocolError, TcpgcError, UsageError
 from tcpgc.identity import JoinToken, agent_context, format_fingerprint, pin_server_name
 from tcpgc.link import Link
 from tcpgc.memory import trim_periodically
 from tcpgc.metrics import Metrics, failure_reason
+from tcpgc.protocol.chunks import HEADER_SIZE, MAX_CHUNK
 from tcpgc.protocol.handshake import AgentHandshake, State
 from tcpgc.protocol.messages import (
     AGENT_ID_SIZE,
@@ -409,12 +411,9 @@ class ConnectNode(ReadyPools):
             if ready:
                 channel.link.close()  # a ready connection serves one client at most
             return None
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.config.connect_timeout):
-                _, server_link = await loop.create_connection(
-                    Link, server.connect_host, server.port
-                )
+                server_link = await dial(server.connect_host, server.port)
         except (OSError, TimeoutError) as exc:
             reason = describe(exc)
             log.warning(
@@ -434,9 +433,11 @@ class ConnectNode(ReadyPools):
             server_link.abort()
             channel.link.abort()
             return None
+        early = b""
         if ready:
             data_link = channel.link
             channel.detach()
+            early = _take_first_chunk(data_link)
         else:
             try:
                 async with asyncio.timeout(self.config.connect_timeout):
@@ -449,6 +450,10 @@ class ConnectNode(ReadyPools):
         if version:
             client = (request.client_host, request.client_port)
             server_link.write(header(version, client, (request.local_host, request.local_port)))
+        if early:
+            # The client's first bytes go to the server before anything else is done:
+            # its answer is then on its way while the relay is being set up.
+            server_link.write(early)
         data_link.write(encode(Data(MAX_VERSION, request.conn_id)))
         self.metrics.child(self.metrics.clients_accepted, request.service).inc()
         counted = self.metrics.bytes
@@ -457,12 +462,29 @@ class ConnectNode(ReadyPools):
             self.metrics.child(counted, request.service, "in"),
         )
         # The data connection carries the client chunked, and is reused after it.
-        return start_chunked_relay(
+        relay = start_chunked_relay(
             server_link, data_link, *counters, on_idle=partial(self._reuse, ll)
         )
+        if early:
+            relay.result.bytes_b_to_a += len(early)
+            counters[1].inc(len(early))
+        return relay
 
 
 def _format_endpoint(host: str, port: int) -> str:
     if not host:
         return "unknown"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _take_first_chunk(link: Link) -> bytes:
+    """The client's first bytes, if they came whole behind OPEN (as the LL's first
+    chunk), taken off the link's buffer; else b"" and the relay will read them."""
+    held = link.buffered
+    if len(held) < HEADER_SIZE:
+        return b""
+    length = int.from_bytes(held[:HEADER_SIZE], "big")
+    if not 0 < length <= MAX_CHUNK or len(held) < HEADER_SIZE + length:
+        return b""
+    link.consume(HEADER_SIZE + length)
+    return held[HEADER_SIZE : HEADER_SIZE + length]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tcpgc.config import DEFAULT_SERVICE, Address, CCConfig, LLConfig
+from tcpgc.dial import dial
 from tcpgc.errors import UsageError
 from tcpgc.link import Ignoring, Link
 from tcpgc.relay import RelayResult
@@ -487,12 +488,9 @@ class ClassicConnectNode:
         """Connect the server at once, as socat does: a server that speaks first (SMTP,
         FTP) must reach the client before the client has said anything."""
         server = self.config.server
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.config.connect_timeout):
-                _, server_link = await loop.create_connection(
-                    Link, server.connect_host, server.port
-                )
+                server_link = await dial(server.connect_host, server.port)
         except (OSError, TimeoutError) as exc:
             cc_log.warning("cannot reach server %s: %s", server, _describe(exc))
             link.reset()  # the client behind the LL sees a reset, as with socat

@@ -148,6 +148,19 @@ class Link(asyncio.Protocol):
         self._reading_paused = False
         self._borrower: Callable[[], None] | None = None  # see `lend`
 
+    @classmethod
+    def on_socket(cls, sock: socket.socket, peername: object, data: bytes = b"") -> Link:
+        """A plain link over a connected non-blocking socket we accepted or dialed
+        ourselves: on a `SocketTransport` from the start, so no loop transport is made
+        for it and a relay takes the socket without duplicating it. `data` is what was
+        read from it already."""
+        link = cls()
+        if data:
+            link.handler = _Buffer(link, data)
+        link._peername = peername
+        link.connection_made(SocketTransport(asyncio.get_running_loop(), sock, link))
+        return link
+
     # ---- asyncio.Protocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -157,7 +170,9 @@ class Link(asyncio.Protocol):
         # Write buffers above asyncio's 64 KiB default: a single socket read can return
         # 256 KiB, and pausing the peer on every chunk costs more than it saves.
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        peername = transport.get_extra_info("peername")
+        peername = self._peername  # known already when made by `on_socket`
+        if peername is None:
+            peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple) and len(peername) >= 2:
             # The links of one agent, or to one server, share one host string.
             peername = (shared(str(peername[0])), peername[1])
@@ -397,17 +412,23 @@ class Link(asyncio.Protocol):
 
     def hand_over(self) -> tuple[socket.socket, bytes, bool] | None:
         """Give the socket to a caller that will drive it itself (the splice relay):
-        returns a non-blocking duplicate of it, the bytes read so far, and whether the
-        peer already ended its stream. The transport is dropped without touching the
-        connection (the duplicate keeps it open)."""
+        returns it (a non-blocking duplicate, if a loop transport had it), the bytes
+        read so far, and whether the peer already ended its stream. The link is over;
+        the connection is not touched."""
         if not self.can_hand_over():
             return None
         assert self.transport is not None and isinstance(self.handler, _Buffer)
+        buffered = self.handler
+        if isinstance(self.transport, SocketTransport):
+            # Our own transport lets go of the socket itself: no duplicate needed.
+            sock = self.transport.release()
+            self.handler = Ignoring()
+            self.connection_lost(None)  # over for the link; the socket lives on
+            return sock, bytes(buffered.data), buffered.eof
         raw = self.transport.get_extra_info("socket")
         # Family, type and protocol given: otherwise the socket asks the kernel for each.
         sock = socket.socket(raw.family, raw.type, raw.proto, fileno=os.dup(raw.fileno()))
         sock.setblocking(False)
-        buffered = self.handler
         self.handler = Ignoring()
         self.transport.abort()
         return sock, bytes(buffered.data), buffered.eof

@@ -205,6 +205,16 @@ class SocketTransport(asyncio.Transport):
     def abort(self) -> None:
         self._force_close(None)
 
+    def release(self) -> socket.socket:
+        """Stop driving the socket and give it away, still open, to whoever drives it
+        next (the splice relay). Nothing is buffered to send (the caller checks); the
+        protocol hears nothing more from this transport."""
+        self._read_off()
+        self._write_off()
+        self._closed = self._closing = True
+        self._buffer = None
+        return self._sock
+
     def _force_close(self, exc: Exception | None) -> None:
         if self._closed:
             return
