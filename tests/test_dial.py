@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from loops import LOOPS, run_on
+from loops import LOOPS, loop_turns, run_on
 from tcpgc.cc import _take_first_chunk
 from tcpgc.dial import dial, numeric_family
 from tcpgc.link import Link
@@ -55,8 +55,12 @@ def test_an_address_is_dialed_on_a_socket_of_our_own(loop_name: str, host: str) 
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
                 link.write(b"hello")
                 assert await loop.sock_recv(accepted, 5) == b"hello"
-                # What the server says is held until a handler is attached.
+                # Nothing is read before the caller asks (its relay is not there yet)...
                 await loop.sock_sendall(accepted, b"world")
+                await loop_turns()
+                assert link.buffered == b""
+                # ...then it is held until a handler is attached.
+                link.resume_reading()
                 for _ in range(100):
                     if link.buffered:
                         break
@@ -91,6 +95,15 @@ def test_a_name_is_dialed_through_the_loop(loop_name: str) -> None:
                 assert not isinstance(link.transport, SocketTransport)
                 link.write(b"ping")
                 assert await loop.sock_recv(accepted, 4) == b"ping"
+                await loop.sock_sendall(accepted, b"pong")
+                await loop_turns()
+                assert link.buffered == b""
+                link.resume_reading()
+                for _ in range(100):
+                    if link.buffered:
+                        break
+                    await asyncio.sleep(0.01)
+                assert link.buffered == b"pong"
             link.abort()
 
     run_on(loop_name, main, 10)
@@ -107,6 +120,7 @@ def test_a_relay_takes_a_dialed_socket_as_it_is(loop_name: str) -> None:
             link = await dial("127.0.0.1", port)
             accepted, _ = await loop.sock_accept(server)
             with accepted:
+                link.resume_reading()
                 await loop.sock_sendall(accepted, b"early")
                 for _ in range(100):
                     if link.buffered:

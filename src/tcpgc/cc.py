@@ -465,6 +465,7 @@ class ConnectNode(ReadyPools):
         relay = start_chunked_relay(
             server_link, data_link, *counters, on_idle=partial(self._reuse, ll)
         )
+        server_link.resume_reading()  # a buffered relay reads it from now on
         if early:
             relay.result.bytes_b_to_a += len(early)
             counters[1].inc(len(early))

@@ -149,16 +149,17 @@ class Link(asyncio.Protocol):
         self._borrower: Callable[[], None] | None = None  # see `lend`
 
     @classmethod
-    def on_socket(cls, sock: socket.socket, peername: object, data: bytes = b"") -> Link:
-        """A plain link over a connected non-blocking socket we accepted or dialed
-        ourselves: on a `SocketTransport` from the start, so no loop transport is made
-        for it and a relay takes the socket without duplicating it. `data` is what was
-        read from it already."""
+    def on_socket(cls, sock: socket.socket, peername: object, *, reading: bool = True) -> Link:
+        """A plain link over a connected non-blocking socket we dialed ourselves: on a
+        `SocketTransport` from the start, so no loop transport is made for it and a
+        relay takes the socket without duplicating it. With `reading` false it reads
+        nothing until `resume_reading` (a splice relay that takes the socket at once
+        then costs no reader registered and dropped)."""
         link = cls()
-        if data:
-            link.handler = _Buffer(link, data)
         link._peername = peername
-        link.connection_made(SocketTransport(asyncio.get_running_loop(), sock, link))
+        link._reading_paused = not reading
+        loop = asyncio.get_running_loop()
+        link.connection_made(SocketTransport(loop, sock, link, reading_paused=not reading))
         return link
 
     # ---- asyncio.Protocol ------------------------------------------------------------
