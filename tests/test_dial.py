@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from tcpgc.dial import dial, numeric_family
 from tcpgc.link import Link
 from tcpgc.protocol.chunks import END, chunk_header
 from tcpgc.socket_transport import SocketTransport
+from tcpgc.splice import SpliceRelay
 
 
 @contextlib.asynccontextmanager
@@ -27,6 +29,36 @@ async def _listener(host: str = "127.0.0.1") -> AsyncIterator[tuple[socket.socke
         server.listen(8)
         server.setblocking(False)
         yield server, server.getsockname()[1]
+
+
+class _Collect:
+    """A link handler that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.more = asyncio.Event()
+
+    def on_data(self, data: bytes) -> None:
+        self.data += data
+        self.more.set()
+
+    def on_eof(self) -> None:
+        pass
+
+    def on_lost(self, exc: BaseException | None) -> None:
+        pass
+
+    def on_pause(self) -> None:
+        pass
+
+    def on_resume(self) -> None:
+        pass
+
+    async def wait_for(self, n: int) -> bytes:
+        while len(self.data) < n:
+            self.more.clear()
+            await asyncio.wait_for(self.more.wait(), 5)
+        return bytes(self.data)
 
 
 def _open_fds() -> int:
@@ -41,8 +73,10 @@ def test_numeric_family_tells_literals_from_names() -> None:
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
-@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
-def test_an_address_is_dialed_on_a_socket_of_our_own(loop_name: str, host: str) -> None:
+@pytest.mark.parametrize(
+    ("host", "named"), [("127.0.0.1", "127.0.0.1"), ("::1", "::1"), ("0:0::1", "::1")]
+)
+def test_an_address_is_dialed_on_a_socket_of_our_own(loop_name: str, host: str, named: str) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         async with _listener(host) as (server, port):
@@ -50,22 +84,19 @@ def test_an_address_is_dialed_on_a_socket_of_our_own(loop_name: str, host: str) 
             accepted, _ = await loop.sock_accept(server)
             with accepted:
                 assert isinstance(link.transport, SocketTransport)
-                assert link.peer_endpoint == (host, port)
+                assert link.peer_endpoint == (named, port)  # as the kernel writes it
                 sock = link.transport.get_extra_info("socket")
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
                 link.write(b"hello")
                 assert await loop.sock_recv(accepted, 5) == b"hello"
-                # Nothing is read before the caller asks (its relay is not there yet)...
+                # Nothing is read before a handler (its relay) is attached...
                 await loop.sock_sendall(accepted, b"world")
                 await loop_turns()
                 assert link.buffered == b""
-                # ...then it is held until a handler is attached.
-                link.resume_reading()
-                for _ in range(100):
-                    if link.buffered:
-                        break
-                    await asyncio.sleep(0.01)
-                assert link.buffered == b"world"
+                # ...which gets the server's bytes from then on.
+                got = _Collect()
+                link.attach(got)
+                assert await got.wait_for(5) == b"world"
             link.abort()
 
     run_on(loop_name, main, 10)
@@ -98,12 +129,9 @@ def test_a_name_is_dialed_through_the_loop(loop_name: str) -> None:
                 await loop.sock_sendall(accepted, b"pong")
                 await loop_turns()
                 assert link.buffered == b""
-                link.resume_reading()
-                for _ in range(100):
-                    if link.buffered:
-                        break
-                    await asyncio.sleep(0.01)
-                assert link.buffered == b"pong"
+                got = _Collect()
+                link.attach(got)
+                assert await got.wait_for(4) == b"pong"
             link.abort()
 
     run_on(loop_name, main, 10)
@@ -172,3 +200,31 @@ def test_anything_but_a_whole_first_chunk_is_left_to_the_relay(held: bytes) -> N
     link = _held(held)
     assert _take_first_chunk(link) == b""
     assert link.buffered == held
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_relay_that_cannot_take_both_sockets_closes_the_one_it_took(
+    loop_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dialed side's socket is the relay's once taken; if the other side's cannot
+    be had (no descriptor for its duplicate), it is closed, not left to the collector."""
+
+    def no_descriptor_left(fd: int) -> int:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with _listener() as (server, port):
+            dialed = await dial("127.0.0.1", port)
+            dialed_peer, _ = await loop.sock_accept(server)
+            _, other = await loop.create_connection(Link, "127.0.0.1", port)
+            other_peer, _ = await loop.sock_accept(server)
+            with dialed_peer, other_peer:
+                with monkeypatch.context() as patched:
+                    patched.setattr(os, "dup", no_descriptor_left)
+                    with pytest.raises(OSError):
+                        SpliceRelay(dialed, other)
+                assert await asyncio.wait_for(loop.sock_recv(dialed_peer, 1), 5) == b""
+                other.abort()
+
+    run_on(loop_name, main, 10)

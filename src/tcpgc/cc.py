@@ -446,6 +446,9 @@ class ConnectNode(ReadyPools):
                 log.warning("cannot open a data connection to LL %s: %s", ll, describe(exc))
                 server_link.abort()
                 return None
+            except BaseException:  # cancelled: the session or the node is stopping
+                server_link.abort()
+                raise
         version = self.config.proxy_protocol.get(request.service)
         if version:
             client = (request.client_host, request.client_port)
@@ -454,6 +457,8 @@ class ConnectNode(ReadyPools):
             # The client's first bytes go to the server before anything else is done:
             # its answer is then on its way while the relay is being set up.
             server_link.write(early)
+            if server_link.is_closing:
+                early = b""  # not delivered (the server went away): not counted
         data_link.write(encode(Data(MAX_VERSION, request.conn_id)))
         self.metrics.child(self.metrics.clients_accepted, request.service).inc()
         counted = self.metrics.bytes
@@ -465,7 +470,6 @@ class ConnectNode(ReadyPools):
         relay = start_chunked_relay(
             server_link, data_link, *counters, on_idle=partial(self._reuse, ll)
         )
-        server_link.resume_reading()  # a buffered relay reads it from now on
         if early:
             relay.result.bytes_b_to_a += len(early)
             counters[1].inc(len(early))

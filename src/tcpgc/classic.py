@@ -502,7 +502,6 @@ class ClassicConnectNode:
         # The LL's first byte tells that a client is behind the connection: the relay
         # reports it (with splice, the bytes never pass through `_LLLink`).
         relay = start_relay(server_link, link, on_first_b_to_a=link.heard)
-        server_link.resume_reading()  # a buffered relay reads it from now on
         relay.done.add_done_callback(link.ended)
         self._relays.add(relay)
         try:

@@ -24,17 +24,17 @@ def numeric_family(host: str) -> int | None:
 
 
 async def dial(host: str, port: int) -> Link:
-    """A plain link to `host`:`port`, not reading yet: the caller starts a relay, then
-    calls `resume_reading` (which does nothing once a splice relay took the socket).
-    An address literal is dialed on a socket of our own: the link rides the lean
-    `SocketTransport` from the start, and a splice relay takes the socket as it is,
-    where a loop transport would be made, then duplicated and dropped. A name goes
-    through the loop, which resolves it and tries each address in turn."""
+    """A plain link to `host`:`port` that reads nothing until its relay attaches to it
+    (`Link.hold_reading`; a splice relay takes the socket instead). An address literal
+    is dialed on a socket of our own: the link rides the lean `SocketTransport` from
+    the start, and a splice relay takes the socket as it is, where a loop transport
+    would be made, then duplicated and dropped. A name goes through the loop, which
+    resolves it and tries each address in turn."""
     loop = asyncio.get_running_loop()
     family = numeric_family(host)
     if family is None:
         _, link = await loop.create_connection(Link, host, port)
-        link.pause_reading()
+        link.hold_reading()
         return link
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -45,7 +45,9 @@ async def dial(host: str, port: int) -> Link:
     except BaseException:
         sock.close()
         raise
-    return Link.on_socket(sock, (host, port), reading=False)
+    # Named as the kernel would write it ('::1', not '0:0::1'), for logs and status.
+    canonical = socket.inet_ntop(family, socket.inet_pton(family, host))
+    return Link.on_socket(sock, (canonical, port), reading=False)
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, address: Any) -> None:

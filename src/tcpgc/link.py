@@ -153,14 +153,26 @@ class Link(asyncio.Protocol):
         """A plain link over a connected non-blocking socket we dialed ourselves: on a
         `SocketTransport` from the start, so no loop transport is made for it and a
         relay takes the socket without duplicating it. With `reading` false it reads
-        nothing until `resume_reading` (a splice relay that takes the socket at once
-        then costs no reader registered and dropped)."""
+        nothing until a handler is attached (see `hold_reading`): a splice relay that
+        takes the socket at once then costs no reader registered and dropped."""
         link = cls()
         link._peername = peername
-        link._reading_paused = not reading
         loop = asyncio.get_running_loop()
         link.connection_made(SocketTransport(loop, sock, link, reading_paused=not reading))
+        if not reading:
+            link._reading_paused = True
+            link._hold()
         return link
+
+    def hold_reading(self) -> None:
+        """Read nothing until a handler is attached (`attach` resumes reading, before
+        it replays what was held, so a pause its handler then asks for stands)."""
+        self.pause_reading()
+        self._hold()
+
+    def _hold(self) -> None:
+        if isinstance(self.handler, _Buffer):
+            self.handler.paused = True
 
     # ---- asyncio.Protocol ------------------------------------------------------------
 
@@ -276,6 +288,11 @@ class Link(asyncio.Protocol):
             if self.is_closed:
                 self._closed.set_result(None)
         return self._closed
+
+    @property
+    def is_closing(self) -> bool:
+        """Nothing more written goes out: the link is closed or closing."""
+        return self.transport is None or self.transport.is_closing()
 
     @property
     def peer(self) -> str:

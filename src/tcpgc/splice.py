@@ -251,7 +251,12 @@ class SpliceRelay(Finishing):
     ) -> None:
         self._init_relay(a, b)
         handed_a = a.hand_over()
-        handed_b = b.hand_over()
+        try:
+            handed_b = b.hand_over()
+        except BaseException:  # no descriptor for b's duplicate: a's socket is ours now
+            if handed_a is not None:
+                handed_a[0].close()
+            raise
         assert handed_a is not None and handed_b is not None
         self._sa, prefix_a, eof_a = handed_a
         self._sb, prefix_b, eof_b = handed_b
