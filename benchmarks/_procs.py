@@ -13,6 +13,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -45,6 +46,50 @@ def _stat(pid: int | str) -> tuple[int, int] | None:
     # the command may contain spaces and parentheses: fields follow the last ')'
     fields = stat[stat.rfind(")") + 2 :].split()
     return int(fields[1]), int(fields[19])
+
+
+def last_cpu(pid: int) -> int | None:
+    """The CPU a process last ran on (field 39 of /proc/PID/stat)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rfind(")") + 2 :].split()[36])
+
+
+class CpuSharing:
+    """While in its `with` block, samples every `interval` seconds which CPU each of
+    two processes last ran on; `shared` is the fraction of samples where it was the same
+    one. On one host the scheduler decides it, and a new client's latency through a
+    tunnel depends on it (see placement.py)."""
+
+    def __init__(self, a: int, b: int, interval: float = 0.005) -> None:
+        self.pids = (a, b)
+        self.interval = interval
+        self.samples = 0
+        self.same = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def shared(self) -> float | None:
+        return self.same / self.samples if self.samples else None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            a, b = (last_cpu(pid) for pid in self.pids)
+            if a is None or b is None:
+                continue
+            self.samples += 1
+            self.same += a == b
+
+    def __enter__(self) -> CpuSharing:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def _ppid_map() -> dict[int, int]:

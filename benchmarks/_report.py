@@ -261,8 +261,8 @@ def tables(doc: dict[str, Any]) -> str:
         rl += [
             "",
             "| latency vs direct | connect+echo p50 | connect+echo p99 "
-            "| req/resp p50 | req/resp p99 |",
-            "|---|---|---|---|---|",
+            "| req/resp p50 | req/resp p99 | LL and CC on one CPU (connect+echo) |",
+            "|---|---|---|---|---|---|",
         ]
         for k in keys:
             if k == "direct":
@@ -272,6 +272,8 @@ def tables(doc: dict[str, Any]) -> str:
                 for name in ("connect", "rr")
                 for q in ("p50_ms", "p99_ms")
             ]
+            shared = v(k, "connect", "ll_cc_same_cpu")
+            cells.append("–" if shared is None else f"{shared:.0%} of samples")
             rl.append(f"| {SHORT[k]} | {' | '.join(cells)} |")
     tl = ["", "| target | result | value | margin |", "|---|---|---|---|"]
     for t in doc.get("targets", []):

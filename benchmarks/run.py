@@ -21,6 +21,7 @@ and matplotlib for the chart (`pip install matplotlib`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _load  # noqa: E402
 import _report  # noqa: E402
 from _procs import (  # noqa: E402
+    CpuSharing,
     Proc,
     cpu_seconds,
     fd_kinds,
@@ -216,8 +218,15 @@ def _echo_phase(
         if problem:
             out["probe"] = problem
         out["idle_memory"] = memory(system.roots())
-        step("connect", _load.connect_echo_latency, addr, p["latency_samples"],
-             p["latency_budget"])  # fmt: skip
+        nodes = system.nodes
+        pair = (nodes["LL"].pid, nodes["CC"].pid) if {"LL", "CC"} <= nodes.keys() else None
+        with CpuSharing(*pair) if pair else contextlib.nullcontext() as sharing:
+            step("connect", _load.connect_echo_latency, addr, p["latency_samples"],
+                 p["latency_budget"])  # fmt: skip
+        if isinstance(sharing, CpuSharing) and sharing.shared is not None and "connect" in out:
+            out["connect"]["ll_cc_same_cpu"] = sharing.shared
+            print(f"  {'':<10} LL and CC on one CPU in {sharing.shared:.0%} of samples",
+                  flush=True)  # fmt: skip
         step("rr", _load.request_response, addr, p["rr_count"], p["rr_budget"])
         cpu0 = cpu_seconds(system.roots())
         step("rate", _load.conn_rate, addr, p["rate_seconds"], p["rate_concurrency"])
