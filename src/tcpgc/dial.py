@@ -47,7 +47,7 @@ async def dial(host: str, port: int) -> Link:
         raise
     # Named as the kernel would write it ('::1', not '0:0::1'), for logs and status.
     canonical = socket.inet_ntop(family, socket.inet_pton(family, host))
-    return Link.on_socket(sock, (canonical, port), reading=False)
+    return Link.on_socket(sock, (canonical, port))
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, address: Any) -> None:

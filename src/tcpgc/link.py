@@ -149,19 +149,18 @@ class Link(asyncio.Protocol):
         self._borrower: Callable[[], None] | None = None  # see `lend`
 
     @classmethod
-    def on_socket(cls, sock: socket.socket, peername: object, *, reading: bool = True) -> Link:
+    def on_socket(cls, sock: socket.socket, peername: object) -> Link:
         """A plain link over a connected non-blocking socket we dialed ourselves: on a
         `SocketTransport` from the start, so no loop transport is made for it and a
-        relay takes the socket without duplicating it. With `reading` false it reads
-        nothing until a handler is attached (see `hold_reading`): a splice relay that
-        takes the socket at once then costs no reader registered and dropped."""
+        relay takes the socket without duplicating it. It reads nothing until a handler
+        is attached (see `hold_reading`): a splice relay that takes the socket at once
+        then costs no reader registered and dropped."""
         link = cls()
         link._peername = peername
         loop = asyncio.get_running_loop()
-        link.connection_made(SocketTransport(loop, sock, link, reading_paused=not reading))
-        if not reading:
-            link._reading_paused = True
-            link._hold()
+        link.connection_made(SocketTransport(loop, sock, link, reading_paused=True))
+        link._reading_paused = True
+        link._hold()
         return link
 
     def hold_reading(self) -> None:
