@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable
 
 from tcpgc.errors import ProtocolError
-from tcpgc.link import Ignoring, Link
+from tcpgc.link import Link
+from tcpgc.link_handlers import Ignoring
 from tcpgc.protocol.chunks import END, MAX_CHUNK, ChunkDecoder, chunk_header
 from tcpgc.relay import Finishing, RelayResult, _Counter
 

@@ -34,7 +34,8 @@ from typing import Any
 from tcpgc.config import DEFAULT_SERVICE, Address, CCConfig, LLConfig
 from tcpgc.dial import dial
 from tcpgc.errors import UsageError
-from tcpgc.link import Ignoring, Link
+from tcpgc.link import Link
+from tcpgc.link_handlers import Ignoring
 from tcpgc.relay import RelayResult
 from tcpgc.splice import AnyRelay, start_relay
 from tcpgc.tasks import TaskGroup

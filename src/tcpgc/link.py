@@ -13,24 +13,16 @@ client that talks first while it waits for an agent loses nothing.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import ssl
 import struct
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import cast
 
+from tcpgc.handover import WRITE_HIGH_WATER, SocketHandOver
+from tcpgc.link_handlers import Buffering, Ignoring, LinkHandler
 from tcpgc.socket_transport import SocketTransport
 from tcpgc.texts import shared
-
-#: What the buffering handler holds before it stops reading: a client's first request
-#: while it waits for an agent, or bytes that followed a frame. Bounded so a waiting
-#: client cannot make us buffer without limit.
-PREATTACH_LIMIT = 64 * 1024
-
-#: Per-connection write buffer above which the feeding side stops reading. It bounds
-#: the memory a slow reader can cost us (per direction).
-WRITE_HIGH_WATER = 512 * 1024
 
 #: Largest piece fed to a TLS memory BIO at once, which bounds what each BIO keeps
 #: allocated for the rest of the connection (OpenSSL never shrinks it).
@@ -42,81 +34,20 @@ _MORE, _ENDED, _FAILED = object(), object(), object()
 TLS_READ_SIZE = 64 * 1024
 
 
-class LinkHandler(Protocol):
-    def on_data(self, data: bytes) -> None: ...
-    def on_eof(self) -> None: ...
-    def on_lost(self, exc: BaseException | None) -> None: ...
-    def on_pause(self) -> None: ...
-    def on_resume(self) -> None: ...
-
-
-class _Buffer:
-    """Holds events until a real handler is attached."""
-
-    def __init__(self, link: Link, data: bytes = b"", eof: bool = False) -> None:
-        self.link = link
-        self.data = bytearray(data)
-        self.eof = eof
-        self.lost: tuple[BaseException | None] | None = None
-        self.paused = False
-
-    def on_data(self, data: bytes) -> None:
-        self.data += data
-        if len(self.data) >= PREATTACH_LIMIT and not self.paused:
-            self.paused = True
-            self.link.pause_reading()
-
-    def on_eof(self) -> None:
-        self.eof = True
-
-    def on_lost(self, exc: BaseException | None) -> None:
-        self.lost = (exc,)
-
-    def on_pause(self) -> None:
-        pass
-
-    def on_resume(self) -> None:
-        pass
-
-
 _NO_BIO = ssl.MemoryBIO()
 
 
-class Ignoring:
-    """Handler that ignores everything: of a link whose socket now belongs to someone
-    else, or whose relay is over while the link still drains."""
-
-    def on_data(self, data: bytes) -> None:
-        pass
-
-    def on_eof(self) -> None:
-        pass
-
-    def on_lost(self, exc: BaseException | None) -> None:
-        pass
-
-    def on_pause(self) -> None:
-        pass
-
-    def on_resume(self) -> None:
-        pass
-
-
-class _Retired(asyncio.Protocol):
-    """Protocol of a transport a link has moved off: hears its end, does nothing."""
-
-
-class Link(asyncio.Protocol):
+class Link(SocketHandOver):
     """A TCP connection with an optional TLS layer and a swappable handler."""
 
     # Thousands are alive at once (two per relayed client on each node): no __dict__.
     # Futures and peer strings are made only when asked for: most links never are, and
     # they would cost about a kilobyte per relayed client.
+    # (`transport`, `handler` and `_borrower` are slots of `SocketHandOver`.)
     __slots__ = (
         "_tls_context", "_server_side", "_server_hostname", "_on_made", "_ssl",
-        "_incoming", "_outgoing", "transport", "handler", "_ready", "_closed", "is_closed",
-        "_peername", "shed", "got_eof", "sent_eof", "_reading_paused", "_borrower",
-        "__weakref__",
+        "_incoming", "_outgoing", "_ready", "_closed", "is_closed", "_peername", "shed",
+        "got_eof", "sent_eof", "_reading_paused", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -135,7 +66,7 @@ class Link(asyncio.Protocol):
         # Only TLS links need their own memory BIOs; plain ones share a never-used pair.
         self._incoming = self._outgoing = _NO_BIO
         self.transport: asyncio.Transport | None = None
-        self.handler: LinkHandler = _Buffer(self)
+        self.handler: LinkHandler = Buffering(self)
         self._ready: asyncio.Future[None] | None = None
         self._closed: asyncio.Future[None] | None = None
         #: The connection is gone (what `closed` tells, without making a future).
@@ -170,7 +101,7 @@ class Link(asyncio.Protocol):
         self._hold()
 
     def _hold(self) -> None:
-        if isinstance(self.handler, _Buffer):
+        if isinstance(self.handler, Buffering):
             self.handler.paused = True
 
     # ---- asyncio.Protocol ------------------------------------------------------------
@@ -384,7 +315,7 @@ class Link(asyncio.Protocol):
         """Give this link its real handler, replaying what was buffered before."""
         previous = self.handler
         self.handler = handler
-        if isinstance(previous, _Buffer):
+        if isinstance(previous, Buffering):
             if previous.paused:
                 # Resumed before the replay: if the replay fills the new handler's
                 # peer, flow control pauses us again, and that pause must stand.
@@ -400,127 +331,20 @@ class Link(asyncio.Protocol):
     def buffered(self) -> bytes:
         """The bytes read and held until a handler is attached."""
         handler = self.handler
-        return bytes(handler.data) if isinstance(handler, _Buffer) else b""
+        return bytes(handler.data) if isinstance(handler, Buffering) else b""
 
     def consume(self, n: int) -> None:
         """Drop the first `n` held bytes: they were passed on another way."""
         handler = self.handler
-        if isinstance(handler, _Buffer):
+        if isinstance(handler, Buffering):
             del handler.data[:n]
 
     def detach(self, leftover: bytes = b"", eof: bool = False) -> None:
         """Go back to buffering, starting with `leftover` (bytes read past a frame)."""
-        buffer = _Buffer(self, leftover, eof)
+        buffer = Buffering(self, leftover, eof)
         if self.is_closed:
             buffer.lost = (None,)
         self.handler = buffer
-
-    def can_hand_over(self) -> bool:
-        """Whether `hand_over` would succeed: plain TCP, open, nothing left to write,
-        still buffering (no handler attached)."""
-        return (
-            self._ssl is None
-            and self.transport is not None
-            and not self.transport.is_closing()
-            and self.transport.get_write_buffer_size() == 0
-            and isinstance(self.handler, _Buffer)
-            and self.handler.lost is None
-        )
-
-    def hand_over(self) -> tuple[socket.socket, bytes, bool] | None:
-        """Give the socket to a caller that will drive it itself (the splice relay):
-        returns it (a non-blocking duplicate, if a loop transport had it), the bytes
-        read so far, and whether the peer already ended its stream. The link is over;
-        the connection is not touched."""
-        if not self.can_hand_over():
-            return None
-        assert self.transport is not None and isinstance(self.handler, _Buffer)
-        buffered = self.handler
-        if isinstance(self.transport, SocketTransport):
-            # Our own transport lets go of the socket itself: no duplicate needed.
-            sock = self.transport.release()
-            self.handler = Ignoring()
-            self.connection_lost(None)  # over for the link; the socket lives on
-            return sock, bytes(buffered.data), buffered.eof
-        raw = self.transport.get_extra_info("socket")
-        # Family, type and protocol given: otherwise the socket asks the kernel for each.
-        sock = socket.socket(raw.family, raw.type, raw.proto, fileno=os.dup(raw.fileno()))
-        sock.setblocking(False)
-        self.handler = Ignoring()
-        self.transport.abort()
-        return sock, bytes(buffered.data), buffered.eof
-
-    def lend(self, on_reclaim: Callable[[], None]) -> tuple[socket.socket, bytes] | None:
-        """Lend the socket, for a while, to a caller that drives it itself (the chunked
-        splice relay) while this link keeps the connection: returns the socket and the
-        bytes read so far. Until `take_back`, the link neither reads nor writes, and a
-        `close`, `abort` or `reset` of the link first calls `on_reclaim`, in which the
-        borrower must let go of the socket (its readiness callbacks). None, and nothing
-        changes, if the link is TLS, is closing, has bytes left to send, has seen the
-        peer's EOF or its end, or cannot move onto a socket of its own."""
-        handler = self.handler
-        transport = self.transport
-        if (
-            self._ssl is not None
-            or transport is None
-            or transport.is_closing()
-            or transport.get_write_buffer_size()
-            or not isinstance(handler, _Buffer)
-            or handler.eof
-            or handler.lost is not None
-            or not self.move_to_socket()
-        ):
-            return None
-        assert self.transport is not None
-        self.pause_reading()
-        self.handler = Ignoring()  # its end, if the borrower ends it, concerns nobody here
-        self._borrower = on_reclaim
-        return self.transport.get_extra_info("socket"), bytes(handler.data)
-
-    def take_back(self, leftover: bytes = b"") -> None:
-        """End a `lend`: buffer again, starting with `leftover`, and read again."""
-        self._borrower = None
-        self.detach(leftover)
-        self.resume_reading()
-
-    def _let_go(self) -> None:
-        """Before the socket closes: a borrower lets go of it first (its callbacks on a
-        closed descriptor would be stale, and on a reused one, wrong)."""
-        borrower, self._borrower = self._borrower, None
-        if borrower is not None:
-            borrower()
-
-    def move_to_socket(self) -> bool:
-        """Go on over a `SocketTransport` of our own instead of the loop's transport
-        (0.5 to 1 KB less per connection: relays call this for the links they hold).
-        Only between writes: False, and nothing changes, if the transport still has
-        bytes to send, is closing, or has seen the peer's EOF, or if the move fails
-        (no descriptor left for the duplicate)."""
-        old = self.transport
-        if isinstance(old, SocketTransport):
-            return True
-        if old is None or old.is_closing() or old.get_write_buffer_size() or self.got_eof:
-            return False
-        raw = old.get_extra_info("socket")
-        if raw is None:
-            return False
-        try:
-            sock = socket.socket(raw.family, raw.type, raw.proto, fileno=os.dup(raw.fileno()))
-        except OSError:
-            return False
-        try:
-            sock.setblocking(False)
-            loop = asyncio.get_running_loop()
-            new = SocketTransport(loop, sock, self, reading_paused=self._reading_paused)
-        except (OSError, RuntimeError, NotImplementedError):
-            sock.close()
-            return False
-        new.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        # Only now is the old one let go: nothing runs between the two registrations.
-        old.set_protocol(_Retired())  # its last callback (connection_lost) goes nowhere
-        old.abort()  # closes its descriptor; ours keeps the connection
-        self.transport = new
-        return True
 
     def write(self, data: bytes | memoryview, prefix: bytes = b"") -> None:
         """Send `prefix` then `data`; over TLS in the same records and one socket write
