@@ -37,24 +37,26 @@ def raise_nofile() -> int:
     return int(target)
 
 
-def _stat(pid: int | str) -> tuple[int, int] | None:
-    """(ppid, start time) of a live process."""
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat from field 3 on (index 0 is field 3); None if the process is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # the command may contain spaces and parentheses: fields follow the last ')'
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return int(fields[1]), int(fields[19])
+    return stat[stat.rfind(")") + 2 :].split()
+
+
+def _stat(pid: int | str) -> tuple[int, int] | None:
+    """(ppid, start time) of a live process."""
+    fields = _stat_fields(pid)
+    return None if fields is None else (int(fields[1]), int(fields[19]))
 
 
 def last_cpu(pid: int) -> int | None:
     """The CPU a process last ran on (field 39 of /proc/PID/stat)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rfind(")") + 2 :].split()[36])
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[36])
 
 
 class CpuSharing:

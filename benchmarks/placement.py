@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tcpgc-placement-"))
     system = (TcpgcTLS if args.tls else TcpgcPlain)(workdir)
     try:
-        echo = run.start_echo(workdir)
-        addr = system.start(echo)
-        if (failed := run.probe(addr, 30)) is not None:
-            print(failed, file=sys.stderr)
+        try:
+            addr = run.start_with_echo(system, workdir)
+        except RuntimeError as exc:
+            print(exc, file=sys.stderr)
             return 1
         ll, cc = system.nodes["LL"].pid, system.nodes["CC"].pid
         print(f"tcpgc {'TLS' if args.tls else 'plaintext'}: connect + echo p50 / p99, ms")

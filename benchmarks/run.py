@@ -163,6 +163,15 @@ def start_echo(workdir: Path) -> int:
     return int(line)
 
 
+def start_with_echo(system: System, workdir: Path) -> tuple[str, int]:
+    """An echo server, `system` in front of it, and one client through it; the address
+    clients use. RuntimeError if that client is not served within 30 s."""
+    addr = system.start(start_echo(workdir))
+    if (failed := probe(addr, 30)) is not None:
+        raise RuntimeError(failed)
+    return addr
+
+
 def probe(addr: tuple[str, int], timeout: float) -> str | None:
     """One connect + echo through a fresh tunnel (the socat CC may take its 2 s poll)."""
     res = _load.connect_echo_latency(addr, 1, timeout)

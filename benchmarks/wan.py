@@ -134,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tcpgc-wan-"))
     system = Far(workdir)
     try:
-        echo = run.start_echo(workdir)
-        addr = system.start(echo)
-        if (failed := run.probe(addr, 30)) is not None:
-            print(failed, file=sys.stderr)
+        try:
+            addr = run.start_with_echo(system, workdir)
+        except RuntimeError as exc:
+            print(exc, file=sys.stderr)
             return 1
         time.sleep(1 + 4 * delay)  # the ready pool refills over the long leg
         rr = _load.request_response(addr, args.samples, budget, size=4)

@@ -16,6 +16,7 @@ from loops import LOOPS, loop_turns, run_on
 from tcpgc.cc import _take_first_chunk
 from tcpgc.dial import dial, numeric_family
 from tcpgc.link import Link
+from tcpgc.link_handlers import Ignoring
 from tcpgc.protocol.chunks import END, chunk_header
 from tcpgc.socket_transport import SocketTransport
 from tcpgc.splice import SpliceRelay
@@ -31,8 +32,8 @@ async def _listener(host: str = "127.0.0.1") -> AsyncIterator[tuple[socket.socke
         yield server, server.getsockname()[1]
 
 
-class _Collect:
-    """A link handler that keeps what it is given."""
+class _Collect(Ignoring):
+    """A link handler that keeps the bytes it is given (and ignores the rest)."""
 
     def __init__(self) -> None:
         self.data = bytearray()
@@ -42,23 +43,22 @@ class _Collect:
         self.data += data
         self.more.set()
 
-    def on_eof(self) -> None:
-        pass
-
-    def on_lost(self, exc: BaseException | None) -> None:
-        pass
-
-    def on_pause(self) -> None:
-        pass
-
-    def on_resume(self) -> None:
-        pass
-
     async def wait_for(self, n: int) -> bytes:
         while len(self.data) < n:
             self.more.clear()
             await asyncio.wait_for(self.more.wait(), 5)
         return bytes(self.data)
+
+
+async def _reads_only_once_attached(link: Link, server_side: socket.socket) -> None:
+    """What the server sends is not read before a handler (its relay) is attached,
+    and reaches that handler once it is."""
+    await asyncio.get_running_loop().sock_sendall(server_side, b"world")
+    await loop_turns()
+    assert link.buffered == b""
+    got = _Collect()
+    link.attach(got)
+    assert await got.wait_for(5) == b"world"
 
 
 def _open_fds() -> int:
@@ -89,14 +89,7 @@ def test_an_address_is_dialed_on_a_socket_of_our_own(loop_name: str, host: str, 
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
                 link.write(b"hello")
                 assert await loop.sock_recv(accepted, 5) == b"hello"
-                # Nothing is read before a handler (its relay) is attached...
-                await loop.sock_sendall(accepted, b"world")
-                await loop_turns()
-                assert link.buffered == b""
-                # ...which gets the server's bytes from then on.
-                got = _Collect()
-                link.attach(got)
-                assert await got.wait_for(5) == b"world"
+                await _reads_only_once_attached(link, accepted)
             link.abort()
 
     run_on(loop_name, main, 10)
@@ -126,12 +119,7 @@ def test_a_name_is_dialed_through_the_loop(loop_name: str) -> None:
                 assert not isinstance(link.transport, SocketTransport)
                 link.write(b"ping")
                 assert await loop.sock_recv(accepted, 4) == b"ping"
-                await loop.sock_sendall(accepted, b"pong")
-                await loop_turns()
-                assert link.buffered == b""
-                got = _Collect()
-                link.attach(got)
-                assert await got.wait_for(4) == b"pong"
+                await _reads_only_once_attached(link, accepted)
             link.abort()
 
     run_on(loop_name, main, 10)
@@ -150,10 +138,7 @@ def test_a_relay_takes_a_dialed_socket_as_it_is(loop_name: str) -> None:
             with accepted:
                 link.resume_reading()
                 await loop.sock_sendall(accepted, b"early")
-                for _ in range(100):
-                    if link.buffered:
-                        break
-                    await asyncio.sleep(0.01)
+                await loop_turns()  # loopback: the bytes are there, and read now
                 assert link.transport is not None
                 fd = link.transport.get_extra_info("socket").fileno()
                 before = _open_fds()
