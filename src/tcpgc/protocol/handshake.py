@@ -179,6 +179,8 @@ class LLHandshake:
         self.agent_id = b""
         self.services: tuple[str, ...] = ()
         self.session_key = b""
+        #: Which of the LL's secrets (credentials) the agent proved, once it has.
+        self.key_id = b""
 
     def receive(self, message: Message) -> Message:
         """Process one message from the agent; returns the reply to send."""
@@ -218,6 +220,7 @@ class LLHandshake:
             if not hmac.compare_digest(message.proof, expected):
                 raise AuthenticationError("agent's proof of the secret is wrong")
             self.agent_id = message.agent_id
+            self.key_id = key_id(self._secret)
             self.services = message.services
             self.session_key = _mac(
                 self._secret, _SESSION_LABEL, self._transcript, message.agent_id
