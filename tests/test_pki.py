@@ -3,16 +3,9 @@ changeover, and an organisation's own PKI with mutual TLS instead of pinning."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-import os
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
+from pki_tools import certificate, key_pem, new_key, pem, write_private
 from support import (
     RE_CC_JOINED,
     RE_LL_AGENT_JOINED,
@@ -74,73 +67,20 @@ def test_rotation_accepts_old_and_new_tokens_until_the_old_is_retired(harness: H
     assert len(ll2.find_all(RE_LL_AGENT_JOINED)) == 1
 
 
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _write(path: Path, data: bytes) -> Path:
-    path.write_bytes(data)
-    os.chmod(path, 0o600)
-    return path
-
-
-def _cert(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: x509.Certificate | None,
-    issuer_key: ec.EllipticCurvePrivateKey,
-    *,
-    ca: bool = False,
-    server: bool = False,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer.subject if issuer else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if server:
-        san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-        builder = builder.add_extension(san, critical=False).add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-    elif not ca:
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
 def test_own_pki_with_mutual_tls(harness: Harness, tmp_path: Path) -> None:
     """The LL presents a certificate of the organisation's CA and requires agents to
     present one too; the agent verifies the chain and name instead of pinning."""
-    ca_key = _key()
-    ca = _cert("tcpgc test CA", ca_key, None, ca_key, ca=True)
-    ll_key, cc_key = _key(), _key()
-    ll_cert = _cert("ll", ll_key, ca, ca_key, server=True)
-    cc_cert = _cert("agent", cc_key, ca, ca_key)
+    ca_key = new_key()
+    ca = certificate("tcpgc test CA", ca_key, None, ca_key, ca=True)
+    ll_key, cc_key = new_key(), new_key()
+    ll_cert = certificate("ll", ll_key, ca, ca_key, server=True)
+    cc_cert = certificate("agent", cc_key, ca, ca_key)
     files = {
-        "ca": _write(tmp_path / "ca.pem", _pem(ca)),
-        "ll_cert": _write(tmp_path / "ll.pem", _pem(ll_cert)),
-        "ll_key": _write(tmp_path / "ll.key", _key_pem(ll_key)),
-        "cc_cert": _write(tmp_path / "cc.pem", _pem(cc_cert)),
-        "cc_key": _write(tmp_path / "cc.key", _key_pem(cc_key)),
+        "ca": write_private(tmp_path / "ca.pem", pem(ca)),
+        "ll_cert": write_private(tmp_path / "ll.pem", pem(ll_cert)),
+        "ll_key": write_private(tmp_path / "ll.key", key_pem(ll_key)),
+        "cc_cert": write_private(tmp_path / "cc.pem", pem(cc_cert)),
+        "cc_key": write_private(tmp_path / "cc.key", key_pem(cc_key)),
     }
     state = harness.state_dir()
     ll_toml = tmp_path / "ll.toml"
