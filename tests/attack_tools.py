@@ -39,7 +39,8 @@ from support import (
     service_re,
 )
 from tcpgc.identity import JoinToken, agent_context, pin_server_name
-from tcpgc.protocol.handshake import AgentHandshake, State
+from tcpgc.protocol.frame_auth import CONTROL, frame_auth
+from tcpgc.protocol.handshake import AgentHandshake, State, data_proof
 from tcpgc.protocol.messages import (
     MAX_VERSION,
     Data,
@@ -542,7 +543,10 @@ class InsiderAgent:
         self.sock = self._dial()
         decoder = FrameDecoder()
         handshake = AgentHandshake(
-            self.token.secret, services=services, binding=self.token.fingerprint
+            self.token.secret,
+            services=services,
+            binding=self.token.fingerprint,
+            tls=not env.plaintext,
         )
         self.sock.sendall(encode(handshake.start()))
         while handshake.state is not State.DONE:
@@ -550,6 +554,9 @@ class InsiderAgent:
             reply = handshake.receive(message)
             if reply is not None:
                 self.sock.sendall(encode(reply))
+        self.session_key = handshake.session_key
+        if env.plaintext:  # later frames carry MACs, as a real agent's do
+            decoder.auth = frame_auth(handshake.session_key, CONTROL, agent=True)
         self.sock.settimeout(None)
         self._decoder = decoder
         self._thread = threading.Thread(target=self._read_loop, daemon=True)
@@ -577,7 +584,7 @@ class InsiderAgent:
                 if isinstance(message, Open):
                     self.opens.put(message)
                 elif isinstance(message, Ping):
-                    self.sock.sendall(encode(Pong(message.token)))
+                    self.sock.sendall(encode(Pong(message.token), self._decoder.auth))
         except (OSError, AssertionError, ValueError):
             return
 
@@ -587,7 +594,8 @@ class InsiderAgent:
     def claim(self, conn_id: bytes) -> socket.socket:
         """A data connection presenting `conn_id`: the client's stream follows on it."""
         sock = self._dial()
-        sock.sendall(encode(Data(MAX_VERSION, conn_id)))
+        proof = data_proof(self.session_key, conn_id, self.token.fingerprint)
+        sock.sendall(encode(Data(MAX_VERSION, conn_id, proof)))
         return sock
 
     def close(self) -> None:

@@ -69,6 +69,7 @@ from support import (
 )
 from tcpgc.identity import JoinToken, format_fingerprint
 from tcpgc.protocol.chunks import HEADER_SIZE, chunk_header
+from tcpgc.protocol.frame_auth import TAG_SIZE
 from tcpgc.protocol.handshake import key_id
 from tcpgc.protocol.messages import (
     HEADER,
@@ -356,7 +357,11 @@ def test_guessed_data_ids_get_no_client(harness: Harness, plaintext: bool) -> No
         try:
             ids = [agent.next_open().conn_id for _ in waiting]
             guesses = [
-                hostile(env.agent_addr, encode(Data(MAX_VERSION, os.urandom(16))), tls=tls)
+                hostile(
+                    env.agent_addr,
+                    encode(Data(MAX_VERSION, os.urandom(16), os.urandom(32))),
+                    tls=tls,
+                )
                 for _ in range(20)
             ]
             # The rightful agent claims the first client: its bytes are all there.
@@ -365,8 +370,14 @@ def test_guessed_data_ids_get_no_client(harness: Harness, plaintext: bool) -> No
                 data.sendall(chunk_header(4) + b"pong")
                 assert recv_exactly(waiting[0], 4) == b"pong"
                 # Replaying the same id while it is in use, then after, gets nothing.
-                replays = [hostile(env.agent_addr, encode(Data(MAX_VERSION, ids[0])), tls=tls)]
-            replays.append(hostile(env.agent_addr, encode(Data(MAX_VERSION, ids[0])), tls=tls))
+                replays = [
+                    hostile(
+                        env.agent_addr, encode(Data(MAX_VERSION, ids[0], os.urandom(32))), tls=tls
+                    )
+                ]
+            replays.append(
+                hostile(env.agent_addr, encode(Data(MAX_VERSION, ids[0], os.urandom(32))), tls=tls)
+            )
         finally:
             for client in waiting:
                 client.close()
@@ -410,7 +421,12 @@ def test_captured_data_frame_cannot_be_reused(recorded: tuple[Env, RecordingProx
         data_frames = [f for f in new_frames if f[0] == MessageType.DATA]
         assert len(data_frames) == 1, "expected the one data connection of this client"
         frame = data_frames[0]
-        assert frame[3:6] == MAGIC and len(frame) == HEADER.size + len(MAGIC) + 1 + 16
+        size = HEADER.size + len(MAGIC) + 1 + 16 + 32
+        if len(frame) == size + TAG_SIZE:
+            # On a ready connection a plaintext frame carries a MAC; the first frame of a
+            # new connection carries none, so the attacker presents it without.
+            frame = HEADER.pack(MessageType.DATA, size - HEADER.size) + frame[HEADER.size : size]
+        assert frame[3:6] == MAGIC and len(frame) == size
         during = hostile(env.agent_addr, frame)
         # The client's stream was not hijacked: it still echoes, and only to it.
         client.sendall(MARKER + b"again")

@@ -21,6 +21,7 @@ from tcpgc.protocol.messages import (
     KEY_ID_SIZE,
     MAGIC,
     MAX_PAYLOAD,
+    MAX_VERSION,
     NONCE_SIZE,
     PROOF_SIZE,
     Auth,
@@ -80,7 +81,7 @@ def messages(text: st.SearchStrategy[str]) -> st.SearchStrategy[Message]:
         st.builds(OpenFailed, fixed(CONN_ID_SIZE), text),
         st.builds(Ping, u64),
         st.builds(Pong, u64),
-        st.builds(Data, u8, fixed(CONN_ID_SIZE)),
+        st.builds(Data, u8, fixed(CONN_ID_SIZE), fixed(PROOF_SIZE)),
     )
 
 
@@ -293,8 +294,8 @@ handshake_messages = st.one_of(
     genuine,
     short_messages,
     # Near-misses of the genuine messages: one field replaced.
-    st.builds(lambda n: Hello(1, 1, key_id(SECRET), n), fixed(NONCE_SIZE)),
-    st.builds(lambda p: Challenge(1, LL_NONCE, p), fixed(PROOF_SIZE)),
+    st.builds(lambda n: Hello(MAX_VERSION, MAX_VERSION, key_id(SECRET), n), fixed(NONCE_SIZE)),
+    st.builds(lambda p: Challenge(MAX_VERSION, LL_NONCE, p), fixed(PROOF_SIZE)),
     st.builds(lambda v: Challenge(v, LL_NONCE, GENUINE_CHALLENGE.proof), u8),
     st.builds(lambda s: Auth(GENUINE_AUTH.proof, AGENT_ID, tuple(s)), st.lists(names, max_size=3)),
 ).map(through_codec)

@@ -371,14 +371,15 @@ def test_different_binding_fails_at_ll_too() -> None:
 
 
 def test_version_mismatch_names_both_ranges() -> None:
-    agent = make_agent(versions=(2, 3))
+    newer = (MAX_VERSION + 1, MAX_VERSION + 2)
+    agent = make_agent(versions=newer)
     ll = make_ll()
     hello = agent.start()
-    assert (hello.min_version, hello.max_version) == (2, 3)
+    assert (hello.min_version, hello.max_version) == newer
     with pytest.raises(VersionMismatch) as info:
         ll.receive(wire(hello))
     text = str(info.value)
-    assert "2-3" in text
+    assert f"{newer[0]}-{newer[1]}" in text
     assert f"{MIN_VERSION}-{MAX_VERSION}" in text
     assert isinstance(info.value, ProtocolError)
     assert error_code(info.value) is ErrorCode.VERSION
@@ -528,7 +529,8 @@ def test_both_sides_derive_the_same_session_key_and_never_send_it() -> None:
     other_ll = LLHandshake({key_id(SECRET): SECRET}, heartbeat_ms=HEARTBEAT)
     run(other_agent, other_ll)
     assert other_agent.session_key != agent.session_key
-    proof = pool_proof(agent.session_key, agent.agent_id, 1)
-    assert proof == pool_proof(ll.session_key, ll.agent_id, 1)
-    assert proof != pool_proof(agent.session_key, agent.agent_id, 2)
-    assert proof != pool_proof(other_agent.session_key, agent.agent_id, 1)
+    proof = pool_proof(agent.session_key, agent.agent_id, 1, BINDING)
+    assert proof == pool_proof(ll.session_key, ll.agent_id, 1, BINDING)
+    assert proof != pool_proof(agent.session_key, agent.agent_id, 2, BINDING)
+    assert proof != pool_proof(other_agent.session_key, agent.agent_id, 1, BINDING)
+    assert proof != pool_proof(agent.session_key, agent.agent_id, 1, b"\x43" * 32)

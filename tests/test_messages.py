@@ -15,6 +15,7 @@ from tcpgc.protocol.messages import (
     MAGIC,
     MAX_NAME,
     MAX_PAYLOAD,
+    MAX_SERVICES,
     MAX_TEXT,
     NONCE_SIZE,
     PROOF_SIZE,
@@ -67,7 +68,7 @@ SAMPLES: list[Message] = [
     Ping(0),
     Ping(0xFFFFFFFFFFFFFFFF),
     Pong(12345678901234),
-    Data(1, CONN_ID),
+    Data(2, CONN_ID, PROOF),
     Pool(AGENT_ID, 1, PROOF),
     Pool(AGENT_ID, 0xFFFFFFFFFFFFFFFF, PROOF),
     Retire(),
@@ -135,8 +136,8 @@ def test_several_frames_in_any_split(chunk: int) -> None:
 
 def test_leftover_returns_bytes_after_a_frame() -> None:
     decoder = FrameDecoder()
-    decoder.receive_data(encode(Data(1, CONN_ID)) + b"SSH-2.0-OpenSSH\r\n")
-    assert decoder.next_message() == Data(1, CONN_ID)
+    decoder.receive_data(encode(Data(2, CONN_ID, PROOF)) + b"SSH-2.0-OpenSSH\r\n")
+    assert decoder.next_message() == Data(2, CONN_ID, PROOF)
     assert decoder.leftover() == b"SSH-2.0-OpenSSH\r\n"
     # leftover() hands the bytes over once; they are not kept.
     assert decoder.leftover() == b""
@@ -271,7 +272,7 @@ def test_extra_bytes(message: Message) -> None:
         feed(frame(message.TYPE, message.payload() + b"\x00"))
 
 
-@pytest.mark.parametrize("message", [Hello(1, 1, KEY_ID, NONCE), Data(1, CONN_ID)])
+@pytest.mark.parametrize("message", [Hello(1, 1, KEY_ID, NONCE), Data(2, CONN_ID, PROOF)])
 def test_bad_magic(message: Message) -> None:
     payload = message.payload()
     assert payload.startswith(MAGIC)
@@ -368,3 +369,20 @@ def test_open_with_an_invalid_address_is_refused() -> None:
     bad = good.replace(b"192.0.2.7", b"192.0.2.x")
     with pytest.raises(ProtocolError, match="invalid address"):
         feed(bad)
+
+
+def test_auth_naming_more_services_than_allowed_is_a_protocol_error() -> None:
+    """An AUTH is parsed before its proof is checked: a count over the limit must be a
+    protocol error there (one log line, the connection closed), not an exception that
+    escapes the handshake and leaves the connection open."""
+    names = b"".join(bytes([3]) + f"{i:03d}".encode() for i in range(MAX_SERVICES + 1))
+    payload = PROOF + AGENT_ID + bytes([MAX_SERVICES + 1]) + names
+    with pytest.raises(ProtocolError, match="more than 200"):
+        feed(frame(MessageType.AUTH, payload))
+
+
+def test_data_frame_carries_its_proof() -> None:
+    message = Data(2, CONN_ID, PROOF)
+    assert message.payload() == MAGIC + b"\x02" + CONN_ID + PROOF
+    with pytest.raises(ProtocolError, match="truncated"):
+        feed(frame(MessageType.DATA, MAGIC + b"\x02" + CONN_ID))  # a version 1 DATA

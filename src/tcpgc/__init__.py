@@ -5,4 +5,4 @@ and agents; a Connect-Connect node (:class:`tcpgc.cc.ConnectNode`) inside dials 
 it and to the inside servers, and the two relay each client to its server.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.1"

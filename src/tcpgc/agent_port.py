@@ -24,7 +24,8 @@ from tcpgc.identity import Identity
 from tcpgc.link import Link
 from tcpgc.memory import BurstTrimmer
 from tcpgc.metrics import Metrics, failure_reason
-from tcpgc.protocol.handshake import LLHandshake, error_code, pool_proof
+from tcpgc.protocol.frame_auth import CONTROL, frame_auth, offer_context
+from tcpgc.protocol.handshake import LLHandshake, data_proof, error_code, pool_proof
 from tcpgc.protocol.messages import (
     MAX_VERSION,
     MIN_VERSION,
@@ -142,6 +143,10 @@ class AgentPort:
             if not link.shed:
                 self._handshake_failed(link, _transport_reason(exc, self._tls is None))
             link.abort()
+        except Exception as exc:  # a bug must cost this connection, never leak it
+            log.exception("handshake from %s ended by an internal error", link.peer)
+            self._handshake_failed(link, f"internal error: {type(exc).__name__}")
+            link.abort()
         return None
 
     def _handshake_failed(self, link: Link, reason: str) -> None:
@@ -153,9 +158,18 @@ class AgentPort:
     def _claim(self, data: Data, channel: FrameChannel) -> None:
         if not MIN_VERSION <= data.version <= MAX_VERSION:
             raise ProtocolError(f"data connection speaks version {data.version}")
-        waiting = self._waiting.pop(data.conn_id, None)
+        waiting = self._waiting.get(data.conn_id)
         if waiting is None or waiting.claimed.done():
             raise ProtocolError("unknown, expired or already used data connection id")
+        # Checked before the id is used up: a forged claim must not cost the client.
+        binding = self._binding_of(channel.link)
+        expected = data_proof(waiting.agent.session_key, data.conn_id, binding)
+        if not hmac.compare_digest(data.proof, expected):
+            raise ProtocolError(
+                "data connection with a bad proof (not from the session its client was "
+                "offered to, or not over this LL's certificate)"
+            )
+        del self._waiting[data.conn_id]
         channel.detach()
         waiting.claimed.set_result(channel.link)  # relayed by the client's task from here on
 
@@ -164,10 +178,13 @@ class AgentPort:
         session = self.agents.find(pool.agent_id)
         if session is None:
             raise ProtocolError("ready connection for an agent that has no session here")
-        expected = pool_proof(session.session_key, pool.agent_id, pool.counter)
+        binding = self._binding_of(channel.link)
+        expected = pool_proof(session.session_key, pool.agent_id, pool.counter, binding)
         # The proof first: only proven numbers may move the replay window.
         if not hmac.compare_digest(pool.proof, expected) or not session.offers.accept(pool.counter):
             raise ProtocolError("ready connection with a bad or replayed proof")
+        if self._tls is None:
+            channel.auth = frame_auth(session.session_key, offer_context(pool.counter), agent=False)
         if len(session.ready) >= MAX_READY:
             session.ready.popleft().link.close()
         session.ready.append(channel)
@@ -193,20 +210,30 @@ class AgentPort:
             log.warning("used data connection from %s dropped: %s", link.peer, reason)
             link.abort()
 
-    async def _handshake(self, hello: Hello, channel: FrameChannel) -> AgentSession:
-        link = channel.link
+    def _binding_of(self, link: Link) -> bytes:
+        """The fingerprint of the certificate this LL presented on `link`: what every
+        proof on it is bound to. In plaintext mode, the identity the token names."""
         binding = self._binding_of_context.get(id(link.tls_context))
-        if binding is None:  # plaintext: bind to the identity the token names
+        if binding is None:
             assert self.identity is not None
             binding = self.identity.fingerprint
+        return binding
+
+    async def _handshake(self, hello: Hello, channel: FrameChannel) -> AgentSession:
+        link = channel.link
         handshake = LLHandshake(
-            self._secrets, heartbeat_ms=int(self.config.heartbeat * 1000), binding=binding
+            self._secrets,
+            heartbeat_ms=int(self.config.heartbeat * 1000),
+            binding=self._binding_of(link),
+            tls=self._tls is not None,
         )
         channel.send(handshake.receive(hello))
         auth = await channel.recv()
         if auth is None:
             raise ProtocolError("connection closed during the handshake")
         channel.send(handshake.receive(auth))
+        if self._tls is None:  # every later frame carries its MAC
+            channel.auth = frame_auth(handshake.session_key, CONTROL, agent=False)
         agent_id = handshake.agent_id.hex()[:12]
         return AgentSession(
             agent_id,

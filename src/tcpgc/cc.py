@@ -29,7 +29,8 @@ from tcpgc.link import Link
 from tcpgc.memory import trim_periodically
 from tcpgc.metrics import Metrics, failure_reason
 from tcpgc.protocol.chunks import HEADER_SIZE, MAX_CHUNK
-from tcpgc.protocol.handshake import AgentHandshake, State
+from tcpgc.protocol.frame_auth import CONTROL, frame_auth
+from tcpgc.protocol.handshake import AgentHandshake, State, data_proof
 from tcpgc.protocol.messages import (
     AGENT_ID_SIZE,
     MAX_VERSION,
@@ -55,6 +56,11 @@ STABLE_SESSION = 30.0
 
 class PinMismatch(TcpgcError):
     pass
+
+
+class CertificateChanged(TcpgcError):
+    """A later connection of a session presented another certificate than its control
+    connection: someone in the middle, or the LL changed certificates under us."""
 
 
 class HeartbeatLost(TcpgcError):
@@ -226,6 +232,7 @@ class ConnectNode(ReadyPools):
             services=tuple(self.config.services),
             agent_id=self.agent_id,
             binding=binding,
+            tls=self._tls is not None,
         )
         channel.send(handshake.start())
         while handshake.state is not State.DONE:
@@ -235,6 +242,8 @@ class ConnectNode(ReadyPools):
             reply = handshake.receive(message)
             if reply is not None:
                 channel.send(reply)
+        if self._tls is None:  # every later frame carries its MAC
+            channel.auth = frame_auth(handshake.session_key, CONTROL, agent=True)
         return channel, handshake
 
     async def _keep_session(self, address: Address) -> None:
@@ -255,10 +264,14 @@ class ConnectNode(ReadyPools):
             await asyncio.sleep(wait)
             delay = min(delay * 2, self.config.reconnect_max)
 
-    async def _dial_ll(self, address: Address) -> tuple[Link, bytes]:
+    async def _dial_ll(
+        self, address: Address, session: AgentHandshake | None = None
+    ) -> tuple[Link, bytes]:
         """A verified link to the LL: TCP, TLS, and its certificate checked, either
-        against the fingerprint pinned by the token or, with `tls_ca`, the CA bundle.
-        Also returns the fingerprint the handshake is bound to."""
+        against the fingerprint pinned by the token or, with `tls_ca`, the CA bundle;
+        for a data or ready connection of `session`, also that it is the certificate of
+        the session's control connection. Also returns the fingerprint proofs on the
+        link are bound to."""
         loop = asyncio.get_running_loop()
         pinning = self._tls is not None and self.config.tls_ca is None
         # Pinning agents name the certificate they expect, so an LL in the middle of a
@@ -279,6 +292,13 @@ class ConnectNode(ReadyPools):
                     f"the LL's certificate is {format_fingerprint(presented)} but the join "
                     f"token pins {format_fingerprint(self.token.fingerprint)}: refusing to "
                     "talk to it (wrong address, a token from another LL, or someone in the middle)"
+                )
+            if session is not None and not hmac.compare_digest(presented, session.binding):
+                raise CertificateChanged(
+                    f"the LL's certificate on this connection is {format_fingerprint(presented)}"
+                    f" but its control connection's is {format_fingerprint(session.binding)}: "
+                    "refusing it (someone in the middle, or the LL changed certificates; "
+                    "the next session takes a new one)"
                 )
         except BaseException:
             link.abort()
@@ -306,7 +326,7 @@ class ConnectNode(ReadyPools):
         if self.config.pool_size > 0:
             pool = self._tasks.spawn(self._keep_ready(address, handshake), f"pool {address}")
         try:
-            await self._serve(address, channel, heartbeat)
+            await self._serve(address, channel, handshake, heartbeat)
         except HeartbeatLost:
             relays = self._relays.get(address, {})
             if relays:
@@ -326,7 +346,9 @@ class ConnectNode(ReadyPools):
             self.connected[str(address)].clear()
             self.metrics.agents.set(sum(e.is_set() for e in self.connected.values()))
 
-    async def _serve(self, address: Address, channel: FrameChannel, heartbeat: float) -> None:
+    async def _serve(
+        self, address: Address, channel: FrameChannel, session: AgentHandshake, heartbeat: float
+    ) -> None:
         while True:
             try:
                 message = await channel.recv(within=3 * heartbeat)
@@ -335,7 +357,9 @@ class ConnectNode(ReadyPools):
             if message is None:
                 raise ProtocolError("the LL closed the control connection")
             if isinstance(message, Open):
-                self._tasks.spawn(self._open(address, channel, message), f"open {message.service}")
+                self._tasks.spawn(
+                    self._open(address, channel, session, message), f"open {message.service}"
+                )
             elif isinstance(message, Ping):
                 channel.send(Pong(message.token))
             elif isinstance(message, Pong):
@@ -353,7 +377,12 @@ class ConnectNode(ReadyPools):
             channel.send(Ping(token))
 
     async def _open(
-        self, ll: Address, channel: FrameChannel, request: Open, ready: bool = False
+        self,
+        ll: Address,
+        channel: FrameChannel,
+        session: AgentHandshake,
+        request: Open,
+        ready: bool = False,
     ) -> None:
         """Serve one OPEN: from the control connection (`channel` is the control channel
         and a data connection is dialed), or on a ready data connection (`ready`: the
@@ -361,7 +390,7 @@ class ConnectNode(ReadyPools):
         self._opening += 1
         self._idle.clear()
         try:
-            relay = await self._connect_both(ll, channel, request, ready)
+            relay = await self._connect_both(ll, channel, session, request, ready)
         finally:
             self._opening -= 1
         if relay is None:
@@ -393,7 +422,12 @@ class ConnectNode(ReadyPools):
             self._idle.set()
 
     async def _connect_both(
-        self, ll: Address, channel: FrameChannel, request: Open, ready: bool
+        self,
+        ll: Address,
+        channel: FrameChannel,
+        session: AgentHandshake,
+        request: Open,
+        ready: bool,
     ) -> AnyRelay | None:
         """Dial the server, then claim the client with a data connection (a new one, or
         the ready one `channel` runs on). The server comes first so that a refusal is
@@ -434,14 +468,18 @@ class ConnectNode(ReadyPools):
             channel.link.abort()
             return None
         early = b""
+        proof = data_proof(session.session_key, request.conn_id, session.binding)
+        data = Data(MAX_VERSION, request.conn_id, proof)
         if ready:
+            data_frame = channel.encode(data)  # the reply to this connection's OPEN
             data_link = channel.link
             channel.detach()
             early = _take_first_chunk(data_link)
         else:
+            data_frame = encode(data)  # a new connection: no frames before it
             try:
                 async with asyncio.timeout(self.config.connect_timeout):
-                    data_link, _ = await self._dial_ll(ll)
+                    data_link, _ = await self._dial_ll(ll, session)
             except (TcpgcError, OSError, ssl.SSLError, TimeoutError) as exc:
                 log.warning("cannot open a data connection to LL %s: %s", ll, describe(exc))
                 server_link.abort()
@@ -459,7 +497,7 @@ class ConnectNode(ReadyPools):
             server_link.write(early)
             if server_link.is_closing:
                 early = b""  # not delivered (the server went away): not counted
-        data_link.write(encode(Data(MAX_VERSION, request.conn_id)))
+        data_link.write(data_frame)
         self.metrics.child(self.metrics.clients_accepted, request.service).inc()
         counted = self.metrics.bytes
         counters = (

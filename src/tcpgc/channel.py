@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from tcpgc.link import Link
+from tcpgc.protocol.frame_auth import FrameAuth
 from tcpgc.protocol.messages import MAX_PAYLOAD, FrameDecoder, Message, encode
 
 
@@ -61,8 +62,22 @@ class FrameChannel:
                 self._wakeup.clear()
                 await self._wakeup.wait()
 
+    @property
+    def auth(self) -> FrameAuth | None:
+        """Frame MACs of this connection (plaintext mode after the handshake), else None.
+        Set it between frames: it applies to the next frame either way."""
+        return self._decoder.auth
+
+    @auth.setter
+    def auth(self, auth: FrameAuth | None) -> None:
+        self._decoder.auth = auth
+
+    def encode(self, message: Message) -> bytes:
+        """`message` as this connection sends it (with its MAC, if it has `auth`)."""
+        return encode(message, self._decoder.auth)
+
     def send(self, message: Message) -> None:
-        self.link.write(encode(message))
+        self.link.write(self.encode(message))
 
     def detach(self) -> None:
         """Hand the link back to buffering, with any bytes read past the last frame.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import hmac
 import logging
 import secrets
 import socket
@@ -42,14 +43,13 @@ from tcpgc.link import Link
 from tcpgc.memory import BurstTrimmer, trim_periodically
 from tcpgc.metrics import Metrics
 from tcpgc.protocol.chunks import chunk_header
-from tcpgc.protocol.handshake import key_id
+from tcpgc.protocol.handshake import data_proof, key_id
 from tcpgc.protocol.messages import (
     CONN_ID_SIZE,
     Data,
     Open,
     OpenFailed,
     Retire,
-    encode,
 )
 from tcpgc.relay import RelayResult
 from tcpgc.splice import AnyRelay
@@ -436,7 +436,8 @@ class ListenNode(AgentPort):
             # it until the agent answers DATA, so a refusal can still go to another agent.
             early = link.buffered[:EARLY_BYTES]
             if early:
-                channel.link.write(early, prefix=encode(open_message) + chunk_header(len(early)))
+                prefix = channel.encode(open_message) + chunk_header(len(early))
+                channel.link.write(early, prefix=prefix)
             else:
                 channel.send(open_message)
             answer = asyncio.ensure_future(channel.recv())
@@ -462,8 +463,11 @@ class ListenNode(AgentPort):
                     raise Unanswered(f"agent {agent.agent_id} answered badly") from None
                 continue
             if isinstance(reply, Data) and reply.conn_id == conn_id:
-                channel.detach()
-                return channel.link, len(early)
+                proof = data_proof(agent.session_key, conn_id, self._binding_of(channel.link))
+                if hmac.compare_digest(reply.proof, proof):
+                    channel.detach()
+                    return channel.link, len(early)
+                log.warning("agent %s: DATA with a bad proof on a ready connection", agent.agent_id)
             channel.link.abort()
             if isinstance(reply, Retire):
                 continue  # the agent was closing it and did not read our OPEN

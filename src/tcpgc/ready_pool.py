@@ -18,6 +18,7 @@ from tcpgc.config import Address, CCConfig
 from tcpgc.errors import ProtocolError, TcpgcError
 from tcpgc.link import Link
 from tcpgc.metrics import Metrics
+from tcpgc.protocol.frame_auth import frame_auth, offer_context
 from tcpgc.protocol.handshake import AgentHandshake, pool_proof
 from tcpgc.protocol.messages import Open, Pool, Retire
 from tcpgc.tasks import TaskGroup
@@ -41,11 +42,17 @@ class ReadyPool:
 
     def offer(self, link: Link) -> FrameChannel:
         """Offer `link` to the LL as ready (a POOL frame). Numbered when sent, so the
-        numbers leave in order whichever connection carries them."""
+        numbers leave in order whichever connection carries them. The proof covers the
+        certificate of the session's control connection, which `link` was checked to
+        present too (`ConnectNode._dial_ll`)."""
         self.counter += 1
-        agent_id, key = self.handshake.agent_id, self.handshake.session_key
+        session = self.handshake
+        agent_id, key = session.agent_id, session.session_key
         channel = FrameChannel(link)
-        channel.send(Pool(agent_id, self.counter, pool_proof(key, agent_id, self.counter)))
+        proof = pool_proof(key, agent_id, self.counter, session.binding)
+        channel.send(Pool(agent_id, self.counter, proof))
+        if not session.tls:  # the frames of this offer carry MACs
+            channel.auth = frame_auth(key, offer_context(self.counter), agent=True)
         return channel
 
 
@@ -58,11 +65,18 @@ class ReadyPools:
     _pools: dict[Address, ReadyPool]
 
     # Provided by the node.
-    async def _dial_ll(self, address: Address) -> tuple[Link, bytes]:
+    async def _dial_ll(
+        self, address: Address, session: AgentHandshake | None = None
+    ) -> tuple[Link, bytes]:
         raise NotImplementedError
 
     async def _open(
-        self, ll: Address, channel: FrameChannel, request: Open, ready: bool = False
+        self,
+        ll: Address,
+        channel: FrameChannel,
+        session: AgentHandshake,
+        request: Open,
+        ready: bool = False,
     ) -> None:
         raise NotImplementedError
 
@@ -109,14 +123,14 @@ class ReadyPools:
         self.metrics.pool_size.set(sum(len(p.ready) for p in self._pools.values()))
 
     def _add_ready(self, address: Address, pool: ReadyPool, channel: FrameChannel) -> None:
-        task = self._tasks.spawn(self._wait_ready(address, channel), "ready connection")
+        task = self._tasks.spawn(self._wait_ready(address, pool, channel), "ready connection")
         pool.ready.add(task)
         task.add_done_callback(pool.ready.discard)
         task.add_done_callback(lambda _: pool.refill.set())
 
     async def _open_ready(self, address: Address, pool: ReadyPool) -> FrameChannel:
         async with asyncio.timeout(self.config.connect_timeout):
-            link, _ = await self._dial_ll(address)
+            link, _ = await self._dial_ll(address, pool.handshake)
         return pool.offer(link)
 
     def _reuse(self, address: Address, link: Link) -> None:
@@ -130,7 +144,7 @@ class ReadyPools:
         self.metrics.reused.inc()
         self._count_ready()
 
-    async def _wait_ready(self, address: Address, channel: FrameChannel) -> None:
+    async def _wait_ready(self, address: Address, pool: ReadyPool, channel: FrameChannel) -> None:
         """One ready connection: wait for its OPEN, serve it; replaced after pool_ttl
         idle seconds so no middlebox forgets it silently."""
         try:
@@ -149,7 +163,9 @@ class ReadyPools:
             return
         if isinstance(message, Open):
             # Its own task: ending the session must not cut the client it now carries.
-            opening = self._tasks.spawn(self._open(address, channel, message, ready=True), "open")
+            opening = self._tasks.spawn(
+                self._open(address, channel, pool.handshake, message, ready=True), "open"
+            )
             # The replacement is dialed once this client is answered: dialed now, its
             # connect and the LL's accept would sit on the client's critical path.
             await asyncio.wait([opening])

@@ -7,8 +7,9 @@
                                        ◀─────   READY(heartbeat)  or  ERROR
 
 Both proofs are HMAC-SHA256 under the shared secret over a transcript holding both
-nonces, the chosen version and the LL's certificate fingerprint (the `binding`), under
-different labels, so neither proof can be reflected as the other. The secret never
+nonces, the chosen version, the transport (TLS or plaintext) and the LL's certificate
+fingerprint (the `binding`), under different labels, so neither proof can be reflected
+as the other. The secret never
 crosses the wire; a captured handshake is useless because the other side's nonce is
 fresh. The agent checks the LL's proof before it sends its own, and before it will act
 on any request: a fake LL learns nothing and can make the agent dial nothing.
@@ -55,11 +56,21 @@ def _mac(secret: bytes, label: bytes, *parts: bytes) -> bytes:
 
 _SESSION_LABEL = b"tcpgc session key\x00"
 _POOL_LABEL = b"tcpgc pool\x00"
+_DATA_LABEL = b"tcpgc data\x00"
 
 
-def pool_proof(session_key: bytes, agent_id: bytes, counter: int) -> bytes:
-    """What a ready data connection presents (see `messages.Pool`)."""
-    return _mac(session_key, _POOL_LABEL, agent_id, counter.to_bytes(8, "big"))
+def pool_proof(session_key: bytes, agent_id: bytes, counter: int, binding: bytes) -> bytes:
+    """What a ready data connection presents (see `messages.Pool`): the session (its key
+    and agent id), the offer's number, and the certificate the agent saw on *this*
+    connection (`binding`), so a connection to someone else cannot be offered."""
+    return _mac(session_key, _POOL_LABEL, agent_id, counter.to_bytes(8, "big"), binding)
+
+
+def data_proof(session_key: bytes, conn_id: bytes, binding: bytes) -> bytes:
+    """What a data connection claiming client `conn_id` presents (see `messages.Data`):
+    the session the client was offered to (its key), the single-use client id, and the
+    certificate the agent saw on this connection. An id read off the wire is not enough."""
+    return _mac(session_key, _DATA_LABEL, conn_id, binding)
 
 
 class VersionMismatch(ProtocolError):
@@ -76,8 +87,9 @@ class State(Enum):
     FAILED = auto()  # after any error: nothing more is accepted
 
 
-def _transcript(hello: Hello, version: int, ll_nonce: bytes, binding: bytes) -> bytes:
-    return hello.payload() + bytes([version]) + ll_nonce + binding
+def _transcript(hello: Hello, version: int, ll_nonce: bytes, binding: bytes, tls: bool) -> bytes:
+    # The transport is bound too: both sides must have meant the same one.
+    return hello.payload() + bytes([version]) + ll_nonce + (b"\x01" if tls else b"\x00") + binding
 
 
 class AgentHandshake:
@@ -90,13 +102,17 @@ class AgentHandshake:
         services: tuple[str, ...],
         agent_id: bytes | None = None,
         binding: bytes = b"",
+        tls: bool = True,
         nonce: bytes | None = None,
         versions: tuple[int, int] = (MIN_VERSION, MAX_VERSION),
     ) -> None:
         self._secret = secret
         self._services = services
         self.agent_id = agent_id or secrets.token_bytes(AGENT_ID_SIZE)
-        self._binding = binding
+        #: The LL certificate's fingerprint this session is bound to: every later
+        #: connection of the session must present the same one.
+        self.binding = binding
+        self.tls = tls
         self._hello = Hello(
             versions[0], versions[1], key_id(secret), nonce or secrets.token_bytes(NONCE_SIZE)
         )
@@ -130,7 +146,9 @@ class AgentHandshake:
                     f"the LL chose protocol version {message.version}, we speak "
                     f"{self._hello.min_version}-{self._hello.max_version}"
                 )
-            transcript = _transcript(self._hello, message.version, message.nonce, self._binding)
+            transcript = _transcript(
+                self._hello, message.version, message.nonce, self.binding, self.tls
+            )
             if not hmac.compare_digest(message.proof, _mac(self._secret, _LL_LABEL, transcript)):
                 raise AuthenticationError(
                     "the LL does not hold our token's secret (wrong token, or not the LL we think)"
@@ -166,11 +184,13 @@ class LLHandshake:
         *,
         heartbeat_ms: int,
         binding: bytes = b"",
+        tls: bool = True,
         nonce: bytes | None = None,
     ) -> None:
         self._secrets = secrets_by_id
         self._heartbeat_ms = heartbeat_ms
         self._binding = binding
+        self._tls = tls
         self._nonce = nonce or secrets.token_bytes(NONCE_SIZE)
         self._secret = b""
         self._transcript = b""
@@ -205,7 +225,7 @@ class LLHandshake:
                 raise AuthenticationError("agent presented a token this LL does not accept")
             self._secret = secret
             self.version = version
-            self._transcript = _transcript(message, version, self._nonce, self._binding)
+            self._transcript = _transcript(message, version, self._nonce, self._binding, self._tls)
             self.state = State.WAIT_AUTH
             return Challenge(version, self._nonce, _mac(secret, _LL_LABEL, self._transcript))
         if isinstance(message, Auth):

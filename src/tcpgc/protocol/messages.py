@@ -15,12 +15,15 @@ from enum import IntEnum
 from typing import ClassVar, TypeAlias
 
 from tcpgc.errors import ProtocolError
+from tcpgc.protocol.frame_auth import TAG_SIZE, FrameAuth
 from tcpgc.texts import shared
 
 #: Protocol versions this implementation speaks. A peer offering a disjoint range is
-#: refused with a message naming both ranges.
-MIN_VERSION = 1
-MAX_VERSION = 1
+#: refused with a message naming both ranges. Version 2 binds data connections to their
+#: session (DATA carries a proof; POOL's covers the certificate) and authenticates every
+#: plaintext frame; version 1 peers are refused.
+MIN_VERSION = 2
+MAX_VERSION = 2
 
 #: Every tcpgc connection from an agent starts with this, so a stray HTTP client or a
 #: port scanner is told apart from a real agent at the first bytes.
@@ -203,6 +206,8 @@ class Auth:
     def parse(cls, r: _Reader) -> Auth:
         proof, agent_id = r.take(PROOF_SIZE), r.take(AGENT_ID_SIZE)
         count = r.u8()
+        if count > MAX_SERVICES:
+            raise ProtocolError(f"AUTH names {count} services, more than {MAX_SERVICES}")
         return cls(proof, agent_id, tuple(r.name() for _ in range(count)))
 
 
@@ -323,20 +328,23 @@ class Pong:
 
 @dataclass(frozen=True)
 class Data:
-    """Agent → LL, the only frame of a data connection: which waiting client it carries.
-    Every byte after it is the client's stream."""
+    """Agent → LL, the only frame of a data connection: which waiting client it carries,
+    and a proof (see `handshake.data_proof`) that it comes from the session that client
+    was offered to, over the certificate the agent saw on this connection. Every byte
+    after it is the client's stream."""
 
     TYPE: ClassVar[MessageType] = MessageType.DATA
     version: int
     conn_id: bytes
+    proof: bytes
 
     def payload(self) -> bytes:
-        return MAGIC + bytes([self.version]) + self.conn_id
+        return MAGIC + bytes([self.version]) + self.conn_id + self.proof
 
     @classmethod
     def parse(cls, r: _Reader) -> Data:
         _magic(r)
-        return cls(r.u8(), r.take(CONN_ID_SIZE))
+        return cls(r.u8(), r.take(CONN_ID_SIZE), r.take(PROOF_SIZE))
 
 
 @dataclass(frozen=True)
@@ -416,13 +424,15 @@ _PARSERS: dict[MessageType, type[Message]] = {
 }
 
 
-def encode(message: Message) -> bytes:
-    """The frame carrying `message`."""
+def encode(message: Message, auth: FrameAuth | None = None) -> bytes:
+    """The frame carrying `message`, with its MAC if the connection has `auth`."""
     payload = message.payload()
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(
             f"{message.TYPE.name} payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}"
         )
+    if auth is not None:
+        payload = auth.seal(message.TYPE, payload)
     return HEADER.pack(message.TYPE, len(payload)) + payload
 
 
@@ -439,12 +449,14 @@ def decode(kind: int, payload: bytes) -> Message:
 
 
 class FrameDecoder:
-    """Bytes in, messages out. Feed with `receive_data`; b"" marks the end of the stream."""
+    """Bytes in, messages out. Feed with `receive_data`; b"" marks the end of the stream.
+    Once `auth` is set, every later frame must carry its MAC (plaintext connections)."""
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
         self._buffer = bytearray()
         self._max_payload = max_payload
         self._eof = False
+        self.auth: FrameAuth | None = None
 
     def receive_data(self, data: bytes) -> None:
         if not data:
@@ -457,7 +469,7 @@ class FrameDecoder:
             self._check_eof()
             return None
         kind, length = HEADER.unpack_from(self._buffer)
-        if length > self._max_payload:
+        if length > self._max_payload + (TAG_SIZE if self.auth is not None else 0):
             raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self._max_payload}")
         if kind not in _PARSERS:
             raise ProtocolError(f"unknown message type {kind}")
@@ -467,6 +479,8 @@ class FrameDecoder:
             return None
         payload = bytes(self._buffer[HEADER.size : end])
         del self._buffer[:end]
+        if self.auth is not None:
+            payload = self.auth.open(kind, payload)
         return decode(kind, payload)
 
     def _check_eof(self) -> None:
