@@ -17,17 +17,22 @@ from contextlib import contextmanager
 
 from attack_tools import (
     Env,
+    ll_refusal,
     round_trip,
     rss_kib,
     start_env,
 )
 from support import (
+    RE_CC_JOINED,
+    READY_TIMEOUT,
     Harness,
     format_addr,
 )
 from tcpgc.identity import agent_context, pin_server_name
 from tcpgc.protocol.handshake import AgentHandshake, State
 from tcpgc.protocol.messages import (
+    Error,
+    ErrorCode,
     FrameDecoder,
     Message,
     Ping,
@@ -138,3 +143,53 @@ def test_ping_flood_from_agent_that_never_reads_is_bounded(harness: Harness) -> 
         )
     for _ in range(5):
         round_trip(env.client_addrs["default"])
+
+
+# ------------------------------------------------------------ session ids
+
+
+def test_agent_id_sharing_a_prefix_does_not_replace_a_session(harness: Harness) -> None:
+    """A second authenticated agent whose id shares the first 6 bytes (the 12 hex digits
+    shown in logs) with a real agent's is a different agent: both sessions stay."""
+    env = start_env(harness)
+    assert env.cc is not None
+    prefix = env.cc.wait_for(RE_CC_JOINED, READY_TIMEOUT)["id"]
+    assert len(prefix) == 12
+    ll_mark, cc_mark = env.ll.mark(), env.cc.mark()
+    twin_id = bytes.fromhex(prefix) + os.urandom(10)
+    with raw_agent(env, agent_id=twin_id, services=("elsewhere",)) as twin:
+        joined = rf"agent {prefix} connected from {re.escape(twin.local)}"
+        env.ll.wait_for(joined, READY_TIMEOUT, since=ll_mark)
+        replaced = env.ll.find_all(r"new session replaces", since=ll_mark)
+        assert not replaced, f"the real agent's session was replaced: {replaced[0].string}"
+        for _ in range(5):
+            round_trip(env.client_addrs["default"])
+        lost = env.cc.find_all(r"cannot connect to LL|reconnecting", since=cc_mark)
+        assert not lost, f"the real agent lost its session: {lost[0].string}"
+
+
+# ------------------------------------------------------------ sessions per credential
+
+
+def test_sessions_per_token_capped(harness: Harness) -> None:
+    """Past `max_sessions_per_token` sessions proving one secret, a new one is refused
+    with ERROR and one log line; a returning agent may still replace its own session,
+    and the agents already in keep serving."""
+    env = start_env(harness, ll_options={"max_sessions_per_token": 2})  # the CC is one
+    with raw_agent(env, services=("elsewhere",)) as second:
+        mark = env.ll.mark()
+        with raw_agent(env, services=("elsewhere",)) as third:
+            refused = third.recv()
+            assert isinstance(refused, Error), f"third session got {refused!r}"
+            assert refused.code == ErrorCode.UNAVAILABLE
+            assert "sessions" in refused.message
+            reason = ll_refusal(env.ll, third.local, since=mark)
+            assert "max_sessions_per_token" in reason
+        assert len(env.ll.find_all(rf"{re.escape(third.local)}", since=mark)) == 1
+        # The same agent coming back (a new connection after a network failure) is not
+        # a new session: it replaces its own.
+        mark = env.ll.mark()
+        with raw_agent(env, agent_id=second.agent_id, services=("elsewhere",)):
+            env.ll.wait_for(r"new session replaces", READY_TIMEOUT, since=mark)
+        for _ in range(3):
+            round_trip(env.client_addrs["default"])

@@ -113,6 +113,9 @@ class LLConfig:
     #: address. Past either cap a random pending one is dropped (random early drop).
     max_pending: int = 256
     max_pending_per_source: int = 32
+    #: Agent sessions at once per join token (per secret the agents prove); past it a
+    #: new session is refused. 0: no cap.
+    max_sessions_per_token: int = 64
     #: A certificate and key of your own PKI instead of the self-signed identity.
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -167,6 +170,7 @@ _LL_KEYS = {
     "drain_timeout",
     "max_pending",
     "max_pending_per_source",
+    "max_sessions_per_token",
     "tls_cert",
     "tls_key",
     "tls_client_ca",
@@ -327,6 +331,9 @@ def ll_config_from(data: dict[str, Any], source: str) -> LLConfig:
         max_pending=p.integer(data, "max_pending", LLConfig.max_pending),
         max_pending_per_source=p.integer(
             data, "max_pending_per_source", LLConfig.max_pending_per_source
+        ),
+        max_sessions_per_token=p.integer(
+            data, "max_sessions_per_token", LLConfig.max_sessions_per_token
         ),
         tls_cert=p.path(data, "tls_cert"),
         tls_key=p.path(data, "tls_key"),
