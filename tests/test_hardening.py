@@ -14,13 +14,18 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
 
 from attack_tools import (
     Env,
+    FakeLL,
     ll_refusal,
     round_trip,
     rss_kib,
     start_env,
+    write_toml,
 )
 from support import (
     RE_CC_JOINED,
@@ -193,3 +198,61 @@ def test_sessions_per_token_capped(harness: Harness) -> None:
             env.ll.wait_for(r"new session replaces", READY_TIMEOUT, since=mark)
         for _ in range(3):
             round_trip(env.client_addrs["default"])
+
+
+# ------------------------------------------------------------ a compromised LL
+
+
+OPENS = 2000
+#: Descriptors the agent may hold besides two per admitted open (logs, loop, the
+#: control connection, its listener-less sockets).
+FD_MARGIN = 40
+
+
+@pytest.mark.parametrize(
+    ("per_ll", "per_service"), [(60, 1000), (1000, 40)], ids=["per-ll", "per-service"]
+)
+def test_opens_from_a_compromised_ll_are_capped(
+    harness: Harness, tmp_path: Path, per_ll: int, per_service: int
+) -> None:
+    """An LL holding the agent's trust sends 2,000 OPENs for a server that accepts
+    nothing: the agent dials at most the cap, answers the rest OPEN_FAILED, and logs the
+    refusals in a few lines, not one each."""
+    cap = min(per_ll, per_service)
+    # A server that never accepts: every dial to it is held (in its backlog).
+    server = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    fake = FakeLL(tmp_path)
+    try:
+        config = write_toml(
+            tmp_path / "cc.toml",
+            {
+                "ll": fake.addr_str,
+                "connect_timeout": 60.0,
+                "pool_size": 0,
+                "max_connections_per_ll": per_ll,
+                "max_connections_per_service": per_service,
+            },
+            {"default": {"server": format_addr(*server.getsockname()[:2])}},
+        )
+        cc = harness.start_cc("-c", str(config), token=fake.token, name="cc")
+        cc.wait_for(RE_CC_JOINED, READY_TIMEOUT)
+        fake.joined.wait(READY_TIMEOUT)
+        base = fd_count(cc.pid)
+        fake.send_opens("default", OPENS)
+        bound = base + 2 * cap + FD_MARGIN
+        deadline = time.monotonic() + 60
+        most = base
+        while fake.open_failed < OPENS - cap and time.monotonic() < deadline:
+            most = max(most, fd_count(cc.pid))
+            assert most <= bound, f"agent holds {most} fds (cap {cap}: at most {bound})"
+            time.sleep(0.1)
+        assert fake.open_failed >= OPENS - cap, (
+            f"{fake.open_failed} OPEN_FAILED answers to {OPENS} OPENs (cap {cap})"
+        )
+        most = max(most, fd_count(cc.pid))
+        assert most <= bound, f"agent holds {most} fds (cap {cap}: at most {bound})"
+        lines = cc.find_all(r"refus")
+        assert 1 <= len(lines) <= 10, f"{len(lines)} log lines about refused OPENs"
+    finally:
+        fake.stop()
+        server.close()
