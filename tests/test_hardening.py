@@ -32,6 +32,8 @@ from support import (
     READY_TIMEOUT,
     Harness,
     format_addr,
+    make_token,
+    run_tcpgc,
 )
 from tcpgc.identity import agent_context, pin_server_name
 from tcpgc.protocol.handshake import AgentHandshake, State
@@ -256,3 +258,36 @@ def test_opens_from_a_compromised_ll_are_capped(
     finally:
         fake.stop()
         server.close()
+
+
+# ------------------------------------------------------------ state directory
+
+
+def test_world_writable_state_dir_refused(harness: Harness) -> None:
+    state = harness.state_dir()
+    state.mkdir(mode=0o700)
+    os.chmod(state, 0o777)  # past the umask
+    for argv in (
+        ("token", "--state-dir", str(state)),
+        ("ll", "--cc", "127.0.0.1:0", "--clients", "127.0.0.1:0", "--state-dir", str(state)),
+    ):
+        proc = run_tcpgc(*argv, timeout=20)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "writable" in lines[0] and str(state) in lines[0], lines
+        assert "Traceback" not in proc.stderr
+    assert not (state / "secret").exists(), "a secret was written into an unsafe directory"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another user")
+def test_secret_owned_by_another_user_refused(harness: Harness) -> None:
+    state = harness.state_dir()
+    make_token(state)
+    os.chown(state / "secret", 65534, 65534)  # nobody
+    proc = run_tcpgc(
+        "ll", "--cc", "127.0.0.1:0", "--clients", "127.0.0.1:0", "--state-dir", str(state),
+        timeout=20,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "owned by" in lines[0] and "secret" in lines[0], lines
