@@ -21,6 +21,7 @@ import pytest
 from attack_tools import (
     Env,
     FakeLL,
+    insider,
     ll_refusal,
     round_trip,
     rss_kib,
@@ -31,6 +32,7 @@ from support import (
     RE_CC_JOINED,
     READY_TIMEOUT,
     Harness,
+    connect,
     format_addr,
     make_token,
     run_tcpgc,
@@ -42,6 +44,7 @@ from tcpgc.protocol.messages import (
     ErrorCode,
     FrameDecoder,
     Message,
+    OpenFailed,
     Ping,
     encode,
 )
@@ -291,3 +294,24 @@ def test_secret_owned_by_another_user_refused(harness: Harness) -> None:
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "owned by" in lines[0] and "secret" in lines[0], lines
+
+
+# ------------------------------------------------------------ log injection
+
+
+def test_open_failed_reason_cannot_forge_log_lines(harness: Harness) -> None:
+    """An agent's OPEN_FAILED reason reaches the LL's log as one line, its control
+    characters escaped."""
+    env = start_env(harness, with_cc=False, plaintext=True)
+    forged = "2026-01-01 00:00:00,000 INFO tcpgc.ll: agent 000000000000 connected from 6.6.6.6:1"
+    with insider(env, ("default",)) as agent:
+        client = connect(env.client_addrs["default"])
+        try:
+            opened = agent.next_open()
+            mark = env.ll.mark()
+            agent.sock.sendall(encode(OpenFailed(opened.conn_id, f"down\r\n{forged}\x1b[2J")))
+            line = env.ll.wait_for(r"could not serve it", READY_TIMEOUT, since=mark).string
+        finally:
+            client.close()
+    assert "down\\r\\n" in line and "\\x1b[2J" in line, line
+    assert not env.ll.find_all(r"^2026-01-01 00:00:00", since=mark), "a forged line was logged"

@@ -38,6 +38,7 @@ from tcpgc.protocol.messages import (
     Pool,
 )
 from tcpgc.tasks import TaskGroup
+from tcpgc.texts import printable
 
 log = logging.getLogger("tcpgc.ll")
 
@@ -327,7 +328,7 @@ class AgentPort:
                 waiting = self._waiting.get(message.conn_id)
                 if waiting is not None and waiting.agent is session and not waiting.claimed.done():
                     waiting.claimed.set_exception(
-                        PeerRefused(f"agent could not serve it: {message.reason}")
+                        PeerRefused(f"agent could not serve it: {printable(message.reason)}")
                     )
             else:
                 log.warning(

@@ -47,6 +47,7 @@ from tcpgc.ready_pool import ReadyPool, ReadyPools, describe
 from tcpgc.relay import RelayResult
 from tcpgc.splice import AnyRelay
 from tcpgc.tasks import TaskGroup
+from tcpgc.texts import printable
 
 log = logging.getLogger("tcpgc.cc")
 
@@ -347,7 +348,7 @@ class ConnectNode(ReadyPools):
             elif isinstance(message, Pong):
                 pass
             elif isinstance(message, Error):
-                raise PeerRefused(f"the LL closed the session: {message.message}")
+                raise PeerRefused(f"the LL closed the session: {printable(message.message)}")
             else:
                 raise ProtocolError(f"unexpected {message.TYPE.name} from the LL")
 

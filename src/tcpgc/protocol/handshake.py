@@ -38,6 +38,7 @@ from tcpgc.protocol.messages import (
     Ready,
     services_blob,
 )
+from tcpgc.texts import printable
 
 _LL_LABEL = b"tcpgc ll proof\x00"
 _CC_LABEL = b"tcpgc cc proof\x00"
@@ -122,7 +123,7 @@ class AgentHandshake:
 
     def _receive(self, message: Message) -> Message | None:
         if isinstance(message, Error):
-            raise PeerRefused(f"the LL refused us: {message.message}")
+            raise PeerRefused(f"the LL refused us: {printable(message.message)}")
         if isinstance(message, Challenge):
             self._expect(State.WAIT_CHALLENGE, "CHALLENGE")
             if not self._hello.min_version <= message.version <= self._hello.max_version:
