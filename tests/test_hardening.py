@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -315,3 +316,21 @@ def test_open_failed_reason_cannot_forge_log_lines(harness: Harness) -> None:
             client.close()
     assert "down\\r\\n" in line and "\\x1b[2J" in line, line
     assert not env.ll.find_all(r"^2026-01-01 00:00:00", since=mark), "a forged line was logged"
+
+
+# ------------------------------------------------------------ token in the environment
+
+
+def test_token_removed_from_agent_environment(harness: Harness) -> None:
+    """An agent given $TCPGC_TOKEN does not keep it where other processes of the same
+    user (or `ps e`) can read it, and still reloads with it."""
+    env = start_env(harness)
+    assert env.cc is not None
+    secret_part = env.token.split(".")[1]
+    environ = Path(f"/proc/{env.cc.pid}/environ").read_bytes()
+    assert secret_part.encode() not in environ, "the join token is in the agent's environ"
+    mark = env.cc.mark()
+    env.cc.proc.send_signal(signal.SIGHUP)
+    env.cc.wait_for(r"config reloaded", READY_TIMEOUT, since=mark)
+    assert not env.cc.find_all(r"no join token", since=mark)
+    round_trip(env.client_addrs["default"])
