@@ -701,3 +701,104 @@ class Flood:
         except (ConnectionResetError, ssl.SSLError, BrokenPipeError):
             pass
         return bytes(seen)
+
+
+# ---------------------------------------------------------------------------- fake LL
+
+
+class FakeLL:
+    """An LL the agent trusts (its token pins this LL's own certificate and holds a
+    secret it knows) that is hostile: it completes tcpgc's handshake on the first
+    connection, then sends whatever OPENs the test asks for and counts the answers.
+
+    Every later connection (the agent's data connections) is never accepted: it waits
+    in the listen backlog, its TLS handshake unanswered, so each OPEN the agent acts on
+    keeps its sockets open until the agent's connect timeout.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        cert, key, fingerprint = self_signed_certificate(directory, "fake-ll")
+        self.secret = os.urandom(32)
+        self.token = str(JoinToken(self.secret, fingerprint))
+        self._fingerprint = fingerprint
+        self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        self._ctx.load_cert_chain(cert, key)
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
+        self.addr: tuple[str, int] = self.listener.getsockname()[:2]
+        self.joined = threading.Event()
+        self.open_failed = 0
+        self.reasons: list[str] = []
+        self._control: ssl.SSLSocket | None = None
+        self._outgoing: queue.Queue[bytes] = queue.Queue()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def addr_str(self) -> str:
+        return format_addr(*self.addr)
+
+    def _serve(self) -> None:
+        from tcpgc.protocol.handshake import LLHandshake, key_id
+        from tcpgc.protocol.messages import OpenFailed
+
+        try:
+            conn, _ = self.listener.accept()
+            conn.settimeout(10)
+            control = self._ctx.wrap_socket(conn, server_side=True)
+            decoder = FrameDecoder()
+            handshake = LLHandshake(
+                {key_id(self.secret): self.secret}, heartbeat_ms=10_000, binding=self._fingerprint
+            )
+            while handshake.state is not State.DONE:
+                message = self._recv(control, decoder)
+                control.sendall(encode(handshake.receive(message)))
+            self._control = control
+            self.joined.set()
+            # One thread does all the TLS of the control connection (an SSL object must
+            # not be used by two threads at once): what the test sends waits in a queue.
+            while not self._stopping:
+                while not self._outgoing.empty():
+                    control.settimeout(30)
+                    control.sendall(self._outgoing.get())
+                control.settimeout(0.05)
+                try:
+                    message = self._recv(control, decoder)
+                except TimeoutError:
+                    continue
+                if isinstance(message, OpenFailed):
+                    self.open_failed += 1
+                    self.reasons.append(message.reason)
+                elif isinstance(message, Ping):
+                    self._outgoing.put(encode(Pong(message.token)))
+        except (OSError, AssertionError, ValueError):
+            return
+
+    @staticmethod
+    def _recv(sock: socket.socket, decoder: FrameDecoder) -> Message:
+        while (message := decoder.next_message()) is None:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise AssertionError("the agent closed its control connection")
+            decoder.receive_data(chunk)
+        return message
+
+    def send_opens(self, service: str, count: int) -> None:
+        """`count` OPENs for `service`, each with a fresh id, in one write."""
+        frames = b"".join(
+            encode(Open(os.urandom(16), service, "127.0.0.1", 40000 + i % 20000, "127.0.0.1", 1))
+            for i in range(count)
+        )
+        self._outgoing.put(frames)
+
+    def stop(self) -> None:
+        self._stopping = True  # the serving thread sees it within one recv timeout
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes an accept() still waiting
+        except OSError:
+            pass
+        self.listener.close()
+        self._thread.join(5)
+        if self._control is not None:
+            self._control.close()

@@ -76,6 +76,26 @@ def test_check_accepts_a_valid_config(tmp_path: Path) -> None:
     assert "valid LL config" in out
 
 
+def test_check_validates_the_session_and_connection_caps(tmp_path: Path) -> None:
+    ll = 'cc = ":8001"\n[services.web]\nclients = ":8000"\n'
+    cc = 'll = "127.0.0.1:8001"\n[services.web]\nserver = "127.0.0.1:80"\n'
+    code, lines, _ = _check(tmp_path, "max_sessions_per_token = -1\n" + ll)
+    assert code == 2 and len(lines) == 1 and ": max_sessions_per_token: " in lines[0], lines
+    code, lines, _ = _check(
+        tmp_path, 'max_connections_per_ll = "lots"\nmax_connections_per_service = 1.5\n' + cc
+    )
+    assert code == 2, lines
+    assert len(lines) == 2, lines
+    assert ": max_connections_per_ll: " in lines[0], lines
+    assert ": max_connections_per_service: " in lines[1], lines
+    code, lines, _ = _check(tmp_path, "max_sessions_per_token = 8\n" + ll)
+    assert code == 0, lines
+    code, lines, _ = _check(
+        tmp_path, "max_connections_per_ll = 100\nmax_connections_per_service = 0\n" + cc
+    )
+    assert code == 0, lines
+
+
 def test_check_reports_toml_syntax_errors_with_their_line(tmp_path: Path) -> None:
     code, lines, _ = _check(tmp_path, 'cc = ":8001"\n[services.web\nclients = ":8000"\n')
     assert code == 2

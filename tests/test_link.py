@@ -179,3 +179,31 @@ def test_a_channel_pause_ends_with_the_channel(loop_name: str) -> None:
             assert bytes(collected.data) == stream + b"more"
 
     run_on(loop_name, main, 10)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_channel_stops_reading_while_its_peer_does_not_read(loop_name: str) -> None:
+    """Every PING read makes a PONG written: a frame channel whose peer reads nothing
+    stops reading (handling the frames it holds does not undo that), and reads again
+    once the peer catches up."""
+
+    async def main() -> None:
+        async with _pair() as (client, accepted, _):
+            channel = FrameChannel(accepted)
+            client.write(encode(Ping(1)) + encode(Ping(2)))
+            assert await channel.recv(within=5) == Ping(1)  # Ping(2) waits in the channel
+            client.hold_reading()  # the peer reads nothing from here on
+            for _ in range(64):
+                accepted.write(bytes(1 << 20))
+                if channel.write_blocked:
+                    break
+            assert channel.write_blocked and accepted._reading_paused
+            assert await channel.recv(within=5) == Ping(2)
+            assert accepted._reading_paused, "handling a frame resumed a blocked reader"
+            client.write(encode(Ping(3)))
+            collected = _Collect()
+            client.attach(collected)  # the peer reads again: so do we
+            assert await channel.recv(within=5) == Ping(3)
+            assert not channel.write_blocked
+
+    run_on(loop_name, main, 10)

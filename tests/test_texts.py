@@ -17,3 +17,12 @@ def test_the_table_stays_bounded() -> None:
     for n in range(texts.LIMIT * 3):
         texts.shared(f"2001:db8::{n:x}")
         assert len(texts._table) <= texts.LIMIT
+
+
+def test_printable_keeps_one_line_one_line() -> None:
+    forged = "down\r\n2026-01-01 00:00:00,000 INFO tcpgc.ll: forged\x1b[2J\u2028\x00"
+    text = texts.printable(forged)
+    assert text.isprintable() and "\n" not in text and "\x1b" not in text
+    assert text == "down\\r\\n2026-01-01 00:00:00,000 INFO tcpgc.ll: forged\\x1b[2J\\u2028\\x00"
+    plain = "cannot reach its server: connection refused (é)"
+    assert texts.printable(plain) is plain

@@ -39,6 +39,7 @@ from tcpgc.protocol.messages import (
     Pool,
 )
 from tcpgc.tasks import TaskGroup
+from tcpgc.texts import printable
 
 log = logging.getLogger("tcpgc.ll")
 
@@ -93,8 +94,28 @@ class AgentPort:
             session = await self._authenticate(link)
         finally:
             self._pending.release(link)
-        if session is not None:
+        if session is not None and self._admit(session):
             await self._run_session(session)
+
+    def _admit(self, session: AgentSession) -> bool:
+        """Cap the sessions one credential holds: a leaked token must not let its holder
+        open thousands (each with its ready connections). A returning agent replaces its
+        own session, so it is not counted against itself."""
+        cap = self.config.max_sessions_per_token
+        held = self.agents.sessions_with_key(session.key_id, besides=session.raw_id)
+        if not cap or held < cap:
+            return True
+        link = session.channel.link
+        self._handshake_failed(
+            link,
+            f"agent {session.agent_id} refused: {held} sessions already hold its join token "
+            f"(max_sessions_per_token = {cap})",
+        )
+        session.channel.send(
+            Error(ErrorCode.UNAVAILABLE, f"too many sessions with this join token ({cap} at most)")
+        )
+        link.close()
+        return False
 
     async def _authenticate(self, link: Link) -> AgentSession | None:
         """Take a new connection on the agent port through TLS and its first exchange.
@@ -243,6 +264,7 @@ class AgentPort:
             channel,
             raw_id=handshake.agent_id,
             session_key=handshake.session_key,
+            key_id=handshake.key_id,
         )
 
     async def _run_session(self, session: AgentSession) -> None:
@@ -300,6 +322,16 @@ class AgentPort:
             try:
                 message = await channel.recv(within=3 * self.config.heartbeat)
             except TimeoutError:
+                if channel.write_blocked:
+                    # We stopped reading it because it reads nothing we send (a PING
+                    # flood that never reads its PONGs, or a peer that stalled).
+                    log.warning(
+                        "agent %s at %s reads nothing we send (%.0f s): dropping it",
+                        session.agent_id,
+                        session.peer,
+                        3 * self.config.heartbeat,
+                    )
+                    return True
                 log.warning(
                     "agent %s at %s silent for %.0f s: dropping it",
                     session.agent_id,
@@ -323,7 +355,7 @@ class AgentPort:
                 waiting = self._waiting.get(message.conn_id)
                 if waiting is not None and waiting.agent is session and not waiting.claimed.done():
                     waiting.claimed.set_exception(
-                        PeerRefused(f"agent could not serve it: {message.reason}")
+                        PeerRefused(f"agent could not serve it: {printable(message.reason)}")
                     )
             else:
                 log.warning(

@@ -21,6 +21,7 @@ log = logging.getLogger("tcpgc.ll")
 class AgentSession:
     """One authenticated control connection and what depends on it."""
 
+    #: The agent's id as logs show it (its first 6 bytes in hex); `raw_id` is the key.
     agent_id: str
     peer: str
     peer_host: str
@@ -29,6 +30,8 @@ class AgentSession:
     #: The agent's full id and the key its ready data connections prove (see Pool).
     raw_id: bytes = b""
     session_key: bytes = b""
+    #: Which of the LL's secrets the agent proved (sessions are capped per secret).
+    key_id: bytes = b""
     #: Ready data connections, oldest first, and the offer numbers already accepted.
     ready: collections.deque[FrameChannel] = field(default_factory=collections.deque)
     offers: ReplayWindow = field(default_factory=ReplayWindow)
@@ -63,11 +66,16 @@ class AgentSession:
 
 
 class AgentRegistry:
-    """Sessions by service. New clients go to each agent of their service in turn."""
+    """Sessions by service. New clients go to each agent of their service in turn.
+
+    Sessions are keyed by the agent's full id: the short form in logs (12 hex digits)
+    is for people, and another agent whose id shares it is another agent."""
 
     def __init__(self) -> None:
         self._by_service: dict[str, list[AgentSession]] = {}
-        self._by_id: dict[str, AgentSession] = {}
+        self._by_id: dict[bytes, AgentSession] = {}
+        #: Sessions per credential (the key id of the secret each agent proved).
+        self._per_key: collections.Counter[bytes] = collections.Counter()
         self._turn = itertools.count()
         self._changed = asyncio.Event()
 
@@ -79,10 +87,11 @@ class AgentRegistry:
 
     def add(self, session: AgentSession, services: Iterable[str]) -> AgentSession | None:
         """Register `session`; returns the stale session of the same agent it replaces."""
-        stale = self._by_id.get(session.agent_id)
+        stale = self._by_id.get(session.raw_id)
         if stale is not None:
             self.remove(stale)
-        self._by_id[session.agent_id] = session
+        self._by_id[session.raw_id] = session
+        self._per_key[session.key_id] += 1
         for service in services:
             self._by_service.setdefault(service, []).append(session)
         self._changed.set()
@@ -90,15 +99,26 @@ class AgentRegistry:
         return stale
 
     def remove(self, session: AgentSession) -> None:
-        if self._by_id.get(session.agent_id) is session:
-            del self._by_id[session.agent_id]
+        if self._by_id.get(session.raw_id) is session:
+            del self._by_id[session.raw_id]
+            self._per_key[session.key_id] -= 1
+            if not self._per_key[session.key_id]:
+                del self._per_key[session.key_id]
         for sessions in self._by_service.values():
             if session in sessions:
                 sessions.remove(session)
 
     def find(self, raw_id: bytes) -> AgentSession | None:
-        session = self._by_id.get(raw_id.hex()[:12])
-        return session if session is not None and session.raw_id == raw_id else None
+        return self._by_id.get(raw_id)
+
+    def sessions_with_key(self, key_id: bytes, besides: bytes = b"") -> int:
+        """How many sessions proved the secret `key_id` names, not counting one of the
+        agent `besides` (which a new session of that agent would replace)."""
+        count = self._per_key[key_id]
+        same = self._by_id.get(besides)
+        if same is not None and same.key_id == key_id:
+            count -= 1
+        return count
 
     def pick(self, service: str, exclude: set[AgentSession]) -> AgentSession | None:
         candidates = [s for s in self._by_service.get(service, ()) if s not in exclude]

@@ -28,6 +28,7 @@ from tcpgc.identity import JoinToken, agent_context, format_fingerprint, pin_ser
 from tcpgc.link import Link
 from tcpgc.memory import trim_periodically
 from tcpgc.metrics import Metrics, failure_reason
+from tcpgc.open_limits import OpenLimits, RefusalLog
 from tcpgc.protocol.chunks import HEADER_SIZE, MAX_CHUNK
 from tcpgc.protocol.frame_auth import CONTROL, frame_auth
 from tcpgc.protocol.handshake import AgentHandshake, State, data_proof
@@ -47,6 +48,7 @@ from tcpgc.ready_pool import ReadyPool, ReadyPools, describe
 from tcpgc.relay import RelayResult
 from tcpgc.splice import AnyRelay
 from tcpgc.tasks import TaskGroup
+from tcpgc.texts import printable
 
 log = logging.getLogger("tcpgc.cc")
 
@@ -95,6 +97,8 @@ class ConnectNode(ReadyPools):
         #: The clients being relayed through each LL, with the OPEN that brought each.
         self._relays: dict[Address, dict[AnyRelay, Open]] = {}
         self._opening = 0
+        self._limits = OpenLimits(config.max_connections_per_ll, config.max_connections_per_service)
+        self._refusals = RefusalLog(log)
         self._pools: dict[Address, ReadyPool] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -135,6 +139,8 @@ class ConnectNode(ReadyPools):
             != (old.tls_ca, old.tls_cert, old.tls_key)
         )
         self.config, self._tls, self.token = config, tls, token
+        self._limits.per_ll = config.max_connections_per_ll
+        self._limits.per_service = config.max_connections_per_service
         for address in list(self._sessions):
             if address not in config.ll or renew:
                 await self._stop_session(address)
@@ -204,6 +210,7 @@ class ConnectNode(ReadyPools):
             for relay in list(relays):
                 relay.close()
         await self._tasks.close()
+        self._refusals.close()
 
     async def __aenter__(self) -> ConnectNode:
         await self.start()
@@ -365,7 +372,7 @@ class ConnectNode(ReadyPools):
             elif isinstance(message, Pong):
                 pass
             elif isinstance(message, Error):
-                raise PeerRefused(f"the LL closed the session: {message.message}")
+                raise PeerRefused(f"the LL closed the session: {printable(message.message)}")
             else:
                 raise ProtocolError(f"unexpected {message.TYPE.name} from the LL")
 
@@ -387,12 +394,26 @@ class ConnectNode(ReadyPools):
         """Serve one OPEN: from the control connection (`channel` is the control channel
         and a data connection is dialed), or on a ready data connection (`ready`: the
         answer and then the stream go on `channel` itself)."""
+        over = self._limits.acquire(ll, request.service)
+        if over is not None:
+            # Each connection costs two sockets: an LL must not be able to take them all.
+            self._refusals.refused(
+                f"refused OPEN for service '{request.service}' from LL {ll}: {over}"
+            )
+            channel.send(OpenFailed(request.conn_id, "the agent is at its connection limit"))
+            self.metrics.child(self.metrics.clients_refused, request.service, "agent_limit").inc()
+            if ready:
+                channel.link.close()  # a ready connection serves one client at most
+            return
         self._opening += 1
         self._idle.clear()
+        relay = None
         try:
             relay = await self._connect_both(ll, channel, session, request, ready)
         finally:
             self._opening -= 1
+            if relay is None:
+                self._limits.release(ll, request.service)
         if relay is None:
             self._check_idle()
             return
@@ -401,10 +422,13 @@ class ConnectNode(ReadyPools):
         self.metrics.child(self.metrics.clients_active, request.service).inc()
         # A callback, not this task, sees the connection through: idle connections
         # then cost no task and no frames (and a partial less than a closure).
-        relay.on_done = partial(self._finished, relays, relay)
+        relay.on_done = partial(self._finished, ll, relays, relay)
 
-    def _finished(self, relays: dict[AnyRelay, Open], relay: AnyRelay, _: RelayResult) -> None:
+    def _finished(
+        self, ll: Address, relays: dict[AnyRelay, Open], relay: AnyRelay, _: RelayResult
+    ) -> None:
         request = relays.pop(relay)
+        self._limits.release(ll, request.service)
         self.metrics.child(self.metrics.clients_active, request.service).dec()
         self._check_idle()
         result = relay.result

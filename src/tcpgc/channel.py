@@ -11,7 +11,13 @@ from tcpgc.protocol.messages import MAX_PAYLOAD, FrameDecoder, Message, encode
 
 
 class FrameChannel:
-    """The handler of a link that carries frames."""
+    """The handler of a link that carries frames.
+
+    Reading stops for either of two reasons, and resumes only when neither holds: the
+    frames read are not handled yet (our buffer), or the peer does not read what we
+    send (the link's write buffer is past its high-water mark). The second matters
+    because every PING we read makes a PONG we write: a peer that sends and never
+    reads would otherwise make us buffer answers without limit."""
 
     def __init__(self, link: Link) -> None:
         self.link = link
@@ -19,6 +25,8 @@ class FrameChannel:
         self._buffered = 0
         self._eof = False
         self._lost = False
+        #: The peer is not reading: our writes wait in the link's buffer.
+        self.write_blocked = False
         self._wakeup = asyncio.Event()
         link.attach(self)
 
@@ -40,10 +48,13 @@ class FrameChannel:
         self._wakeup.set()
 
     def on_pause(self) -> None:
-        pass
+        self.write_blocked = True
+        self.link.pause_reading()
 
     def on_resume(self) -> None:
-        pass
+        self.write_blocked = False
+        if self._buffered <= 2 * MAX_PAYLOAD:
+            self.link.resume_reading()
 
     async def recv(self, within: float | None = None) -> Message | None:
         """The next message; None when the peer closed cleanly between frames.
@@ -53,7 +64,8 @@ class FrameChannel:
                 message = self._decoder.next_message()
                 if message is not None:
                     self._buffered = 0
-                    self.link.resume_reading()
+                    if not self.write_blocked:
+                        self.link.resume_reading()
                     return message
                 if self._eof or self._lost:
                     self._decoder.receive_data(b"")

@@ -26,6 +26,7 @@ from tcpgc.config import (
     parse_address,
     read_toml,
 )
+from tcpgc.environment import take_from_environment
 from tcpgc.errors import UsageError
 from tcpgc.identity import (
     Certificate,
@@ -418,7 +419,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         _run(_serve(ll_node, reload_ll if args.config else None))
         return 0
     cc_cfg = cc_config(args)
-    token = read_token(os.environ.get("TCPGC_TOKEN"), cc_cfg.token_file)
+    # Kept here for reloads, and out of the environment that other processes can read.
+    env_token = take_from_environment("TCPGC_TOKEN")
+    token = read_token(env_token, cc_cfg.token_file)
     if cc_cfg.insecure_plaintext:
         logging.getLogger("tcpgc.cc").warning(
             "--insecure-plaintext: the LL-CC leg is NOT encrypted and the LL is not pinned"
@@ -427,7 +430,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     async def reload_cc() -> None:
         config = cc_config(args)
-        await cc_node.reload(config, read_token(os.environ.get("TCPGC_TOKEN"), config.token_file))
+        await cc_node.reload(config, read_token(env_token, config.token_file))
 
     _run(_serve(cc_node, reload_cc if args.config else None))
     return 0

@@ -113,6 +113,9 @@ class LLConfig:
     #: address. Past either cap a random pending one is dropped (random early drop).
     max_pending: int = 256
     max_pending_per_source: int = 32
+    #: Agent sessions at once per join token (per secret the agents prove); past it a
+    #: new session is refused. 0: no cap.
+    max_sessions_per_token: int = 64
     #: A certificate and key of your own PKI instead of the self-signed identity.
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -153,6 +156,11 @@ class CCConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     insecure_plaintext: bool = False
+    #: Client connections being opened or relayed at once through one LL, and of one
+    #: service through all LLs; past either an OPEN is refused. 0: no cap. Each costs
+    #: two sockets: the defaults keep 18,000 descriptors of a 20,000 limit in use.
+    max_connections_per_ll: int = 9000
+    max_connections_per_service: int = 9000
 
 
 _LL_KEYS = {
@@ -167,6 +175,7 @@ _LL_KEYS = {
     "drain_timeout",
     "max_pending",
     "max_pending_per_source",
+    "max_sessions_per_token",
     "tls_cert",
     "tls_key",
     "tls_client_ca",
@@ -184,6 +193,8 @@ _CC_KEYS = {
     "drain_timeout",
     "pool_size",
     "pool_ttl",
+    "max_connections_per_ll",
+    "max_connections_per_service",
     "tls_ca",
     "tls_cert",
     "tls_key",
@@ -328,6 +339,9 @@ def ll_config_from(data: dict[str, Any], source: str) -> LLConfig:
         max_pending_per_source=p.integer(
             data, "max_pending_per_source", LLConfig.max_pending_per_source
         ),
+        max_sessions_per_token=p.integer(
+            data, "max_sessions_per_token", LLConfig.max_sessions_per_token
+        ),
         tls_cert=p.path(data, "tls_cert"),
         tls_key=p.path(data, "tls_key"),
         tls_client_ca=p.path(data, "tls_client_ca"),
@@ -391,6 +405,12 @@ def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
         drain_timeout=p.number(data, "drain_timeout", CCConfig.drain_timeout, 0.0),
         pool_size=p.integer(data, "pool_size", CCConfig.pool_size),
         pool_ttl=p.number(data, "pool_ttl", CCConfig.pool_ttl),
+        max_connections_per_ll=p.integer(
+            data, "max_connections_per_ll", CCConfig.max_connections_per_ll
+        ),
+        max_connections_per_service=p.integer(
+            data, "max_connections_per_service", CCConfig.max_connections_per_service
+        ),
         insecure_plaintext=p.flag(data, "insecure_plaintext"),
     )
     config.token_file = p.path(data, "token_file")

@@ -225,8 +225,38 @@ def _read_secret(path: Path) -> bytes:
         raise UsageError(f"{path} is corrupt: remove it to create a new secret") from None
 
 
+def _check_state_dir(state_dir: Path) -> None:
+    """Refuse a state dir, or a secret in it, that another user controls: whoever can
+    write the dir can replace the LL's secret and key with their own."""
+    info = state_dir.stat()  # FileNotFoundError: the caller says how to create it
+    uid = os.geteuid()
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UsageError(
+            f"state dir {state_dir} is writable by other users "
+            f"(mode {stat.S_IMODE(info.st_mode):04o}); anyone who can write there can "
+            f"replace the LL's secret: run 'chmod 700 {state_dir}'"
+        )
+    if info.st_uid != uid:
+        raise UsageError(
+            f"state dir {state_dir} is owned by uid {info.st_uid}, not by this user "
+            f"(uid {uid}): run tcpgc as its owner, or 'chown -R {uid} {state_dir}'"
+        )
+    for name in (SECRET_FILE, PREVIOUS_SECRET_FILE, KEY_FILE, PREVIOUS_KEY_FILE):
+        path = state_dir / name
+        try:
+            owner = path.lstat().st_uid
+        except FileNotFoundError:
+            continue
+        if owner != uid:
+            raise UsageError(
+                f"{path} is owned by uid {owner}, not by this user (uid {uid}); it holds "
+                f"a secret: if it is yours, run 'chown {uid} {path}'"
+            )
+
+
 def _create_missing(state_dir: Path) -> None:
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_state_dir(state_dir)  # before anything secret is written into it
     if not (state_dir / SECRET_FILE).exists():
         secret = _b64(secrets.token_bytes(SECRET_SIZE)) + "\n"
         _write_private(state_dir / SECRET_FILE, secret.encode())
@@ -243,6 +273,8 @@ def load_identity(state_dir: Path, *, create: bool) -> Identity:
     try:
         if create:
             _create_missing(state_dir)
+        else:
+            _check_state_dir(state_dir)
         previous_secret = None
         if (state_dir / PREVIOUS_SECRET_FILE).exists():
             previous_secret = _read_secret(state_dir / PREVIOUS_SECRET_FILE)

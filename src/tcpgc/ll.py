@@ -54,6 +54,7 @@ from tcpgc.protocol.messages import (
 from tcpgc.relay import RelayResult
 from tcpgc.splice import AnyRelay
 from tcpgc.tasks import TaskGroup
+from tcpgc.texts import printable
 
 log = logging.getLogger("tcpgc.ll")
 
@@ -473,7 +474,7 @@ class ListenNode(AgentPort):
                 continue  # the agent was closing it and did not read our OPEN
             if isinstance(reply, OpenFailed) and reply.conn_id == conn_id:
                 # Said before any byte went to a server: the next agent may have them.
-                raise PeerRefused(f"agent could not serve it: {reply.reason}")
+                raise PeerRefused(f"agent could not serve it: {printable(reply.reason)}")
             if early:
                 raise Unanswered(f"agent {agent.agent_id} closed the connection")
             # Closed before answering (replaced, or broken): try the next one.

@@ -1,4 +1,5 @@
-"""One string object for texts that repeat across many connections."""
+"""Texts: one string object for those that repeat across many connections, and peer
+text made safe for a log line."""
 
 from __future__ import annotations
 
@@ -19,3 +20,12 @@ def shared(text: str) -> str:
             _table.clear()
         _table[text] = found = text
     return found
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (newlines, escape sequences, other unprintable
+    ones) escaped as Python does, for text a peer chose that goes into a log line: one
+    event stays one line, and nothing can forge another or drive a terminal."""
+    if text.isprintable():
+        return text  # the common case: no copy
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -39,6 +39,7 @@ from tcpgc.protocol.messages import (
     Ready,
     services_blob,
 )
+from tcpgc.texts import printable
 
 _LL_LABEL = b"tcpgc ll proof\x00"
 _CC_LABEL = b"tcpgc cc proof\x00"
@@ -138,7 +139,7 @@ class AgentHandshake:
 
     def _receive(self, message: Message) -> Message | None:
         if isinstance(message, Error):
-            raise PeerRefused(f"the LL refused us: {message.message}")
+            raise PeerRefused(f"the LL refused us: {printable(message.message)}")
         if isinstance(message, Challenge):
             self._expect(State.WAIT_CHALLENGE, "CHALLENGE")
             if not self._hello.min_version <= message.version <= self._hello.max_version:
