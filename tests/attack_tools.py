@@ -555,6 +555,7 @@ class InsiderAgent:
             if reply is not None:
                 self.sock.sendall(encode(reply))
         self.session_key = handshake.session_key
+        self._send_lock = threading.Lock()
         if env.plaintext:  # later frames carry MACs, as a real agent's do
             decoder.auth = frame_auth(handshake.session_key, CONTROL, agent=True)
         self.sock.settimeout(None)
@@ -584,9 +585,15 @@ class InsiderAgent:
                 if isinstance(message, Open):
                     self.opens.put(message)
                 elif isinstance(message, Ping):
-                    self.sock.sendall(encode(Pong(message.token), self._decoder.auth))
+                    self.send(Pong(message.token))
         except (OSError, AssertionError, ValueError):
             return
+
+    def send(self, message: Message) -> None:
+        """Send on the control connection (with its MAC in plaintext mode). Frames are
+        numbered as they are sealed: sealing and sending go together, one thread at once."""
+        with self._send_lock:
+            self.sock.sendall(encode(message, self._decoder.auth))
 
     def next_open(self, timeout: float = 10.0) -> Open:
         return self.opens.get(timeout=timeout)

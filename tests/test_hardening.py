@@ -310,7 +310,7 @@ def test_open_failed_reason_cannot_forge_log_lines(harness: Harness) -> None:
         try:
             opened = agent.next_open()
             mark = env.ll.mark()
-            agent.sock.sendall(encode(OpenFailed(opened.conn_id, f"down\r\n{forged}\x1b[2J")))
+            agent.send(OpenFailed(opened.conn_id, f"down\r\n{forged}\x1b[2J"))
             line = env.ll.wait_for(r"could not serve it", READY_TIMEOUT, since=mark).string
         finally:
             client.close()
