@@ -98,6 +98,7 @@ def _write_private(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
+        _give_to_dir_owner(fd, path.parent)
         os.write(fd, data)
         os.fsync(fd)
     finally:
@@ -108,6 +109,17 @@ def _write_private(path: Path, data: bytes) -> None:
         pass
     finally:
         os.unlink(tmp)
+
+
+def _give_to_dir_owner(fd: int, directory: Path) -> None:
+    """Root writing into a state dir that belongs to the service user (`tcpgc token
+    --rotate` run with sudo) makes the file that user's: a root-owned 0600 secret
+    would lock the LL out of its own identity at the next reload or restart."""
+    if os.geteuid() != 0:
+        return
+    owner = directory.stat()
+    if owner.st_uid != 0 or owner.st_gid != 0:
+        os.fchown(fd, owner.st_uid, owner.st_gid)
 
 
 def check_private(path: Path) -> None:
