@@ -213,23 +213,35 @@ class ListenNode(AgentPort):
                 service.server.close()
             _set_reuse_port(moving, False)
             raise
-        for name, service in list(self.services.items()):
-            if name not in config.services or name in opened:
-                service.server.close()  # its connections finish on their own
-                if service.reaper is not None:
-                    service.reaper.cancel()
+        replaced = {
+            name: service
+            for name, service in self.services.items()
+            if name not in config.services or name in opened
+        }
+        for name, service in opened.items():
+            self.services[name] = service  # its clients, from either listener, from now
+            log.info("service '%s' listening for clients on %s", name, service.address)
+        if opened and replaced:
+            # Two loop turns: the first polls the old listeners, the second runs their
+            # accept callbacks, so clients already queued on them are taken, not reset
+            # by the close below. (Clients the kernel spreads onto an old listener of
+            # the very same address in the instant before it closes can still be reset.)
+            for _ in range(2):
+                await asyncio.sleep(0)
+        for name, service in replaced.items():
+            service.server.close()  # its connections finish on their own
+            if service.reaper is not None:
+                service.reaper.cancel()
+            if name not in opened:
                 del self.services[name]
-                if name not in opened:
-                    log.info("service '%s' removed", name)
-            elif service.config != config.services[name]:
+                log.info("service '%s' removed", name)
+        # The old listeners are closed: nobody else may join the new ones' ports now.
+        _set_reuse_port(opened.values(), False)
+        for name, service in self.services.items():
+            if name not in opened and service.config != config.services[name]:
                 service.config = config.services[name]
                 self._start_reaper(service)
                 log.info("service '%s' controls updated", name)
-        # The old listeners are closed: nobody else may join the new ones' ports now.
-        _set_reuse_port(opened.values(), False)
-        for name, service in opened.items():
-            self.services[name] = service
-            log.info("service '%s' listening for clients on %s", name, service.address)
         self._pending.max_total = config.max_pending
         self._pending.max_per_source = config.max_pending_per_source
         self.config = config
