@@ -131,10 +131,11 @@ def _files(data: dict[str, Any], keys: dict[str, bool], source: str) -> list[str
             problems.append(f"{source}: {key}: cannot read {path}: {exc.strerror}")
         except UsageError as exc:
             problems.append(f"{source}: {key}: {exc}")
-    cert, key = data.get("tls_cert"), data.get("tls_key")
-    if "tls_client_ca" in keys and isinstance(cert, str) and isinstance(key, str) and not problems:
+    cert, private = data.get("tls_cert"), data.get("tls_key")
+    ll_pair = "tls_client_ca" in keys and isinstance(cert, str) and isinstance(private, str)
+    if ll_pair and not problems:
         try:
-            Certificate.load(Path(cert), Path(key))
+            Certificate.load(Path(str(cert)), Path(str(private)))
         except (OSError, UsageError) as exc:
             problems.append(f"{source}: tls_cert: {exc}")
     return problems
