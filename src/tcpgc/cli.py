@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tcpgc import __version__
+from tcpgc.addresses import collisions
 from tcpgc.cc import ConnectNode
 from tcpgc.check import read_admin_token, run_check
 from tcpgc.config import (
@@ -22,7 +23,6 @@ from tcpgc.config import (
     LLConfig,
     ServiceListener,
     cc_config_from,
-    collisions,
     ll_config_from,
     ll_listeners,
     parse_address,
