@@ -59,8 +59,9 @@ def test_parse_addr() -> None:
 def test_echo_through_tunnel(tunnel: Tunnel) -> None:
     payload = os.urandom(64 * 1024)
     assert echo_roundtrip(tunnel.client_addr, payload) == payload
-    # The LL tells the operator how to start the CC (exact wording is not part of the contract).
-    tunnel.ll.wait_for(r"\S", 5, stream="stdout")
+    # The LL tells the operator how to start the CC (exact wording is not part of the
+    # contract), in its log on stderr.
+    tunnel.ll.wait_for(r"tcpgc LL is up", 5)
 
 
 def test_200_simultaneous_clients(tunnel: Tunnel, echo_server: EchoServer) -> None:

@@ -279,9 +279,10 @@ class AgentPort:
         )
         if unknown:
             log.warning(
-                "agent %s offers services this LL does not have: %s",
+                "agent %s offers services this LL does not have: %s (this LL has: %s)",
                 session.agent_id,
                 ", ".join(unknown),
+                ", ".join(self.config.services),
             )
         # Registered for every service it offers, not only today's: a service added to
         # this LL by a reload is served by the agents already connected.

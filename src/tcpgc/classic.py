@@ -522,6 +522,9 @@ class ClassicConnectNode:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, socket.gaierror):
+        # Its errno is a resolver code (EAI_*), which os.strerror calls 'unknown error'.
+        return f"the host name does not resolve ({exc.strerror})"
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno).lower()
     return str(exc) or type(exc).__name__

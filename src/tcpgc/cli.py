@@ -14,15 +14,17 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tcpgc import __version__
+from tcpgc.addresses import collisions
 from tcpgc.cc import ConnectNode
+from tcpgc.check import read_admin_token, run_check
 from tcpgc.config import (
     DEFAULT_SERVICE,
     CCConfig,
     LLConfig,
     ServiceListener,
     cc_config_from,
-    find_key_line,
     ll_config_from,
+    ll_listeners,
     parse_address,
     read_toml,
 )
@@ -31,7 +33,6 @@ from tcpgc.errors import UsageError
 from tcpgc.identity import (
     Certificate,
     JoinToken,
-    check_private,
     default_state_dir,
     format_fingerprint,
     load_identity,
@@ -192,6 +193,12 @@ def ll_config(args: argparse.Namespace) -> LLConfig:
         raise UsageError(
             "tcpgc ll needs --clients HOST:PORT or a config file with [services.NAME] sections"
         )
+    # A flag may collide with the file (the file's own collisions are reported with it).
+    clashes = collisions(ll_listeners(config))
+    if clashes:
+        raise UsageError(
+            "\n".join(f"{a} and {b} are on the same port: both cannot listen" for a, b in clashes)
+        )
     return config
 
 
@@ -219,7 +226,9 @@ def cc_config(args: argparse.Namespace) -> CCConfig:
 
 
 async def _serve(
-    node: ListenNode | ConnectNode, reload: Callable[[], Awaitable[None]] | None
+    node: ListenNode | ConnectNode,
+    reload: Callable[[], Awaitable[None]] | None,
+    admin_token: str | None = None,
 ) -> None:
     """Run `node` until SIGTERM or SIGINT, then drain it; SIGHUP reloads the config.
     A second SIGTERM or SIGINT while draining closes at once."""
@@ -235,11 +244,12 @@ async def _serve(
         if node.config.admin is not None:
             from tcpgc.admin import AdminServer  # only nodes that serve it pay for it
 
-            admin = AdminServer(node, node.config.admin, _admin_token(node.config.admin_token_file))
+            admin = AdminServer(node, node.config.admin, admin_token)
             await admin.start()
             log.info("admin endpoint on http://%s/", admin.address)
         if isinstance(node, ListenNode):
-            _print_instructions(node)
+            # Through logging, to stderr: a JSON record under --log-format json.
+            log.info("%s", instructions(node))
         while not stop.is_set():
             waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(hup.wait())]
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -299,84 +309,60 @@ def raise_fd_limit() -> None:
         logging.getLogger("tcpgc").warning("cannot raise the open file limit: %s", exc)
 
 
-def _admin_token(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        check_private(path)
-        token = path.read_text().strip()
-    except OSError as exc:
-        raise UsageError(f"cannot read admin_token_file {path}: {exc.strerror}") from None
-    if not token:
-        raise UsageError(f"admin_token_file {path} is empty")
-    return token
-
-
-def _check(args: argparse.Namespace) -> int:
-    """`tcpgc check`: every problem of a config file, one per line, with its line."""
-    data = read_toml(args.config)
-    role = args.role or ("cc" if "ll" in data or _has_service_key(data, "server") else "ll")
-    try:
-        if role == "ll":
-            ll_config_from(data, str(args.config))
-        else:
-            cc_config_from(data, str(args.config))
-    except UsageError as exc:
-        text = args.config.read_text(errors="replace")
-        for problem in str(exc).splitlines():
-            print(f"tcpgc: {_with_line(problem, text)}", file=sys.stderr)
-        return EXIT_USAGE
-    print(f"{args.config}: valid {role.upper()} config")
-    return 0
-
-
-def _has_service_key(data: dict[str, object], key: str) -> bool:
-    services = data.get("services")
-    return isinstance(services, dict) and any(
-        isinstance(body, dict) and key in body for body in services.values()
-    )
-
-
-def _with_line(problem: str, text: str) -> str:
-    """Add ' (line N)' to a 'FILE: key: message' problem when the key can be found."""
-    parts = problem.split(": ", 2)
-    if len(parts) < 3:
-        return problem
-    line = find_key_line(text, parts[1])
-    return problem if line is None else f"{parts[0]}:{line}: {parts[1]}: {parts[2]}"
-
-
-def _print_instructions(node: ListenNode) -> None:
+def instructions(node: ListenNode) -> str:
+    """What the LL logs once it is up: how to start an agent that serves exactly the
+    services this LL has (an agent offering others would be sent none of their clients)."""
     assert node.identity is not None and node.agent_address is not None
     agent = node.agent_address
     host = agent.host if agent.host not in ("0.0.0.0", "::", "") else "THIS_HOST"
     where = f"[{host}]:{agent.port}" if ":" in host else f"{host}:{agent.port}"
-    plain = " --insecure-plaintext" if node.config.insecure_plaintext else ""
-    print(
-        f"tcpgc LL is up; its identity is {format_fingerprint(node.identity.fingerprint)}.\n"
+    names = list(node.services)
+    head = (
+        f"tcpgc LL is up; its identity is {format_fingerprint(node.identity.fingerprint)}; "
+        f"services: {', '.join(names)}.\n"
         f"On the inside host, put the join token in the environment (paste the output of\n"
-        f"'tcpgc token --state-dir {node.identity.state_dir}' run here), then start the agent:\n"
+        f"'tcpgc token --state-dir {node.identity.state_dir}' run here):\n"
         f"  read -rs TCPGC_TOKEN && export TCPGC_TOKEN\n"
-        f"  tcpgc cc --ll {where} --server SERVER_HOST:PORT{plain}",
-        flush=True,
+    )
+    if names == [DEFAULT_SERVICE]:
+        plain = " --insecure-plaintext" if node.config.insecure_plaintext else ""
+        return (
+            head
+            + f"then start the agent:\n  tcpgc cc --ll {where} --server SERVER_HOST:PORT{plain}"
+        )
+    lines = [f'll = "{where}"']
+    if node.config.insecure_plaintext:
+        lines.append("insecure_plaintext = true")
+    for name in names:
+        lines += ["", f"[services.{name}]", 'server = "SERVER_HOST:PORT"']
+    snippet = "\n".join(f"    {line}" if line else "" for line in lines)
+    return (
+        head
+        + "then write cc.toml, with each service's server (names must match this LL's):\n"
+        + snippet
+        + "\nand start the agent:\n  tcpgc cc -c cc.toml"
     )
 
 
-def _token(args: argparse.Namespace) -> JoinToken:
+def _token(args: argparse.Namespace) -> JoinToken | None:
+    """The join token to print; None after --retire-previous, which changes no token."""
     config = ll_config_from(read_toml(args.config), str(args.config)) if args.config else LLConfig()
     state_dir = args.state_dir or config.state_dir or default_state_dir()
     if args.rotate or args.rotate_certificate:
         identity = rotate(state_dir, secret=args.rotate, certificate=args.rotate_certificate)
         print(
-            "rotated: restart the LL to accept the new token besides the old one, update "
-            "the agents, then run 'tcpgc token --retire-previous'",
+            "rotated: send the LL SIGHUP (or restart it) to accept the new token besides "
+            "the old one, update the agents, then run 'tcpgc token --retire-previous'",
             file=sys.stderr,
         )
     elif args.retire_previous:
-        identity = retire_previous(state_dir)
+        retire_previous(state_dir)
         print(
-            "retired: restart the LL; agents holding the old token are now refused", file=sys.stderr
+            "retired: send the LL SIGHUP (or restart it); agents holding the old token are "
+            "then refused (the token, unchanged, is printed by 'tcpgc token')",
+            file=sys.stderr,
         )
+        return None
     else:
         identity = load_identity(state_dir, create=True)
     if config.tls_cert is not None and config.tls_key is not None:
@@ -387,14 +373,16 @@ def _token(args: argparse.Namespace) -> JoinToken:
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "token":
-        print(_token(args))
+        token = _token(args)
+        if token is not None:
+            print(token)
         return 0
     if args.command == "demo":
         from tcpgc.demo import run_demo
 
         return asyncio.run(run_demo(once=args.once))
     if args.command == "check":
-        return _check(args)
+        return run_check(args.config, args.role)
     setup_logging(args.log_level, args.log_format)
     raise_fd_limit()
     tune_allocator()
@@ -411,20 +399,32 @@ def run(argv: Sequence[str] | None = None) -> int:
             logging.getLogger("tcpgc.ll").warning(
                 "--insecure-plaintext: the LL-CC leg is NOT encrypted; anyone on the path reads it"
             )
+        # Read before anything listens: a missing file is one line and exit 2.
+        ll_admin_token = read_admin_token(ll_cfg.admin_token_file)
         ll_node = ListenNode(ll_cfg)
+        if args.cc:
+            ll_node.cc_source = "--cc"
 
         async def reload_ll() -> None:
             await ll_node.reload(ll_config(args))
 
-        _run(_serve(ll_node, reload_ll if args.config else None))
+        _run(_serve(ll_node, reload_ll if args.config else None, ll_admin_token))
         return 0
     cc_cfg = cc_config(args)
     # Kept here for reloads, and out of the environment that other processes can read.
     env_token = take_from_environment("TCPGC_TOKEN")
     token = read_token(env_token, cc_cfg.token_file)
+    cc_admin_token = read_admin_token(cc_cfg.admin_token_file)
     if cc_cfg.insecure_plaintext:
         logging.getLogger("tcpgc.cc").warning(
             "--insecure-plaintext: the LL-CC leg is NOT encrypted and the LL is not pinned"
+        )
+    if args.server and list(cc_cfg.services) == [DEFAULT_SERVICE]:
+        # The agent cannot know the LL's services (the LL does not say them): the LL
+        # logs an agent offering a service it lacks; here, what to check.
+        logging.getLogger("tcpgc.cc").info(
+            "serving service 'default' (--server): an LL whose services have other names "
+            "sends this agent none of their clients; its start-up lines name its services"
         )
     cc_node = ConnectNode(cc_cfg, token)
 
@@ -432,7 +432,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         config = cc_config(args)
         await cc_node.reload(config, read_token(env_token, config.token_file))
 
-    _run(_serve(cc_node, reload_cc if args.config else None))
+    _run(_serve(cc_node, reload_cc if args.config else None, cc_admin_token))
     return 0
 
 

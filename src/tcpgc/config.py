@@ -6,6 +6,7 @@ A config file describes one node. Every problem is reported with the key it is a
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -13,46 +14,16 @@ from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_netw
 from pathlib import Path
 from typing import Any, TypeAlias
 
+# Address and parse_address are also imported from here (the README, other modules).
+from tcpgc.addresses import Address as Address
+from tcpgc.addresses import collisions
+from tcpgc.addresses import parse_address as parse_address
 from tcpgc.errors import UsageError
 from tcpgc.protocol.messages import MAX_SERVICES, is_valid_name
 
 DEFAULT_SERVICE = "default"
 
 IPNetwork: TypeAlias = IPv4Network | IPv6Network
-
-
-@dataclass(frozen=True)
-class Address:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @property
-    def bind_host(self) -> str | None:
-        """What to give asyncio's create_server: None binds all interfaces, IPv4 and
-        IPv6; '::' alone is IPv6 only (asyncio sets IPV6_V6ONLY), '0.0.0.0' IPv4 only."""
-        return self.host or None
-
-    @property
-    def connect_host(self) -> str:
-        return self.host or "localhost"
-
-
-def parse_address(text: object, what: str) -> Address:
-    """'host:port', '[v6]:port' or ':port' (all interfaces)."""
-    if not isinstance(text, str):
-        raise UsageError(f"{what}: expected a 'HOST:PORT' string, got {type(text).__name__}")
-    host, sep, port_text = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise UsageError(f"{what}: {text!r} is ambiguous: write IPv6 addresses as [ADDR]:PORT")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise UsageError(f"{what}: {text!r} is not HOST:PORT with a port from 0 to 65535")
-    # An empty host (":PORT") means every interface of both families.
-    return Address(host, int(port_text))
 
 
 @dataclass(frozen=True)
@@ -201,6 +172,16 @@ _CC_KEYS = {
     "insecure_plaintext",
 }
 _LL_SERVICE_KEYS = {"clients", "allow", "deny", "max_clients", "idle_timeout"}
+_CC_SERVICE_KEYS = {"server", "proxy_protocol"}
+
+
+def _hint(key: str, allowed: set[str]) -> str:
+    near = difflib.get_close_matches(key, allowed, 1)
+    return f"did you mean {near[0]!r}? " if near else ""
+
+
+def _known(allowed: set[str]) -> str:
+    return ", ".join(sorted(allowed))
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -259,7 +240,7 @@ class _Problems:
 
     def unknown(self, data: dict[str, Any], allowed: set[str], prefix: str = "") -> None:
         for key in sorted(set(data) - allowed):
-            self.add(prefix + key, f"unknown key (known: {', '.join(sorted(allowed))})")
+            self.add(prefix + key, f"unknown key ({_hint(key, allowed)}known: {_known(allowed)})")
 
     def integer(self, data: dict[str, Any], key: str, default: int, label: str = "") -> int:
         value = data.get(key, default)
@@ -290,8 +271,12 @@ class _Problems:
                 self.add(label, f"{item!r} is not an IP network (e.g. 192.0.2.0/24)")
         return tuple(out)
 
-    def service_tables(self, data: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
-        """The [services.NAME] tables that are well-formed enough to read `key` from."""
+    def service_tables(
+        self, data: dict[str, Any], key: str, allowed: set[str]
+    ) -> dict[str, dict[str, Any]]:
+        """The [services.NAME] tables, their unknown keys reported. A table missing
+        `key` is reported once, naming its unknown keys (the likely misspelling), and
+        still returned, so its other keys are checked too."""
         out: dict[str, dict[str, Any]] = {}
         table = data.get("services", {})
         if not isinstance(table, dict):
@@ -303,9 +288,16 @@ class _Problems:
                 self.add(where, "service names are 1-64 letters, digits, '-', '_' or '.'")
             elif not isinstance(body, dict):
                 self.add(where, f"expected a table with key {key!r}")
-            elif key not in body:
-                self.add(where, f"missing key {key!r}")
             else:
+                unknown = sorted(set(body) - allowed)
+                if key not in body:
+                    found = "; ".join(
+                        f"{k!r} is not a key ({_hint(k, allowed)}known: {_known(allowed)})"
+                        for k in unknown
+                    )
+                    self.add(where, f"missing key {key!r}" + (f"; {found}" if found else ""))
+                else:
+                    self.unknown({k: None for k in unknown}, allowed, where + ".")
                 out[name] = body
         return out
 
@@ -314,10 +306,9 @@ def ll_config_from(data: dict[str, Any], source: str) -> LLConfig:
     p = _Problems(source)
     p.unknown(data, _LL_KEYS)
     services: dict[str, ServiceListener] = {}
-    for name, body in p.service_tables(data, "clients").items():
+    for name, body in p.service_tables(data, "clients", _LL_SERVICE_KEYS).items():
         where = f"services.{name}"
-        p.unknown(body, _LL_SERVICE_KEYS, where + ".")
-        listen = p.address(body, "clients", f"{where}.clients")
+        listen = p.address(body, "clients", f"{where}.clients") if "clients" in body else None
         service = ServiceListener(
             listen=listen or Address("0.0.0.0", 0),
             allow=p.networks(body, "allow", f"{where}.allow"),
@@ -353,31 +344,39 @@ def ll_config_from(data: dict[str, Any], source: str) -> LLConfig:
         p.add("tls_cert", "tls_cert and tls_key go together")
     if config.max_pending < 1 or config.max_pending_per_source < 1:
         p.add("max_pending", "max_pending and max_pending_per_source must be at least 1")
+    for first, second in collisions(ll_listeners(config)):
+        p.add(second, f"same port as {first}: both cannot listen ('address already in use')")
     p.check()
     return config
 
 
-def _cc_services(p: _Problems, data: dict[str, Any]) -> dict[str, Address]:
+def ll_listeners(config: LLConfig) -> list[tuple[str, Address]]:
+    """Every address an LL listens on, labelled by its config key."""
+    out = [("cc", config.cc)] if config.cc is not None else []
+    out += [(f"services.{name}.clients", s.listen) for name, s in config.services.items()]
+    if config.admin is not None:
+        out.append(("admin", config.admin))
+    return out
+
+
+def _cc_services(p: _Problems, data: dict[str, Any]) -> tuple[dict[str, Address], dict[str, int]]:
+    """Each service's server, and the PROXY protocol version of those that send it."""
     services: dict[str, Address] = {}
-    if len(data.get("services", {})) > MAX_SERVICES:
+    proxy: dict[str, int] = {}
+    table = data.get("services", {})
+    if isinstance(table, dict) and len(table) > MAX_SERVICES:
         p.add("services", f"an agent serves at most {MAX_SERVICES} services")
-    for name, body in p.service_tables(data, "server").items():
-        p.unknown(body, {"server", "proxy_protocol"}, f"services.{name}.")
-        address = p.address(body, "server", f"services.{name}.server")
-        if address is not None:
-            services[name] = address
-    return services
-
-
-def _proxy_protocol(p: _Problems, data: dict[str, Any]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for name, body in p.service_tables(data, "server").items():
+    for name, body in p.service_tables(data, "server", _CC_SERVICE_KEYS).items():
+        if "server" in body:
+            address = p.address(body, "server", f"services.{name}.server")
+            if address is not None:
+                services[name] = address
         version = body.get("proxy_protocol", 0)
         if version not in (0, 1, 2) or isinstance(version, bool):
             p.add(f"services.{name}.proxy_protocol", f"expected 1, 2 or 0 (off), got {version!r}")
         elif version:
-            out[name] = version
-    return out
+            proxy[name] = version
+    return services, proxy
 
 
 def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
@@ -395,10 +394,11 @@ def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
             )
             if address is not None:
                 addresses.append(address)
+    services, proxy = _cc_services(p, data)
     config = CCConfig(
         ll=addresses,
-        services=_cc_services(p, data),
-        proxy_protocol=_proxy_protocol(p, data),
+        services=services,
+        proxy_protocol=proxy,
         connect_timeout=p.number(data, "connect_timeout", CCConfig.connect_timeout),
         reconnect_min=p.number(data, "reconnect_min", CCConfig.reconnect_min),
         reconnect_max=p.number(data, "reconnect_max", CCConfig.reconnect_max),

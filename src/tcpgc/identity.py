@@ -98,6 +98,7 @@ def _write_private(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
+        _give_to_dir_owner(fd, path.parent)
         os.write(fd, data)
         os.fsync(fd)
     finally:
@@ -108,6 +109,17 @@ def _write_private(path: Path, data: bytes) -> None:
         pass
     finally:
         os.unlink(tmp)
+
+
+def _give_to_dir_owner(fd: int, directory: Path) -> None:
+    """Root writing into a state dir that belongs to the service user (`tcpgc token
+    --rotate` run with sudo) makes the file that user's: a root-owned 0600 secret
+    would lock the LL out of its own identity at the next reload or restart."""
+    if os.geteuid() != 0:
+        return
+    owner = directory.stat()
+    if owner.st_uid != 0 or owner.st_gid != 0:
+        os.fchown(fd, owner.st_uid, owner.st_gid)
 
 
 def check_private(path: Path) -> None:
@@ -227,7 +239,9 @@ def _read_secret(path: Path) -> bytes:
 
 def _check_state_dir(state_dir: Path) -> None:
     """Refuse a state dir, or a secret in it, that another user controls: whoever can
-    write the dir can replace the LL's secret and key with their own."""
+    write the dir can replace the LL's secret and key with their own. The dir must be
+    this user's (root may also work in the service user's dir: what it writes there is
+    given to the dir's owner), and every secret in it the dir owner's or root's."""
     info = state_dir.stat()  # FileNotFoundError: the caller says how to create it
     uid = os.geteuid()
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
@@ -236,7 +250,7 @@ def _check_state_dir(state_dir: Path) -> None:
             f"(mode {stat.S_IMODE(info.st_mode):04o}); anyone who can write there can "
             f"replace the LL's secret: run 'chmod 700 {state_dir}'"
         )
-    if info.st_uid != uid:
+    if info.st_uid != uid and uid != 0:
         raise UsageError(
             f"state dir {state_dir} is owned by uid {info.st_uid}, not by this user "
             f"(uid {uid}): run tcpgc as its owner, or 'chown -R {uid} {state_dir}'"
@@ -247,10 +261,11 @@ def _check_state_dir(state_dir: Path) -> None:
             owner = path.lstat().st_uid
         except FileNotFoundError:
             continue
-        if owner != uid:
+        if owner not in (info.st_uid, 0):
             raise UsageError(
-                f"{path} is owned by uid {owner}, not by this user (uid {uid}); it holds "
-                f"a secret: if it is yours, run 'chown {uid} {path}'"
+                f"{path} is owned by uid {owner}, not by the state dir's owner (uid "
+                f"{info.st_uid}); it holds a secret: if it is theirs, run "
+                f"'chown {info.st_uid} {path}'"
             )
 
 

@@ -21,7 +21,7 @@ import secrets
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -107,6 +107,8 @@ class ListenNode(AgentPort):
         self._trimmer = BurstTrimmer(lambda: len(self._pending))
         self._no_clients = asyncio.Event()
         self._no_clients.set()
+        #: How the agent address was given, for error messages: the config key or flag.
+        self.cc_source = "cc"
 
     @property
     def service_addresses(self) -> dict[str, Address]:
@@ -126,7 +128,7 @@ class ListenNode(AgentPort):
             self._agent_server = await _listen(
                 lambda: Link(self._tls, server_side=True, on_made=self._agent_connected),
                 self.config.cc,
-                "--cc",
+                f"agents ({self.cc_source})",
             )
             self.agent_address = _bound(self._agent_server, self.config.cc)
             for name, listener in self.config.services.items():
@@ -158,11 +160,14 @@ class ListenNode(AgentPort):
         self._secrets = {key_id(secret): secret for secret in identity.secrets}
         self._tls, self._binding_of_context = tls, bindings
 
-    async def _open_service(self, name: str, listener: ServiceListener) -> Service:
+    async def _open_service(
+        self, name: str, listener: ServiceListener, reuse_port: bool = False
+    ) -> Service:
         server = await _listen(
             partial(Link, on_made=partial(self._client_connected, name)),
             listener.listen,
             f"service '{name}'",
+            reuse_port,
         )
         service = Service(name, listener, server, _bound(server, listener.listen))
         self._start_reaper(service)
@@ -186,31 +191,58 @@ class ListenNode(AgentPort):
                 "'cc' and 'insecure_plaintext' cannot change on reload: restart instead"
             )
         self._load_identity(config)
+        moving = [
+            service
+            for name, service in self.services.items()
+            if name not in config.services or service.config.listen != config.services[name].listen
+        ]
+        # A listener that closes may share its port with one that opens (a service
+        # moved from 0.0.0.0:8002 to 10.0.0.1:8002, or from [::]:2222 to :2222, or a
+        # port handed from a removed service to a new one). The new one opens first, so
+        # no client is refused in between: with SO_REUSEPORT on both, which the kernel
+        # allows for sockets of one user, the two coexist until the old one closes.
+        _set_reuse_port(moving, True)
         opened: dict[str, Service] = {}
         try:
             for name, listener in config.services.items():
                 current = self.services.get(name)
                 if current is None or current.config.listen != listener.listen:
-                    opened[name] = await self._open_service(name, listener)
+                    opened[name] = await self._open_service(name, listener, reuse_port=True)
         except UsageError:
+            # All or nothing: one service that cannot open refuses the whole reload.
             for service in opened.values():
                 service.server.close()
+            _set_reuse_port(moving, False)
             raise
-        for name, service in list(self.services.items()):
-            if name not in config.services or name in opened:
-                service.server.close()  # its connections finish on their own
-                if service.reaper is not None:
-                    service.reaper.cancel()
+        replaced = {
+            name: service
+            for name, service in self.services.items()
+            if name not in config.services or name in opened
+        }
+        for name, service in opened.items():
+            self.services[name] = service  # its clients, from either listener, from now
+            log.info("service '%s' listening for clients on %s", name, service.address)
+        if opened and replaced:
+            # Two loop turns: the first polls the old listeners, the second runs their
+            # accept callbacks, so clients already queued on them are taken, not reset
+            # by the close below. (Clients the kernel spreads onto an old listener of
+            # the very same address in the instant before it closes can still be reset.)
+            for _ in range(2):
+                await asyncio.sleep(0)
+        for name, service in replaced.items():
+            service.server.close()  # its connections finish on their own
+            if service.reaper is not None:
+                service.reaper.cancel()
+            if name not in opened:
                 del self.services[name]
-                if name not in opened:
-                    log.info("service '%s' removed", name)
-            elif service.config != config.services[name]:
+                log.info("service '%s' removed", name)
+        # The old listeners are closed: nobody else may join the new ones' ports now.
+        _set_reuse_port(opened.values(), False)
+        for name, service in self.services.items():
+            if name not in opened and service.config != config.services[name]:
                 service.config = config.services[name]
                 self._start_reaper(service)
                 log.info("service '%s' controls updated", name)
-        for name, service in opened.items():
-            self.services[name] = service
-            log.info("service '%s' listening for clients on %s", name, service.address)
         self._pending.max_total = config.max_pending
         self._pending.max_per_source = config.max_pending_per_source
         self.config = config
@@ -527,8 +559,17 @@ class ListenNode(AgentPort):
                     relay.close()
 
 
+def _set_reuse_port(services: Iterable[Service], on: bool) -> None:
+    for service in services:
+        for sock in service.server.sockets:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(on))
+
+
 async def _listen(
-    factory: Callable[[], asyncio.BaseProtocol], address: Address, what: str
+    factory: Callable[[], asyncio.BaseProtocol],
+    address: Address,
+    what: str,
+    reuse_port: bool = False,
 ) -> asyncio.Server:
     loop = asyncio.get_running_loop()
     tries = 1
@@ -544,8 +585,18 @@ async def _listen(
                 port = probe.getsockname()[1]
         try:
             return await loop.create_server(
-                factory, address.bind_host, port, reuse_address=True, backlog=1024
+                factory,
+                address.bind_host,
+                port,
+                reuse_address=True,
+                reuse_port=reuse_port or None,
+                backlog=1024,
             )
+        except socket.gaierror as exc:
+            raise UsageError(
+                f"cannot listen on {address} for {what}: host {address.host!r} does not "
+                f"resolve ({exc.strerror})"
+            ) from None
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE and attempt + 1 < tries:
                 continue  # taken in between by someone else: pick another

@@ -91,6 +91,10 @@ class Metrics:
             buckets=WAIT_BUCKETS,
             registry=r,
         )
+        if role != "cc":
+            # The agent holds the ready connections: on the LL both would read 0 forever.
+            self.pool_size = self.reused = _UNCOUNTED
+            return
         self.pool_size = Gauge(
             "tcpgc_pool_size", "Ready data connections held for new clients", registry=r
         )
@@ -128,6 +132,7 @@ def failure_reason(text: str) -> str:
         ("closed", "closed"),
         ("data connection id", "bad_data_id"),
         ("version", "version"),
+        ("does not resolve", "resolve"),
     ):
         if needle in lowered:
             return label

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import ssl
 from typing import Any
 
@@ -182,6 +183,9 @@ def describe(exc: BaseException) -> str:
     """A failure to reach the LL or a server, in a few words for a log line."""
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, socket.gaierror):
+        # Its errno is a resolver code (EAI_*), which os.strerror calls 'unknown error'.
+        return f"the host name does not resolve ({exc.strerror})"
     if isinstance(exc, ssl.SSLError):
         return f"TLS failed ({exc.reason or exc}); is the LL running with --insecure-plaintext?"
     if isinstance(exc, ConnectionResetError) and "TLS" in str(exc):
