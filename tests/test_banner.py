@@ -108,7 +108,7 @@ def test_banner_is_a_json_record_under_json_logs(harness: Harness) -> None:
 
 def test_agent_with_a_service_the_ll_lacks_is_named(harness: Harness) -> None:
     """The old banner's command made the agent offer 'default' to an LL with 'web' and
-    'ssh': the LL now names what the agent offers and what it has."""
+    'ssh': both nodes now name what the agent offers and what the LL has."""
     ll, token = _ll_two_services(harness)
     agent = ll.wait_for(RE_LL_AGENT_PORT, READY)["addr"]
     echo = harness.echo_server()
@@ -116,5 +116,6 @@ def test_agent_with_a_service_the_ll_lacks_is_named(harness: Harness) -> None:
     cc.wait_for(RE_CC_JOINED, READY)
     warning = ll.wait_for(r"WARNING .*offers services this LL does not have: (?P<rest>.*)", READY)
     assert warning["rest"] == "default (this LL has: web, ssh)", warning.string
-    # The agent cannot know the LL's services; it says what to compare.
-    cc.wait_for(r"serving service 'default' \(--server\)", 5)
+    # The LL tells the agent its services (in READY): the agent says it too.
+    line = cc.wait_for(r"WARNING .*LL \S+ does not have services: (?P<rest>.*)", READY)
+    assert line["rest"].startswith("default (it has: web, ssh)"), line.string

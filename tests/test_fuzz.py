@@ -76,6 +76,7 @@ def messages(text: st.SearchStrategy[str]) -> st.SearchStrategy[Message]:
             st.lists(names, max_size=6).map(tuple),
         ),
         st.builds(Ready, u32),
+        st.builds(Ready, u32, st.lists(names, min_size=1, max_size=6).map(tuple)),
         st.builds(Error, u8, text),
         st.builds(Open, fixed(CONN_ID_SIZE), names),
         st.builds(OpenFailed, fixed(CONN_ID_SIZE), text),

@@ -534,3 +534,11 @@ def test_both_sides_derive_the_same_session_key_and_never_send_it() -> None:
     assert proof != pool_proof(agent.session_key, agent.agent_id, 2, BINDING)
     assert proof != pool_proof(other_agent.session_key, agent.agent_id, 1, BINDING)
     assert proof != pool_proof(agent.session_key, agent.agent_id, 1, b"\x43" * 32)
+
+
+def test_agent_learns_the_services_the_ll_has() -> None:
+    agent = make_agent()
+    ll = make_ll(services=("web", "db"))
+    run(agent, ll)
+    assert agent.ll_services == ("web", "db")
+    assert agent.heartbeat_ms == HEARTBEAT

@@ -56,6 +56,7 @@ SAMPLES: list[Message] = [
     Auth(PROOF, AGENT_ID, ()),
     Auth(PROOF, AGENT_ID, ("a" * MAX_NAME,)),
     Ready(15000),
+    Ready(10000, ("web", "ssh")),
     Ready(0xFFFFFFFF),
     Error(ErrorCode.AUTHENTICATION, "bad token"),
     Error(ErrorCode.VERSION, ""),
@@ -361,7 +362,10 @@ def test_eof_after_frame_and_partial_frame() -> None:
 
 def test_header_layout_is_network_byte_order() -> None:
     frame_bytes = encode(Ready(0x01020304))
-    assert frame_bytes == bytes([MessageType.READY]) + struct.pack("!H", 4) + b"\x01\x02\x03\x04"
+    # The heartbeat, then the LL's services: none here (a count of 0).
+    assert (
+        frame_bytes == bytes([MessageType.READY]) + struct.pack("!H", 5) + b"\x01\x02\x03\x04\x00"
+    )
 
 
 def test_open_with_an_invalid_address_is_refused() -> None:

@@ -247,6 +247,7 @@ class AgentPort:
             heartbeat_ms=int(self.config.heartbeat * 1000),
             binding=self._binding_of(link),
             tls=self._tls is not None,
+            services=tuple(self.config.services),
         )
         channel.send(handshake.receive(hello))
         auth = await channel.recv()

@@ -325,6 +325,15 @@ class ConnectNode(ReadyPools):
             agent_id,
             ", ".join(self.config.services),
         )
+        missing = [s for s in self.config.services if s not in handshake.ll_services]
+        if missing and handshake.ll_services:
+            log.warning(
+                "LL %s does not have services: %s (it has: %s); no client of theirs "
+                "comes through it until it is configured with them",
+                address,
+                ", ".join(missing),
+                ", ".join(handshake.ll_services),
+            )
         self.connected[str(address)].set()
         self.metrics.agents.set(sum(e.is_set() for e in self.connected.values()))
         heartbeat = max(handshake.heartbeat_ms, 100) / 1000

@@ -419,13 +419,6 @@ def run(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("tcpgc.cc").warning(
             "--insecure-plaintext: the LL-CC leg is NOT encrypted and the LL is not pinned"
         )
-    if args.server and list(cc_cfg.services) == [DEFAULT_SERVICE]:
-        # The agent cannot know the LL's services (the LL does not say them): the LL
-        # logs an agent offering a service it lacks; here, what to check.
-        logging.getLogger("tcpgc.cc").info(
-            "serving service 'default' (--server): an LL whose services have other names "
-            "sends this agent none of their clients; its start-up lines name its services"
-        )
     cc_node = ConnectNode(cc_cfg, token)
 
     async def reload_cc() -> None:

@@ -27,6 +27,7 @@ from enum import Enum, auto
 from tcpgc.errors import AuthenticationError, PeerRefused, ProtocolError
 from tcpgc.protocol.messages import (
     AGENT_ID_SIZE,
+    MAX_SERVICES,
     MAX_VERSION,
     MIN_VERSION,
     NONCE_SIZE,
@@ -120,6 +121,8 @@ class AgentHandshake:
         self.state = State.START
         self.version = 0
         self.heartbeat_ms = 0
+        #: The services the LL has, as it said in READY.
+        self.ll_services: tuple[str, ...] = ()
         #: Known to both sides once authenticated, never sent: keys ready data connections.
         self.session_key = b""
 
@@ -164,6 +167,7 @@ class AgentHandshake:
         if isinstance(message, Ready):
             self._expect(State.WAIT_READY, "READY")
             self.heartbeat_ms = message.heartbeat_ms
+            self.ll_services = message.services
             self.state = State.DONE
             return None
         raise ProtocolError(
@@ -186,10 +190,13 @@ class LLHandshake:
         heartbeat_ms: int,
         binding: bytes = b"",
         tls: bool = True,
+        services: tuple[str, ...] = (),
         nonce: bytes | None = None,
     ) -> None:
         self._secrets = secrets_by_id
         self._heartbeat_ms = heartbeat_ms
+        #: The LL's own services, told to the agent in READY (at most MAX_SERVICES).
+        self._ll_services = services[:MAX_SERVICES]
         self._binding = binding
         self._tls = tls
         self._nonce = nonce or secrets.token_bytes(NONCE_SIZE)
@@ -247,7 +254,7 @@ class LLHandshake:
                 self._secret, _SESSION_LABEL, self._transcript, message.agent_id
             )
             self.state = State.DONE
-            return Ready(self._heartbeat_ms)
+            return Ready(self._heartbeat_ms, self._ll_services)
         raise ProtocolError(
             f"unexpected {message.TYPE.name} during the handshake (state {self.state.name})"
         )

@@ -205,10 +205,15 @@ class Auth:
     @classmethod
     def parse(cls, r: _Reader) -> Auth:
         proof, agent_id = r.take(PROOF_SIZE), r.take(AGENT_ID_SIZE)
-        count = r.u8()
-        if count > MAX_SERVICES:
-            raise ProtocolError(f"AUTH names {count} services, more than {MAX_SERVICES}")
-        return cls(proof, agent_id, tuple(r.name() for _ in range(count)))
+        return cls(proof, agent_id, _services(r))
+
+
+def _services(r: _Reader) -> tuple[str, ...]:
+    """A services list as `services_blob` writes it."""
+    count = r.u8()
+    if count > MAX_SERVICES:
+        raise ProtocolError(f"{r.kind.name} names {count} services, more than {MAX_SERVICES}")
+    return tuple(r.name() for _ in range(count))
 
 
 def services_blob(services: tuple[str, ...]) -> bytes:
@@ -220,17 +225,19 @@ def services_blob(services: tuple[str, ...]) -> bytes:
 
 @dataclass(frozen=True)
 class Ready:
-    """LL → agent: the session is up; the LL's heartbeat interval in milliseconds."""
+    """LL → agent: the session is up; the LL's heartbeat interval in milliseconds and
+    the services it has (so an agent can say which of its own no client will reach)."""
 
     TYPE: ClassVar[MessageType] = MessageType.READY
     heartbeat_ms: int
+    services: tuple[str, ...] = ()
 
     def payload(self) -> bytes:
-        return struct.pack("!I", self.heartbeat_ms)
+        return struct.pack("!I", self.heartbeat_ms) + services_blob(self.services)
 
     @classmethod
     def parse(cls, r: _Reader) -> Ready:
-        return cls(r.u32())
+        return cls(r.u32(), _services(r))
 
 
 @dataclass(frozen=True)
