@@ -7,6 +7,8 @@ import random
 from collections.abc import Hashable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tcpgc.guard import TRUST_SECONDS, PendingHandshakes, network_of
 
@@ -249,3 +251,56 @@ def test_settle_without_expect_is_harmless() -> None:
     for _ in range(3):
         table.connect("198.51.100.7")
     assert len(table.shed) == 1
+
+
+# ---------------------------------------------------------------------------- invariants
+
+_SOURCES = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.1.1", "2001:db8::1", "2001:db8::2"]
+_steps = st.lists(
+    st.tuples(
+        st.sampled_from(["admit", "release", "auth", "end", "expect", "settle", "wait"]),
+        st.sampled_from(_SOURCES),
+        st.integers(min_value=0, max_value=1000),
+    ),
+    max_size=200,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=_steps, max_total=st.integers(1, 6), max_per_source=st.integers(1, 4))
+def test_caps_hold_whatever_happens(
+    steps: list[tuple[str, str, int]], max_total: int, max_per_source: int
+) -> None:
+    """Any sequence of events: the newcomer is never shed, every cap holds right after
+    each admission, and the bookkeeping matches the connections held."""
+    table = Table(max_total, max_per_source, seed=7)
+    guard = table.guard
+    expected: list[str] = []
+    for action, source, n in steps:
+        if action == "admit":
+            conn = table.connect(source)
+            group = guard._group_of[conn]
+            untrusted = [c for c in table.pending if not guard._group_of[c].trusted]
+            due = sum(1 for s in expected if not guard.trusted(s, table.now))
+            assert len(untrusted) <= max(1, max_total + due)
+            mine = sum(1 for s in expected if guard._group(s, table.now) == group)
+            assert len(guard._members[group]) <= max(1, max_per_source + mine)
+        elif action == "release" and table.pending:
+            table.done(sorted(table.pending, key=id)[n % len(table.pending)])
+        elif action == "auth":
+            guard.authenticated(source, table.now)
+        elif action == "end":
+            guard.session_ended(source, table.now)
+        elif action == "expect":
+            guard.expect(source)
+            expected.append(source)
+        elif action == "settle" and expected:
+            guard.settle(expected.pop(n % len(expected)))
+        elif action == "wait":
+            table.now += n
+        members = guard._members
+        assert sum(len(m) for m in members.values()) == len(table.pending)
+        assert guard._untrusted == sum(len(m) for g, m in members.items() if not g.trusted)
+        assert guard._counted == {g: len(m) for g, m in members.items() if not g.trusted}
+        assert all(g in guard._by_count[n] for g, n in guard._counted.items())
+    assert guard.shed == len(table.shed)
