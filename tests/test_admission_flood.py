@@ -1,10 +1,10 @@
 """Admission control against a flood from many addresses of one network.
 
 Bare TCP connects, held open and never sent a byte, come from 39 addresses of
-127.0.0.0/24 (as an attacker with a /24, or an IPv6 /64, would send them) at whatever
-rate this machine allows. Meanwhile a new agent joins from 127.0.1.1, another network,
-and the agent already connected (127.0.0.1, inside the flood's own /24) keeps serving
-clients. Neither may be crowded out: the flood's network is one source for the
+127.0.0.0/24 (as an attacker with a /24, or an IPv6 /64, would send them), hundreds a
+second against caps of a few connections. Meanwhile a new agent joins from 127.0.1.1,
+another network, and the agent already connected (127.0.0.1, inside the flood's own
+/24) keeps serving clients. Neither may be crowded out: the flood's network is one source for the
 per-source cap and the first to be shed past the total cap, and the pending connections
 of an address that authenticated an agent are not counted with its network.
 
@@ -30,8 +30,9 @@ from tcpgc.identity import agent_context, pin_server_name
 FLOOD_SOURCES = [f"127.0.0.{i}" for i in range(2, 41)]
 #: Where the new agent comes from: a /24 of its own.
 NEW_AGENT_SOURCE = "127.0.1.1"
-#: The flood stops after this long or this many connects, whichever comes first.
-FLOOD_SECONDS = 10.0
+#: The flood stops after this long or this many connects, whichever comes first (the
+#: test stops it sooner, once it has measured the agents: usually within a few seconds).
+FLOOD_SECONDS = 15.0
 FLOOD_MAX_CONNECTS = 100_000
 #: Connects per second: enough to cycle the caps below many times during one agent
 #: handshake, not so many that the LL's accept queue overflows and every connection,
@@ -41,8 +42,8 @@ FLOOD_RATE = 500
 FLOOD_WINDOW = 300
 #: Small caps, so that a 2-core machine fills them many times over within a second.
 LL_OPTIONS = {"max_pending": 8, "max_pending_per_source": 4}
-#: The new agent must be in within this long of the flood reaching full strength; the
-#: flood lasts longer. A real CC retries with backoff; the one here every 0.2 s.
+#: The new agent must be in within this long of the flood reaching full strength. A
+#: real CC retries with backoff; the one here every JOIN_RETRY seconds.
 JOIN_BOUND = 5.0
 JOIN_RETRY = 0.5
 #: Clients the connected agent serves during the flood: bursts of concurrent ones, more
@@ -50,6 +51,9 @@ JOIN_RETRY = 0.5
 BURSTS = 4
 BURST_SIZE = 10
 CLIENTS = BURSTS * BURST_SIZE
+#: Connections the LL must have shed before the agents are measured.
+FULL_STRENGTH = 100
+RE_SHED = r"handshake failed from \S+: shed, too many"
 
 # Connect, hold, close the oldest with a reset (no TIME_WAIT to run out of ports).
 FLOOD_SCRIPT = r"""
@@ -196,10 +200,11 @@ def test_flood_from_one_network_crowds_out_no_agent(harness: Harness) -> None:
 
     flood = Flood(env.agent_addr, FLOOD_SOURCES)
     try:
-        # Full strength: the LL sheds the flood's connections.
-        env.ll.wait_for(
-            r"handshake failed from 127\.0\.0\.\d+:\d+: shed", READY_TIMEOUT, since=mark
-        )
+        # Full strength: the LL has shed the flood's connections many times over.
+        deadline = time.monotonic() + READY_TIMEOUT
+        while len(env.ll.find_all(RE_SHED, since=mark)) < FULL_STRENGTH:
+            assert time.monotonic() < deadline, "the flood did not fill the table"
+            time.sleep(0.05)
         joined: dict[str, float] = {}
         joiner = threading.Thread(target=join_during_flood, args=(env, joined), daemon=True)
         joiner.start()
@@ -212,7 +217,7 @@ def test_flood_from_one_network_crowds_out_no_agent(harness: Harness) -> None:
     finally:
         flood.kill()
 
-    shed = len(env.ll.find_all(r"handshake failed from \S+: shed, too many", since=mark))
+    shed = len(env.ll.find_all(RE_SHED, since=mark))
     print(
         f"during the flood: new agent joined after {joined.get('joined_after')} s "
         f"({joined.get('tries')} tries); {CLIENTS - len(failures)}/{CLIENTS} clients served; "
@@ -235,7 +240,6 @@ def test_flood_from_one_network_crowds_out_no_agent(harness: Harness) -> None:
     assert env.served() - served == CLIENTS
     # And all that while the flood ran, cycling the table of pending connections.
     assert legit_done < FLOOD_SECONDS, "the flood ended before the agents were measured"
-    assert shed >= 10 * LL_OPTIONS["max_pending"], "the flood did not fill the table"
     assert connects >= shed
     # The connected agent kept its session throughout.
     assert not env.ll.find_all(
