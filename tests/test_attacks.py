@@ -634,9 +634,9 @@ RSS_SETTLE_SECONDS = 10.0
 def test_load_garbage_and_slowloris_while_serving(harness: Harness) -> None:
     env = start_env(harness)
     client_host, client_port = env.client_addrs["default"]
-    # Attackers come from ten other loopback addresses, as they would from elsewhere;
+    # Attackers come from ten other loopback networks, as they would from elsewhere;
     # the agent (127.0.0.1) stays under its own per-source cap of pending connections.
-    flood = Flood(env.agent_addr, [f"127.0.0.{i}" for i in range(2, 12)])
+    flood = Flood(env.agent_addr, [f"127.0.{i}.1" for i in range(2, 12)])
     hello = tls_client_hello()
 
     # Warm up: the first connections of each kind import modules and fill caches once.

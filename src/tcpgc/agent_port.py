@@ -2,8 +2,8 @@
 data connection claiming a waiting client, or a ready data connection to keep.
 
 Every connection here is unauthenticated until its first exchange is done: admission
-control sheds the excess at random, a deadline bounds each, and any failure is one log
-line and one count, and closes that connection only.
+control sheds the excess (from the busiest network first), a deadline bounds each, and
+any failure is one log line and one count, and closes that connection only.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import hmac
 import itertools
 import logging
 import ssl
+import time
 from dataclasses import dataclass
 
 from tcpgc.agents import AgentRegistry, AgentSession
@@ -77,13 +78,13 @@ class AgentPort:
     _trimmer: BurstTrimmer
 
     def _agent_connected(self, link: Link) -> None:
-        for victim in self._pending.admit(link, link.peer_host):
+        for victim in self._pending.admit(link, link.peer_host, time.monotonic()):
             assert isinstance(victim, Link)
             self._handshake_failed(
                 victim,
                 "shed, too many unauthenticated connections "
                 f"({self.config.max_pending} pending at most, "
-                f"{self.config.max_pending_per_source} per source)",
+                f"{self.config.max_pending_per_source} per network)",
             )
             victim.shed = True
             victim.abort()
@@ -293,10 +294,13 @@ class AgentPort:
             log.info("agent %s: new session replaces the one from %s", session.agent_id, stale.peer)
             stale.close()
         heartbeat = self._tasks.spawn(self._heartbeat(session.channel), f"heartbeat {link.peer}")
+        # Its address's ready and data connections are now kept apart from any flood.
+        self._pending.authenticated(session.peer_host, time.monotonic())
         try:
             dead = await self._session_loop(session)
         finally:
             heartbeat.cancel()
+            self._pending.session_ended(session.peer_host, time.monotonic())
             self.agents.remove(session)
             self.metrics.agents.set(len(self.agents))
             session.close()  # with its ready connections, and those offered to clients

@@ -81,7 +81,9 @@ class LLConfig:
     #: File holding a bearer token the admin endpoint requires (none: no auth).
     admin_token_file: Path | None = None
     #: Unauthenticated connections on the agent port at once, in all and per source
-    #: address. Past either cap a random pending one is dropped (random early drop).
+    #: network (/24, /64; an address where an agent authenticated is a source of its
+    #: own, outside the total). Past a cap one pending is dropped: at random within the
+    #: source, from the source with the most past the total (see `tcpgc.guard`).
     max_pending: int = 256
     max_pending_per_source: int = 32
     #: Agent sessions at once per join token (per secret the agents prove); past it a
