@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tcpgc import __version__
+from tcpgc.admin_access import exposure_problem
 from tcpgc.cc import ConnectNode
 from tcpgc.config import (
     DEFAULT_SERVICE,
@@ -165,12 +166,21 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="serve /metrics, /healthz and a status page here (off by default; use loopback)",
     )
+    p.add_argument(
+        "--admin-token-file",
+        type=Path,
+        metavar="FILE",
+        help="0600 file holding the bearer token the admin endpoint requires "
+        "(required unless --admin is on loopback)",
+    )
 
 
 def ll_config(args: argparse.Namespace) -> LLConfig:
     config = ll_config_from(read_toml(args.config), str(args.config)) if args.config else LLConfig()
     if args.admin:
         config.admin = parse_address(args.admin, "--admin")
+    if args.admin_token_file:
+        config.admin_token_file = args.admin_token_file
     if args.cc:
         config.cc = parse_address(args.cc, "--cc")
     if args.clients:
@@ -198,6 +208,8 @@ def cc_config(args: argparse.Namespace) -> CCConfig:
     config = cc_config_from(read_toml(args.config), str(args.config)) if args.config else CCConfig()
     if args.admin:
         config.admin = parse_address(args.admin, "--admin")
+    if args.admin_token_file:
+        config.admin_token_file = args.admin_token_file
     if args.ll:
         config.ll = [parse_address(a, "--ll") for a in args.ll]
     if args.server:
@@ -234,7 +246,12 @@ async def _serve(
         if node.config.admin is not None:
             from tcpgc.admin import AdminServer  # only nodes that serve it pay for it
 
-            admin = AdminServer(node, node.config.admin, _admin_token(node.config.admin_token_file))
+            admin = AdminServer(
+                node,
+                node.config.admin,
+                _admin_token(node.config.admin_token_file),
+                node.config.admin_hosts,
+            )
             await admin.start()
             log.info("admin endpoint on http://%s/", admin.address)
         if isinstance(node, ListenNode):
@@ -311,22 +328,45 @@ def _admin_token(path: Path | None) -> str | None:
     return token
 
 
+def _refuse_exposed_admin(config: LLConfig | CCConfig) -> None:
+    """Before anything listens: no tokenless admin endpoint beyond loopback."""
+    problem = exposure_problem(config.admin, config.admin_token_file)
+    if problem is not None:
+        raise UsageError(problem)
+
+
 def _check(args: argparse.Namespace) -> int:
     """`tcpgc check`: every problem of a config file, one per line, with its line."""
     data = read_toml(args.config)
     role = args.role or ("cc" if "ll" in data or _has_service_key(data, "server") else "ll")
+    problems: list[str] = []
     try:
         if role == "ll":
             ll_config_from(data, str(args.config))
         else:
             cc_config_from(data, str(args.config))
     except UsageError as exc:
+        problems += str(exc).splitlines()
+    problems += _exposure_in(data, str(args.config))
+    if problems:
         text = args.config.read_text(errors="replace")
-        for problem in str(exc).splitlines():
+        for problem in problems:
             print(f"tcpgc: {_with_line(problem, text)}", file=sys.stderr)
         return EXIT_USAGE
     print(f"{args.config}: valid {role.upper()} config")
     return 0
+
+
+def _exposure_in(data: dict[str, object], source: str) -> list[str]:
+    """The admin exposure problem of a config file, as `tcpgc check` reports problems
+    (read from the raw data: the file may have other problems as well)."""
+    try:
+        admin = parse_address(data["admin"], "admin") if "admin" in data else None
+    except UsageError:
+        return []  # reported by the config's own validation
+    token_file = data.get("admin_token_file")
+    problem = exposure_problem(admin, Path(token_file) if isinstance(token_file, str) else None)
+    return [] if problem is None else [f"{source}: admin: {problem}"]
 
 
 def _has_service_key(data: dict[str, object], key: str) -> bool:
@@ -406,6 +446,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         raise UsageError("--interval applies only with --classic")
     if args.command == "ll":
         ll_cfg = ll_config(args)
+        _refuse_exposed_admin(ll_cfg)
         if ll_cfg.insecure_plaintext:
             logging.getLogger("tcpgc.ll").warning(
                 "--insecure-plaintext: the LL-CC leg is NOT encrypted; anyone on the path reads it"
@@ -418,6 +459,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         _run(_serve(ll_node, reload_ll if args.config else None))
         return 0
     cc_cfg = cc_config(args)
+    _refuse_exposed_admin(cc_cfg)
     token = read_token(os.environ.get("TCPGC_TOKEN"), cc_cfg.token_file)
     if cc_cfg.insecure_plaintext:
         logging.getLogger("tcpgc.cc").warning(
