@@ -5,8 +5,11 @@ and an admin endpoint exposed beyond loopback without a token."""
 from __future__ import annotations
 
 import json
+import random
 import select
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -157,6 +160,51 @@ def test_healthz_answers_while_idle_connections_are_held(
         holder.close()
     # The attack over, the endpoint answers as before.
     assert request(admin, "/healthz", "127.0.0.1")[0] == 200
+
+
+_FLOOD = """
+import socket, sys, time
+addr, seconds, limit = (sys.argv[1], int(sys.argv[2])), float(sys.argv[3]), int(sys.argv[4])
+held, opened, end = [], 0, time.monotonic() + seconds
+print("flooding", flush=True)
+while time.monotonic() < end and opened < limit:
+    try:
+        held.append(socket.create_connection(addr, timeout=2))
+        opened += 1
+    except OSError:
+        pass
+    if len(held) > 100:
+        held.pop(0).close()
+print(opened, flush=True)
+"""
+
+
+def test_healthz_answers_during_a_connection_flood(harness: Harness) -> None:
+    """An attacker opening idle connections as fast as it can (from another process,
+    bounded in time and count) while the health checks come from the same address: a
+    check is shed only if its own client stalls between connect and send."""
+    ll, admin = start_ll_with_admin(harness)
+    flood = subprocess.Popen(
+        [sys.executable, "-c", _FLOOD, admin[0], str(admin[1]), "4", "4000"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert flood.stdout is not None and flood.stdout.readline() == "flooding\n"
+        answered, failures = 0, []
+        for _ in range(100):
+            try:
+                answered += request(admin, "/healthz", "127.0.0.1", timeout=5) == (200, "ok\n")
+            except (OSError, IndexError) as exc:  # reset, or closed before any reply
+                failures.append(repr(exc))
+        opened = int(flood.communicate(timeout=30)[0].strip())
+    finally:
+        if flood.poll() is None:
+            flood.kill()
+            flood.wait(10)
+    assert opened >= 100, f"the flood opened only {opened} connections"
+    assert answered >= 95, (answered, failures[:5])
+    assert "Traceback" not in ll.output()
 
 
 def test_a_request_head_has_a_short_deadline(harness: Harness) -> None:
@@ -316,3 +364,24 @@ def test_host_allowlist() -> None:
     assert host_name_problem("203.0.113.9") is None
     for bad in ("gw1.example.com:9181", "*.example.com", "http://gw1", "", "a" * 300, 7):
         assert host_name_problem(bad) is not None, bad
+
+
+def test_shedding_spares_the_newest_and_requests_waiting() -> None:
+    """The admin endpoint's guard: of two drawn, the older is dropped (so the newest is
+    never), and a connection whose request waits to be read only if all others do too."""
+    from tcpgc.guard import PendingHandshakes
+
+    guard = PendingHandshakes(100, 4, random.Random(7), draws=2)
+    for key in range(4):
+        assert guard.admit(key, "a") == []
+    dropped = [guard.admit(key, "a")[0] for key in range(4, 400)]
+    assert all(victim != key - 1 for victim, key in zip(dropped, range(4, 400), strict=True))
+    assert len(set(dropped)) == len(dropped)
+
+    waiting = {1, 2}
+    guard = PendingHandshakes(100, 3, random.Random(7), draws=2, spare=waiting.__contains__)
+    for key in range(3):
+        guard.admit(key, "a")
+    assert guard.admit(3, "a") == [0]  # 1 and 2 are spared, 3 is the newcomer
+    waiting.add(3)
+    assert guard.admit(4, "a")[0] in {1, 2, 3}  # all spared: any but the newcomer

@@ -17,17 +17,30 @@ one (`expect`) until that client is claimed or given up (`settle`).
 from __future__ import annotations
 
 import random
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 
 class PendingHandshakes:
     """Tracks pending connections by source; `admit` says which ones to drop."""
 
     def __init__(
-        self, max_total: int, max_per_source: int, rng: random.Random | None = None
+        self,
+        max_total: int,
+        max_per_source: int,
+        rng: random.Random | None = None,
+        draws: int = 1,
+        spare: Callable[[Hashable], bool] | None = None,
     ) -> None:
+        """`draws` > 1: draw that many pending connections at random and drop the one
+        pending longest. The choice stays unpredictable, but the newest pending one is
+        never dropped (it is never the older of two) and the next newest rarely, which
+        favours peers that finish at once over peers that linger. `spare`: connections
+        for which it is true are dropped only when every other candidate is spared too
+        (e.g. those whose request is already waiting to be read)."""
         self.max_total = max_total
         self.max_per_source = max_per_source
+        self.draws = draws
+        self.spare = spare
         self._rng = rng or random.Random()
         self._source_of: dict[Hashable, str] = {}
         self._by_source: dict[str, list[Hashable]] = {}
@@ -71,6 +84,13 @@ class PendingHandshakes:
             self._evict(key)
 
     def _pick(self, candidates: list[Hashable], keep: Hashable) -> Hashable:
+        if self.draws > 1 or self.spare is not None:
+            # `candidates` are in order of arrival (dict and list insertion order).
+            others = [key for key in candidates if key != keep]
+            if self.spare is not None:
+                others = [key for key in others if not self.spare(key)] or others
+            drawn = self._rng.sample(range(len(others)), min(self.draws, len(others)))
+            return others[min(drawn)]
         while True:
             victim = self._rng.choice(candidates)
             if victim != keep:
