@@ -166,26 +166,28 @@ _FLOOD = """
 import socket, sys, time
 addr, seconds, limit = (sys.argv[1], int(sys.argv[2])), float(sys.argv[3]), int(sys.argv[4])
 held, opened, end = [], 0, time.monotonic() + seconds
-print("flooding", flush=True)
 while time.monotonic() < end and opened < limit:
     try:
         held.append(socket.create_connection(addr, timeout=2))
         opened += 1
     except OSError:
         pass
-    if len(held) > 100:
-        held.pop(0).close()
+    if opened == 100:
+        print("flooding", flush=True)  # more than the node keeps: the checks may start
 print(opened, flush=True)
+sys.stdin.read()  # hold them all until the test is done
 """
 
 
 def test_healthz_answers_during_a_connection_flood(harness: Harness) -> None:
-    """An attacker opening idle connections as fast as it can (from another process,
-    bounded in time and count) while the health checks come from the same address: a
-    check is shed only if its own client stalls between connect and send."""
+    """An attacker opening idle connections as fast as it can and holding them all
+    (from another process, bounded in time and count) while the health checks come from
+    the same address: a check is shed only if its own client stalls between its connect
+    and its send long enough for many newcomers to arrive."""
     ll, admin = start_ll_with_admin(harness)
     flood = subprocess.Popen(
-        [sys.executable, "-c", _FLOOD, admin[0], str(admin[1]), "4", "4000"],
+        [sys.executable, "-c", _FLOOD, admin[0], str(admin[1]), "4", "800"],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -197,7 +199,7 @@ def test_healthz_answers_during_a_connection_flood(harness: Harness) -> None:
                 answered += request(admin, "/healthz", "127.0.0.1", timeout=5) == (200, "ok\n")
             except (OSError, IndexError) as exc:  # reset, or closed before any reply
                 failures.append(repr(exc))
-        opened = int(flood.communicate(timeout=30)[0].strip())
+        opened = int(flood.communicate("", timeout=30)[0].strip())
     finally:
         if flood.poll() is None:
             flood.kill()
