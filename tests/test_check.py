@@ -144,3 +144,33 @@ def test_json_logs_are_one_object_per_line(harness: Harness) -> None:
     done = [e["message"] for e in map(json.loads, ll.stderr_lines) if "done after" in e["message"]]
     assert len(done) == 1
     assert "service 'default'" in done[0] and "100 bytes in, 100 bytes out" in done[0]
+
+
+def test_check_refuses_a_tokenless_admin_endpoint_beyond_loopback(tmp_path: Path) -> None:
+    body = '[services.web]\nclients = ":8000"\n'
+    code, lines, _ = _check(tmp_path, f'cc = ":8001"\nadmin = "0.0.0.0:9181"\n{body}')
+    assert code == 2
+    assert len(lines) == 1 and ":2: admin: " in lines[0], lines
+    assert "admin_token_file" in lines[0] and "127.0.0.1" in lines[0], lines
+    # Reported with the file's other problems, not instead of them.
+    code, lines, _ = _check(tmp_path, f'cc = "nonsense"\nadmin = ":9181"\n{body}')
+    assert code == 2 and len(lines) == 2, lines
+    assert any(": cc: " in line for line in lines) and any(": admin: " in line for line in lines)
+    for fine in ('admin = "0.0.0.0:9181"\nadmin_token_file = "/t"', 'admin = "[::1]:9181"'):
+        code, lines, out = _check(tmp_path, f'cc = ":8001"\n{fine}\n{body}')
+        assert code == 0 and "valid LL config" in out, lines
+
+
+@pytest.mark.parametrize("role", ["ll", "cc"])
+def test_check_validates_admin_hosts(tmp_path: Path, role: str) -> None:
+    top = 'cc = ":8001"' if role == "ll" else 'll = "gw:8001"'
+    body = "[services.web]\n" + ('clients = ":8000"' if role == "ll" else 'server = "s:80"')
+    good = 'admin_hosts = ["gw1.example.com", "tcpgc_ll", "203.0.113.9", "[2001:db8::1]"]'
+    code, lines, out = _check(tmp_path, f"{top}\n{good}\n{body}\n")
+    assert code == 0 and f"valid {role.upper()} config" in out, lines
+    bad = 'admin_hosts = ["gw1.example.com:9181", "*.example.com", 7]'
+    code, lines, _ = _check(tmp_path, f"{top}\n{bad}\n{body}\n")
+    assert code == 2 and len(lines) == 3, lines
+    assert all(":2: admin_hosts: " in line for line in lines), lines
+    code, lines, _ = _check(tmp_path, f'{top}\nadmin_hosts = "gw1"\n{body}\n')
+    assert code == 2 and "expected a list of host names" in lines[0], lines

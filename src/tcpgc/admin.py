@@ -10,22 +10,33 @@ connection, `Connection: close`), so the nodes need no web framework:
 
 With a token, every path but /healthz requires ``Authorization: Bearer TOKEN``; the
 status page also takes it as ``/?token=TOKEN`` and sends it on to /status.json in the
-header. The token is compared in constant time and never logged.
+header. The token is compared in constant time and never logged. Without a token, every
+path but /healthz is served only to requests that name the endpoint by one of its own
+names (`tcpgc.admin_access.HostAllowlist`), against DNS rebinding.
+
+A newcomer is always taken; past a cap, a random open connection is closed instead
+(see `MAX_OPEN`), so connections held idle cannot keep a health check out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hmac
 import json
 import logging
 import secrets
+import struct
+import termios
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from tcpgc import __version__
+from tcpgc.admin_access import ConnectionCap, HostAllowlist, exposure_problem
+from tcpgc.admin_http import MAX_LINE, BadRequest, read_head
 from tcpgc.cc import ConnectNode
 from tcpgc.config import Address
 from tcpgc.errors import UsageError
@@ -35,18 +46,25 @@ from tcpgc.tasks import TaskGroup
 
 log = logging.getLogger("tcpgc.admin")
 
-#: A request line or one header line longer than this is refused (431): the requests
-#: this endpoint serves are a few hundred bytes; browsers send a few KiB of headers.
-MAX_LINE = 8192
-#: The whole request head (request line and headers) at most.
-MAX_HEAD = 32768
-MAX_HEADERS = 100
-#: Time a client has to send its whole request head, and to take the response.
-HEAD_TIMEOUT = 10.0
+#: Time a client has to send its whole request head, and to take the response. Health
+#: checks, scrapers and browsers send their request at once; the short head deadline
+#: bounds how long an idle connection is held even below the caps.
+HEAD_TIMEOUT = 5.0
 WRITE_TIMEOUT = 10.0
-#: Admin connections served at once; more are closed at once. Scrapers and a few
-#: browser tabs need a handful; the cap keeps a misbehaving client from piling up tasks.
-MAX_CONNECTIONS = 64
+#: Admin connections open at once, in all and per source address. Scrapers, health
+#: checks and a few browser tabs need a handful. Past either cap the newcomer is still
+#: taken and a random other connection is closed (random early drop, as on the agent
+#: port): every open connection is waiting on its client, for a request head or for it
+#: to take its reply (one request per connection, no keep-alive), so a peer holding many
+#: is the one that loses them. Of SHED_DRAWS connections drawn, the one open longest is
+#: closed, and one whose request is already waiting to be read only if all are such:
+#: a health check, which sends its request at once, is then hardly ever the one, even
+#: while newcomers pour in faster than the loop reads.
+MAX_OPEN = 64
+MAX_OPEN_PER_SOURCE = 16
+SHED_DRAWS = 2
+#: At most one log line per this many seconds about closed excess connections.
+SHED_LOG_INTERVAL = 60.0
 
 _REASONS = {
     200: "OK",
@@ -55,18 +73,13 @@ _REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
+    421: "Misdirected Request",
     431: "Request Header Fields Too Large",
     503: "Service Unavailable",
     505: "HTTP Version Not Supported",
 }
 
 _TEXT = "text/plain; charset=utf-8"
-
-
-class _BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class _Response:
@@ -84,9 +97,17 @@ class _Response:
 
 
 class AdminServer:
-    """Serves one node's admin endpoint on `address` until closed."""
+    """Serves one node's admin endpoint on `address` until closed. Without `token` it
+    must be on loopback, and serves status and metrics only to requests whose Host is an
+    IP address, 'localhost', the host of `address` or one of `hosts`."""
 
-    def __init__(self, node: ListenNode | ConnectNode, address: Address, token: str | None) -> None:
+    def __init__(
+        self,
+        node: ListenNode | ConnectNode,
+        address: Address,
+        token: str | None,
+        hosts: Iterable[str] = (),
+    ) -> None:
         if node.metrics.registry is None:
             raise UsageError(
                 "this node counts nothing: set its admin address in its config before "
@@ -99,10 +120,18 @@ class AdminServer:
             if not token:
                 raise UsageError("the admin token is empty: put a token in admin_token_file")
         self._token = token.encode() if token is not None else None
+        if token is None and (problem := exposure_problem(address, None)) is not None:
+            raise UsageError(problem)
+        self._hosts = HostAllowlist([*hosts, address.host] if address.host else hosts)
         self._server: asyncio.Server | None = None
         self._address: Address | None = None
         self._tasks = TaskGroup()
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._open: dict[asyncio.StreamWriter, asyncio.Task[None]] = {}
+        self._guard = ConnectionCap(
+            MAX_OPEN, MAX_OPEN_PER_SOURCE, draws=SHED_DRAWS, spare=_request_waiting
+        )
+        self._shed_unlogged = 0
+        self._shed_log_after = 0.0
 
     async def start(self) -> None:
         try:
@@ -130,7 +159,7 @@ class AdminServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for writer in list(self._writers):
+        for writer in list(self._open):
             writer.transport.abort()
         await self._tasks.close()
         if self._server is not None:
@@ -140,21 +169,47 @@ class AdminServer:
     # ---- connections -------------------------------------------------------------------
 
     def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._writers) >= MAX_CONNECTIONS:
-            writer.transport.abort()
-            return
-        self._writers.add(writer)
         peer = writer.get_extra_info("peername")
-        self._tasks.spawn(self._serve(reader, writer), f"admin request from {peer}")
+        source = str(peer[0]) if peer else "unknown"
+        victims = self._guard.admit(writer, source)
+        self._open[writer] = self._tasks.spawn(
+            self._serve(reader, writer), f"admin request from {peer}"
+        )
+        for victim in victims:
+            assert isinstance(victim, asyncio.StreamWriter)
+            # Done here rather than in its task's finally: a task cancelled before its
+            # first step never runs it. The guard has already forgotten it.
+            self._open.pop(victim).cancel()
+            victim.transport.abort()
+        if victims:
+            self._note_shed(len(victims))
+
+    def _note_shed(self, count: int) -> None:
+        """Log closed excess connections, at most one line per SHED_LOG_INTERVAL: a
+        flood of connections must not become a flood of log lines."""
+        self._shed_unlogged += count
+        now = asyncio.get_running_loop().time()
+        if now < self._shed_log_after:
+            return
+        log.warning(
+            "admin: closed %d connection%s that sent no request or took no reply in time "
+            "(%d open at most, %d per address)",
+            self._shed_unlogged,
+            "" if self._shed_unlogged == 1 else "s",
+            MAX_OPEN,
+            MAX_OPEN_PER_SOURCE,
+        )
+        self._shed_unlogged = 0
+        self._shed_log_after = now + SHED_LOG_INTERVAL
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         method = "GET"
         try:
             try:
                 async with asyncio.timeout(HEAD_TIMEOUT):
-                    method, target, headers = await _read_head(reader)
+                    method, target, headers = await read_head(reader)
                 response = self._respond(method, target, headers, writer)
-            except _BadRequest as exc:
+            except BadRequest as exc:
                 response = _Response(exc.status, f"{exc}\n")
             except TimeoutError:
                 response = _Response(408, "request head not received in time\n")
@@ -162,7 +217,8 @@ class AdminServer:
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             pass  # the client went away; nothing to tell anyone
         finally:
-            self._writers.discard(writer)
+            self._open.pop(writer, None)
+            self._guard.release(writer)
             writer.close()
 
     async def _send(
@@ -199,13 +255,29 @@ class AdminServer:
             return self._health()
         if path not in ("/", "/status.json", "/metrics"):
             return _Response(404, "not found: try /, /status.json, /metrics or /healthz\n")
+        # An absolute-form target ("GET http://name/ HTTP/1.1") names the host instead.
+        host = url.netloc if url.scheme else headers.get("host")
+        if self._token is None and not self._hosts.allows(host):
+            # A browser sent this for a page of another name (DNS rebinding?). The token,
+            # when there is one, is the gate instead: no page can make a browser send it.
+            log.info(
+                "admin: refused request for %s from %s: Host %.80r is not one of its names",
+                path,
+                _peer(writer),
+                host,
+            )
+            return _Response(
+                421,
+                "this Host is not a name of this admin endpoint: use its IP address or "
+                "localhost, or add the name to admin_hosts in the node's config\n",
+            )
         query_token = parse_qs(url.query).get("token", [None])[0] if path == "/" else None
         if not self._authorized(headers.get("authorization"), query_token):
             # The path only, never the query: it may hold a (wrong) token.
             log.info(
                 "admin: unauthorized request for %s from %s",
                 path,
-                writer.get_extra_info("peername"),
+                _peer(writer),
             )
             return _Response(
                 401,
@@ -296,38 +368,21 @@ def totals(registry: CollectorRegistry) -> dict[str, float]:
     return out
 
 
-async def _read_head(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str]]:
-    """Method, request target and headers (lower-cased names) of one request."""
-    line = await _read_line(reader)
-    size = len(line)
-    parts = line.split(" ")
-    if len(parts) != 3 or not parts[0].isalpha() or not parts[1]:
-        raise _BadRequest(400, "malformed request line")
-    method, target, version = parts
-    if version not in ("HTTP/1.1", "HTTP/1.0"):
-        raise _BadRequest(505, "only HTTP/1.0 and HTTP/1.1")
-    headers: dict[str, str] = {}
-    while True:
-        line = await _read_line(reader)
-        size += len(line)
-        if size > MAX_HEAD or len(headers) >= MAX_HEADERS:
-            raise _BadRequest(431, "request head too large")
-        if not line:
-            return method, target, headers
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise _BadRequest(400, "malformed header line")
-        headers[name.lower()] = value.strip()
+def _peer(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return str(Address(str(peer[0]), peer[1])) if peer else "unknown"
 
 
-async def _read_line(reader: asyncio.StreamReader) -> str:
+def _request_waiting(key: object) -> bool:
+    """True if the connection's client has sent bytes the event loop has not read yet:
+    under a flood of connections the loop lags, and a health check that sent its
+    request at once must not be the one shed before that request is read."""
+    assert isinstance(key, asyncio.StreamWriter)
+    sock = key.get_extra_info("socket")
+    if sock is None:
+        return False
     try:
-        raw = await reader.readuntil(b"\n")
-    except asyncio.LimitOverrunError:
-        raise _BadRequest(431, "request line or header line too long") from None
-    except asyncio.IncompleteReadError as exc:
-        if exc.partial:
-            raise _BadRequest(400, "incomplete request head") from None
-        raise
-    # Header values are ASCII in practice; latin-1 maps any byte without failing.
-    return raw.decode("latin-1").rstrip("\r\n")
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return False
+    return bool(struct.unpack("i", raw)[0])

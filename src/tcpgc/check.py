@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tcpgc.admin_access import exposure_problem
 from tcpgc.config import (
     Address,
     LLConfig,
@@ -26,6 +27,7 @@ from tcpgc.config import (
     find_key_line,
     ll_config_from,
     ll_listeners,
+    parse_address,
     read_toml,
 )
 from tcpgc.errors import UsageError
@@ -74,6 +76,7 @@ def run_check(path: Path, role: str | None) -> int:
         problems += _token(data, source, notes)
     elif isinstance(config, LLConfig):
         problems += _unresolved(config, source)
+    problems += _exposure(data, source)
     if problems:
         text = path.read_text(errors="replace")
         for problem in dict.fromkeys(problems):  # each once, in order
@@ -83,6 +86,18 @@ def run_check(path: Path, role: str | None) -> int:
     for note in notes:
         print(f"note: {note}")
     return 0
+
+
+def _exposure(data: dict[str, Any], source: str) -> list[str]:
+    """A tokenless admin endpoint beyond loopback, which the node refuses (read from the
+    raw data: the file may have other problems as well)."""
+    try:
+        admin = parse_address(data["admin"], "admin") if "admin" in data else None
+    except UsageError:
+        return []  # reported by the config's own validation
+    token_file = data.get("admin_token_file")
+    problem = exposure_problem(admin, Path(token_file) if isinstance(token_file, str) else None)
+    return [] if problem is None else [f"{source}: admin: {problem}"]
 
 
 def _has_service_key(data: dict[str, Any], key: str) -> bool:

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from tcpgc import __version__
 from tcpgc.addresses import collisions
+from tcpgc.admin_access import exposure_problem
 from tcpgc.cc import ConnectNode
 from tcpgc.check import read_admin_token, run_check
 from tcpgc.config import (
@@ -167,12 +168,21 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="serve /metrics, /healthz and a status page here (off by default; use loopback)",
     )
+    p.add_argument(
+        "--admin-token-file",
+        type=Path,
+        metavar="FILE",
+        help="0600 file holding the bearer token the admin endpoint requires "
+        "(required unless --admin is on loopback)",
+    )
 
 
 def ll_config(args: argparse.Namespace) -> LLConfig:
     config = ll_config_from(read_toml(args.config), str(args.config)) if args.config else LLConfig()
     if args.admin:
         config.admin = parse_address(args.admin, "--admin")
+    if args.admin_token_file:
+        config.admin_token_file = args.admin_token_file
     if args.cc:
         config.cc = parse_address(args.cc, "--cc")
     if args.clients:
@@ -206,6 +216,8 @@ def cc_config(args: argparse.Namespace) -> CCConfig:
     config = cc_config_from(read_toml(args.config), str(args.config)) if args.config else CCConfig()
     if args.admin:
         config.admin = parse_address(args.admin, "--admin")
+    if args.admin_token_file:
+        config.admin_token_file = args.admin_token_file
     if args.ll:
         config.ll = [parse_address(a, "--ll") for a in args.ll]
     if args.server:
@@ -244,7 +256,7 @@ async def _serve(
         if node.config.admin is not None:
             from tcpgc.admin import AdminServer  # only nodes that serve it pay for it
 
-            admin = AdminServer(node, node.config.admin, admin_token)
+            admin = AdminServer(node, node.config.admin, admin_token, node.config.admin_hosts)
             await admin.start()
             log.info("admin endpoint on http://%s/", admin.address)
         if isinstance(node, ListenNode):
@@ -307,6 +319,13 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     except (ValueError, OSError) as exc:
         logging.getLogger("tcpgc").warning("cannot raise the open file limit: %s", exc)
+
+
+def _refuse_exposed_admin(config: LLConfig | CCConfig) -> None:
+    """Before anything listens: no tokenless admin endpoint beyond loopback."""
+    problem = exposure_problem(config.admin, config.admin_token_file)
+    if problem is not None:
+        raise UsageError(problem)
 
 
 def instructions(node: ListenNode) -> str:
@@ -395,6 +414,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         raise UsageError("--interval applies only with --classic")
     if args.command == "ll":
         ll_cfg = ll_config(args)
+        _refuse_exposed_admin(ll_cfg)
         if ll_cfg.insecure_plaintext:
             logging.getLogger("tcpgc.ll").warning(
                 "--insecure-plaintext: the LL-CC leg is NOT encrypted; anyone on the path reads it"
@@ -411,6 +431,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         _run(_serve(ll_node, reload_ll if args.config else None, ll_admin_token))
         return 0
     cc_cfg = cc_config(args)
+    _refuse_exposed_admin(cc_cfg)
     # Kept here for reloads, and out of the environment that other processes can read.
     env_token = take_from_environment("TCPGC_TOKEN")
     token = read_token(env_token, cc_cfg.token_file)

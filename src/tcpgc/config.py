@@ -18,6 +18,7 @@ from typing import Any, TypeAlias
 from tcpgc.addresses import Address as Address
 from tcpgc.addresses import collisions
 from tcpgc.addresses import parse_address as parse_address
+from tcpgc.admin_access import host_name_problem
 from tcpgc.errors import UsageError
 from tcpgc.protocol.messages import MAX_SERVICES, is_valid_name
 
@@ -80,6 +81,9 @@ class LLConfig:
     admin: Address | None = None
     #: File holding a bearer token the admin endpoint requires (none: no auth).
     admin_token_file: Path | None = None
+    #: Host names, besides loopback ones and IP addresses, that a tokenless admin
+    #: endpoint answers to (a defence against DNS rebinding).
+    admin_hosts: tuple[str, ...] = ()
     #: Unauthenticated connections on the agent port at once, in all and per source
     #: network (/24, /64; an address where an agent authenticated is a source of its
     #: own, outside the total). Past a cap one pending is dropped: at random within the
@@ -116,6 +120,9 @@ class CCConfig:
     admin: Address | None = None
     #: File holding a bearer token the admin endpoint requires (none: no auth).
     admin_token_file: Path | None = None
+    #: Host names, besides loopback ones and IP addresses, that a tokenless admin
+    #: endpoint answers to (a defence against DNS rebinding).
+    admin_hosts: tuple[str, ...] = ()
     #: Authenticated data connections kept open to each LL, ready for new clients
     #: (0: dial one per client). Each one idle for `pool_ttl` seconds is replaced.
     pool_size: int = 4
@@ -138,6 +145,7 @@ class CCConfig:
 
 _LL_KEYS = {
     "admin",
+    "admin_hosts",
     "admin_token_file",
     "cc",
     "services",
@@ -156,6 +164,7 @@ _LL_KEYS = {
 }
 _CC_KEYS = {
     "admin",
+    "admin_hosts",
     "admin_token_file",
     "ll",
     "services",
@@ -260,6 +269,19 @@ class _Problems:
             return None
         return Path(value)
 
+    def host_names(self, data: dict[str, Any], key: str) -> tuple[str, ...]:
+        value = data.get(key, [])
+        if not isinstance(value, list):
+            self.add(key, 'expected a list of host names such as ["gw1.example.com"]')
+            return ()
+        names = []
+        for item in value:
+            if (problem := host_name_problem(item)) is not None:
+                self.add(key, problem)
+            else:
+                names.append(item)
+        return tuple(names)
+
     def networks(self, data: dict[str, Any], key: str, label: str) -> tuple[IPNetwork, ...]:
         value = data.get(key, [])
         if not isinstance(value, list):
@@ -341,6 +363,7 @@ def ll_config_from(data: dict[str, Any], source: str) -> LLConfig:
         insecure_plaintext=p.flag(data, "insecure_plaintext"),
         admin=p.address(data, "admin", "admin") if "admin" in data else None,
         admin_token_file=p.path(data, "admin_token_file"),
+        admin_hosts=p.host_names(data, "admin_hosts"),
     )
     if (config.tls_cert is None) != (config.tls_key is None):
         p.add("tls_cert", "tls_cert and tls_key go together")
@@ -418,6 +441,7 @@ def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
     config.token_file = p.path(data, "token_file")
     config.admin = p.address(data, "admin", "admin") if "admin" in data else None
     config.admin_token_file = p.path(data, "admin_token_file")
+    config.admin_hosts = p.host_names(data, "admin_hosts")
     config.tls_ca = p.path(data, "tls_ca")
     config.tls_cert = p.path(data, "tls_cert")
     config.tls_key = p.path(data, "tls_key")
