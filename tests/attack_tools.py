@@ -310,6 +310,15 @@ def read_until_closed(sock: socket.socket, wait: float) -> tuple[bytes, float | 
 # ---------------------------------------------------------------------------- proxies
 
 
+def shut_both(*socks: socket.socket) -> None:
+    """Shut both directions of each socket down, whatever state it is in."""
+    for sock in socks:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class _Pumps:
     """Shared plumbing of the in-test proxies: a listener, one thread per direction."""
 
@@ -363,11 +372,7 @@ class _Pumps:
         except (OSError, ValueError):
             pass
         finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shut_both(src, dst)
 
     def stop(self) -> None:
         with self._lock:

@@ -37,6 +37,7 @@ from attack_tools import (
     hostile,
     ll_refusal,
     read_until_closed,
+    shut_both,
     start_env,
 )
 from pki_tools import certificate, key_pem, new_key, pem, write_private
@@ -238,11 +239,7 @@ class FrameTap(_Pumps):
         except OSError:
             pass
         finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shut_both(src, dst)
 
     def inject(self, frame: bytes) -> None:
         assert self._to_agent is not None, "no control connection yet"

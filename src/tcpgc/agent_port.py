@@ -328,20 +328,14 @@ class AgentPort:
             try:
                 message = await channel.recv(within=3 * self.config.heartbeat)
             except TimeoutError:
-                if channel.write_blocked:
-                    # We stopped reading it because it reads nothing we send (a PING
-                    # flood that never reads its PONGs, or a peer that stalled).
-                    log.warning(
-                        "agent %s at %s reads nothing we send (%.0f s): dropping it",
-                        session.agent_id,
-                        session.peer,
-                        3 * self.config.heartbeat,
-                    )
-                    return True
+                # Write-blocked: we stopped reading it because it reads nothing we send (a
+                # PING flood that never reads its PONGs, or a peer that stalled).
+                what = "reads nothing we send" if channel.write_blocked else "silent"
                 log.warning(
-                    "agent %s at %s silent for %.0f s: dropping it",
+                    "agent %s at %s %s for %.0f s: dropping it",
                     session.agent_id,
                     session.peer,
+                    what,
                     3 * self.config.heartbeat,
                 )
                 return True
