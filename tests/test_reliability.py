@@ -620,13 +620,19 @@ def test_first_bytes_of_an_unanswered_offer_are_not_sent_twice(harness: Harness)
         )
         wait_pool_full(tunnel)  # the client goes on a ready connection, OPEN and bytes
         mark, cc_mark = tunnel.ll.mark(), tunnel.cc.mark()
-        with connect(tunnel.client_addr, timeout=10) as client:
+        # The LL is stopped while the client connects and sends, so that its bytes are
+        # there when the LL takes the client: they go behind OPEN whatever the load.
+        os.kill(tunnel.ll.pid, signal.SIGSTOP)
+        try:
+            client = connect(tunnel.client_addr, timeout=10)
             client.sendall(b"REQ")  # say, a request that must not run twice
-            time.sleep(2.7)
-            release.set()  # the server accepts again: the agent's SYN gets through at 3 s
+        finally:
+            os.kill(tunnel.ll.pid, signal.SIGCONT)
+        with client:
+            tunnel.ll.wait_for(r"not offered to another agent", 10, since=mark)
+            release.set()  # the server accepts again: the agent's SYN gets through
             with pytest.raises(ConnectionResetError):
                 recv_until_eof(client)
-        tunnel.ll.wait_for(r"not offered to another agent", 5, since=mark)
         # The agent's server connection came after the LL gave up: dropped unused.
         tunnel.cc.wait_for(r"closed the connection of a client being opened", 10, since=cc_mark)
         assert not any(b"REQ" in got for got in received), received
