@@ -15,8 +15,8 @@ before is the noise of this machine in this hour, the yardstick for tcpgc's.
 Per system and figure the table gives each side's median and min–max over the rounds,
 after ÷ before (of the medians, and the range of the per-round ratios), each side's
 spread ((max − min) ÷ median), and a verdict: "worse" or "better" only when the two
-sides' ranges do not overlap, "~" otherwise. The JSON and the table go to
-benchmarks/results/compare-*.json and .md.
+sides' ranges do not overlap and the medians differ by 2 % or more, "~" otherwise. The
+JSON and the table go to benchmarks/results/compare-*.json and .md.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ from _systems import ALL, ROOT, System, Tcpgc, classic_available, tcpgc_env, tcp
 
 DEFAULT_SYSTEMS = "plain,tls,haproxy,direct"
 SIDES = ("before", "after")
+#: a smaller difference of the medians is never called worse or better
+MIN_CHANGE = 0.02
 
 #: (label, path in a system's result, +1: higher is better, -1: lower is better)
 FIGURES: list[tuple[str, tuple[str, str], int]] = [
@@ -141,11 +143,14 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def verdict(before: dict[str, Any] | None, after: dict[str, Any] | None, better: int) -> str:
-    """ "worse"/"better" when the two ranges do not overlap, "~" when they do."""
+    """`worse` or `better` when the two ranges do not overlap and the medians differ by
+    MIN_CHANGE or more, `~` otherwise."""
     if not before or not after:
         return "?"
     if before["n"] < 2 or after["n"] < 2:
         return "? (1 round)"  # no spread to judge against
+    if before["median"] and abs(after["median"] / before["median"] - 1) < MIN_CHANGE:
+        return "~"  # e.g. RSS steady to 1 %: disjoint ranges, but no change worth a word
     if after["min"] > before["max"]:
         return "better" if better > 0 else "worse"
     if after["max"] < before["min"]:
@@ -182,7 +187,8 @@ def table(doc: dict[str, Any]) -> str:
     ]
     lines += [
         f"{rounds} round(s); median (min–max) over the rounds; verdict: worse/better only "
-        "when the ranges do not overlap, ~ otherwise.",
+        f"when the ranges do not overlap and the medians differ by {MIN_CHANGE:.0%} or more, "
+        "~ otherwise.",
     ]
     if doc.get("stopped_early"):
         lines.append(f"Stopped early ({doc['stopped_early']}): fewer rounds than asked.")
