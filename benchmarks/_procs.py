@@ -310,10 +310,15 @@ def _cpu_times() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-def wait_quiet(busy_below: float = 0.15, window: float = 0.5, limit: float = 30.0) -> float:
+#: how long `wait_quiet` waits at most unless told (compare.py --quiet-limit sets it)
+QUIET_LIMIT = 30.0
+
+
+def wait_quiet(busy_below: float = 0.15, window: float = 0.5, limit: float | None = None) -> float:
     """Wait until the machine is idle (what the previous system left behind, such as
     sshd closing thousands of channels, must not be measured against the next one).
-    Returns the seconds waited; gives up after `limit`."""
+    Returns the seconds waited; gives up after `limit` (default QUIET_LIMIT)."""
+    limit = QUIET_LIMIT if limit is None else limit
     started = time.monotonic()
     while time.monotonic() - started < limit:
         busy0, total0 = _cpu_times()

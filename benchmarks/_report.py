@@ -1,4 +1,4 @@
-"""Tables, targets and the chart of a benchmark run."""
+"""Tables and targets of a benchmark run (the chart is _chart.py)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,24 @@ import re
 from pathlib import Path
 from typing import Any
 
-ORDER = ["direct", "socat", "ssh", "tls", "plain", "classic", "tls-asyncio", "plain-asyncio"]
+ORDER = [
+    "direct",
+    "socat",
+    "ssh",
+    "haproxy",
+    "tls",
+    "plain",
+    "classic",
+    "tls-asyncio",
+    "plain-asyncio",
+]
 #: measured for a few figures only, to compare event loops: tables, not the chart
 LOOP_VARIANTS = {"tls-asyncio": "tls", "plain-asyncio": "plain"}
 SHORT = {
     "direct": "direct",
     "socat": "socat pair",
     "ssh": "ssh -R",
+    "haproxy": "HAProxy 2-hop",
     "tls": "tcpgc TLS",
     "plain": "tcpgc plaintext",
     "classic": "tcpgc classic",
@@ -227,8 +238,8 @@ def tables(doc: dict[str, Any]) -> str:
         "| ratio (same run) | iperf3 1 stream | iperf3 4 streams | new conn/s | held usable |",
         "|---|---|---|---|---|",
     ]
-    for a, b in (("plain", "socat"), ("plain", "direct"), ("tls", "ssh"), ("tls", "direct"),
-                 ("classic", "socat")):  # fmt: skip
+    for a, b in (("plain", "socat"), ("plain", "haproxy"), ("plain", "direct"), ("tls", "ssh"),
+                 ("tls", "haproxy"), ("tls", "direct"), ("classic", "socat")):  # fmt: skip
         if a in doc["systems"] and b in doc["systems"]:
             held = "–" if b == "direct" else _ratio(v(a, "hold", "usable"), v(b, "hold", "usable"))
             cells = [
@@ -236,6 +247,27 @@ def tables(doc: dict[str, Any]) -> str:
                 for path in (("iperf_1", "gbit_s"), ("iperf_4", "gbit_s"), ("rate", "per_s"))
             ]
             rl.append(f"| {SHORT[a]} ÷ {SHORT[b]} | {' | '.join(cells)} | {held} |")
+    anchored = [a for a in ("plain", "tls") if a in doc["systems"]]
+    if "haproxy" in doc["systems"] and anchored:
+        # the same two hops with the best C relay and no tunnel logic: the practical limit
+        rl += [
+            "",
+            f"| ÷ {SHORT['haproxy']} (time, CPU, memory: above 1× is slower or larger) "
+            "| connect+echo p50 | connect+echo p99 | req/resp p50 | CPU ms/conn | RSS held |",
+            "|---|---|---|---|---|---|",
+        ]
+        for a in anchored:
+            cells = [
+                _ratio(v(a, *path), v("haproxy", *path))
+                for path in (
+                    ("connect", "p50_ms"),
+                    ("connect", "p99_ms"),
+                    ("rr", "p50_ms"),
+                    ("rate", "cpu_ms_per_conn"),
+                    ("hold", "rss_mb"),
+                )  # fmt: skip
+            ]
+            rl.append(f"| {SHORT[a]} | {' | '.join(cells)} |")
     variants = [(k, base) for k, base in LOOP_VARIANTS.items()
                 if k in doc["systems"] and base in doc["systems"]]  # fmt: skip
     if variants:
@@ -285,92 +317,6 @@ def tables(doc: dict[str, Any]) -> str:
     return "\n".join(lines + rl + tl)
 
 
-# ---------------------------------------------------------------- chart
-
-
-def chart(doc: dict[str, Any], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no matplotlib: no chart (pip install matplotlib)")
-        return False
-    keys = [k for k in ORDER if k in doc["systems"] and k not in LOOP_VARIANTS]
-    names = [SHORT[k] for k in keys]
-    x = list(range(len(keys)))
-    colors = {"direct": "#999999", "socat": "#d62728", "ssh": "#ff7f0e", "tls": "#1f77b4",
-              "plain": "#2ca02c", "classic": "#9467bd"}  # fmt: skip
-    col = [colors[k] for k in keys]
-
-    def val(k: str, *p: str) -> float:
-        v = get(doc, k, *p)
-        return float(v) if isinstance(v, int | float) else 0.0
-
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
-    ax = axes[0][0]
-    w = 0.4
-    one = [val(k, "iperf_1", "gbit_s") for k in keys]
-    four = [val(k, "iperf_4", "gbit_s") for k in keys]
-    ax.bar([i - w / 2 for i in x], one, w, color=col, label="1 stream")
-    ax.bar([i + w / 2 for i in x], four, w, color=col, alpha=0.55, hatch="//", label="4 streams")
-    for i, (a, b) in enumerate(zip(one, four, strict=True)):
-        ax.text(i - w / 2, a, f"{a:.1f}" if a else "×", ha="center", va="bottom", fontsize=8)
-        ax.text(i + w / 2, b, f"{b:.1f}" if b else "×", ha="center", va="bottom", fontsize=8)
-    ax.set_title("iperf3 throughput (Gbit/s, higher is better; × = failed)")
-    ax.legend(fontsize=8)
-
-    ax = axes[0][1]
-    p50 = [val(k, "connect", "p50_ms") for k in keys]
-    p99 = [val(k, "connect", "p99_ms") for k in keys]
-    ax.bar([i - w / 2 for i in x], p50, w, color=col, label="p50")
-    ax.bar([i + w / 2 for i in x], p99, w, color=col, alpha=0.55, hatch="//", label="p99")
-    for i, (a, b) in enumerate(zip(p50, p99, strict=True)):
-        ax.text(i - w / 2, a, _num(a), ha="center", va="bottom", fontsize=8)
-        ax.text(i + w / 2, b, _num(b), ha="center", va="bottom", fontsize=8, rotation=0)
-    ax.set_yscale("log")
-    ax.set_title("new connection + 4-byte echo (ms, log scale, lower is better)")
-    ax.legend(fontsize=8)
-
-    ax = axes[1][0]
-    rate = [val(k, "rate", "per_s") for k in keys]
-    ax.bar(x, [max(r, 0.1) for r in rate], color=col)
-    for i, r in enumerate(rate):
-        ax.text(i, max(r, 0.1), f"{r:,.0f}" if r >= 10 else f"{r:.2g}", ha="center",
-                va="bottom", fontsize=8)  # fmt: skip
-    ax.set_yscale("log")
-    ax.set_title("new connections per second (connect + echo + close; log scale)")
-
-    ax = axes[1][1]
-    rss = [val(k, "hold", "rss_mb") for k in keys]
-    usable = [get(doc, k, "hold", "usable") for k in keys]
-    tried = [get(doc, k, "hold", "target") for k in keys]
-    ax.bar(x, rss, color=col)
-    for i, (r, u, t) in enumerate(zip(rss, usable, tried, strict=True)):
-        label = f"{u:,}/{t:,} held" if u is not None else "–"
-        mb = "not a tunnel" if keys[i] == "direct" else f"{r:.0f} MB"
-        ax.text(i, r, f"{mb}\n{label}", ha="center", va="bottom", fontsize=8)
-    ax.set_title("RSS of the system's own processes, connections held open")
-    ax.set_ylim(0, max(rss + [1]) * 1.3)
-
-    for row in axes:
-        for a in row:
-            a.set_xticks(x)
-            a.set_xticklabels(names, rotation=20, fontsize=8)
-            a.grid(axis="y", alpha=0.3)
-    m = doc["machine"]
-    fig.suptitle(
-        f"tcpgc vs peers on loopback — {m['nproc']} × {m['cpu']}, Linux {m['kernel']}, "
-        f"Python {m['python']} — {doc['started'][:10]}" + (" (quick)" if doc.get("quick") else ""),
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
 # ---------------------------------------------------------------- docs
 
 
@@ -391,6 +337,7 @@ def update_doc(path: Path, doc: dict[str, Any], tables_md: str) -> bool:
         f"Run of {doc['started']} (`{doc['command']}`, {doc['seconds']:.0f} s): "
         f"{m['nproc']} × {m['cpu']}, {m['memory_gib']} GiB, Linux {m['kernel']}, "
         f"Python {m['python']}; {m['socat']}; {m['openssh']}; {m['iperf3']}; "
+        f"{m.get('haproxy', 'HAProxy ?')}; "
         f"tcpgc on {doc.get('tcpgc_loop', 'asyncio')}. "
         f"Load average before {doc['load_before']}, after {doc['load_after']}.\n\n"
         f"{tables_md}\n{END}"

@@ -22,15 +22,20 @@ def tcpgc_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "tcpgc", *args]
 
 
-def tcpgc_env(token: str | None = None, loop: str | None = None) -> dict[str, str]:
+def tcpgc_env(
+    token: str | None = None, loop: str | None = None, src: Path | None = None
+) -> dict[str, str]:
+    """The environment of a tcpgc process run from the source tree `src` (default: this
+    working tree's)."""
     env = dict(os.environ)
     # the event loop a plain install picks (uvloop when the `fast` extra is there),
     # unless a system asks for one
     env.pop("TCPGC_LOOP", None)
     if loop:
         env["TCPGC_LOOP"] = loop
-    # the working tree is what is measured, whatever is installed
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
+    # the working tree (or the one given) is what is measured, whatever is installed
+    tree = str(src or ROOT / "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (tree, env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("TCPGC_TOKEN", None)
     env.pop("TCPGC_NO_SPLICE", None)
@@ -211,10 +216,62 @@ class SshR(System):
         self.nodes = {}
 
 
+class HAProxyChain(System):
+    """Two `haproxy` processes in the tunnel's own topology, client → hop 1 → hop 2 →
+    server, with no tunnel logic: the best C relay over the same two hops, the practical
+    limit for tcpgc. `mode tcp`, `option splice-auto`, no log; each in the foreground
+    (`-db`, no master process) so it is stopped like any other child."""
+
+    key = "haproxy"
+    label = "HAProxy 2-hop splice chain"
+    #: fits a 20,000 fd limit: two sockets per connection, plus the splice pipes
+    #: (haproxy's default maxpipes is maxconn / 4, two fds each)
+    maxconn = 7900
+
+    def _config(self, name: str, listen: int, to: int) -> Path:
+        config = self.workdir / f"{name}.{self.runs}.cfg"
+        config.write_text(
+            "global\n"
+            f"    maxconn {self.maxconn}\n"
+            "defaults\n"
+            "    mode tcp\n"
+            "    option splice-auto\n"
+            f"    maxconn {self.maxconn}\n"
+            "    timeout connect 5s\n"
+            # idle held connections must outlive the hold measurement (45 s + checks)
+            "    timeout client 300s\n"
+            "    timeout server 300s\n"
+            f"frontend {name}\n"
+            f"    bind {LOCAL}:{listen}\n"
+            "    default_backend next\n"
+            "backend next\n"
+            f"    server next {LOCAL}:{to}\n"
+        )
+        return config
+
+    def start(self, target: int) -> Addr:
+        self.runs += 1
+        first, second = free_port(), free_port()
+        binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        hop2 = self._spawn("hop2", [binary, "-db", "-f", str(self._config("hop2", second, target))])
+        wait_listening(second, 10, hop2)
+        hop1 = self._spawn("hop1", [binary, "-db", "-f", str(self._config("hop1", first, second))])
+        wait_listening(first, 10, hop1)
+        # not "LL"/"CC": each hop is multithreaded, so the CPU its main thread last ran
+        # on says little about where its connections are served
+        self.nodes = {"hop1": hop1, "hop2": hop2}
+        return (LOCAL, first)
+
+
 class Tcpgc(System):
     plaintext = False
     classic = False
     loop: str | None = None
+
+    def __init__(self, workdir: Path, src: Path | None = None) -> None:
+        """`src`: the source tree whose tcpgc runs (default: this working tree's src/)."""
+        super().__init__(workdir)
+        self.src = src
 
     def start(self, target: int) -> Addr:
         self.runs += 1
@@ -228,7 +285,7 @@ class Tcpgc(System):
         else:
             done = subprocess.run(
                 tcpgc_argv("token", "--state-dir", str(state)),
-                env=tcpgc_env(),
+                env=tcpgc_env(src=self.src),
                 capture_output=True,
                 text=True,
                 check=True,
@@ -247,7 +304,7 @@ class Tcpgc(System):
                 *mode,
                 *ll_extra,
             ),  # fmt: skip
-            env=tcpgc_env(loop=self.loop),
+            env=tcpgc_env(loop=self.loop, src=self.src),
         )
         wait_listening(clients, 20, ll)
         cc = self._spawn(
@@ -255,7 +312,7 @@ class Tcpgc(System):
             tcpgc_argv(
                 "cc", "--ll", self.cc_ll_address(agents), "--server", f"{LOCAL}:{target}", *mode
             ),  # fmt: skip
-            env=tcpgc_env(token, self.loop),
+            env=tcpgc_env(token, self.loop, self.src),
         )
         self.nodes = {"LL": ll, "CC": cc}
         if not self.classic:
@@ -307,6 +364,7 @@ ALL = [
     Direct,
     SocatPair,
     SshR,
+    HAProxyChain,
     TcpgcTLS,
     TcpgcPlain,
     TcpgcClassic,
@@ -324,10 +382,11 @@ def tcpgc_loop() -> str:
     return f"uvloop {uvloop.__version__}"
 
 
-def classic_available() -> bool:
+def classic_available(src: Path | None = None) -> bool:
     done = subprocess.run(
-        tcpgc_argv("ll", "--help"), env=tcpgc_env(), capture_output=True, text=True, check=False
-    )
+        tcpgc_argv("ll", "--help"), env=tcpgc_env(src=src), capture_output=True, text=True,
+        check=False, timeout=60,
+    )  # fmt: skip
     return "--classic" in done.stdout
 
 
@@ -337,4 +396,6 @@ def missing_tools() -> list[str]:
     missing = sorted({pkg for tool, pkg in wanted.items() if shutil.which(tool) is None})
     if not Path("/usr/sbin/sshd").exists():
         missing.append("openssh-server")
+    if shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists():
+        missing.append("haproxy")
     return missing

@@ -3,10 +3,13 @@
     python benchmarks/run.py                  # the full run (under 10 minutes on 2 cores)
     python benchmarks/run.py --quick          # a ~2 minute smoke run
     python benchmarks/run.py --only plain,socat,direct
+    python benchmarks/compare.py --before ../old-checkout --after .   # two versions
 
 Systems: direct (no tunnel), socat (the seed's pair), ssh (OpenSSH ssh -R to an sshd of
-our own), tls (tcpgc default), plain (tcpgc --insecure-plaintext), classic (tcpgc
---classic on both sides). Each system is started twice: once in front of an iperf3
+our own), haproxy (two HAProxy processes chained, client -> hop 1 -> hop 2 -> server,
+mode tcp with splice: the tunnel's two hops with the best C relay and no tunnel logic,
+the practical limit), tls (tcpgc default), plain (tcpgc --insecure-plaintext), classic
+(tcpgc --classic on both sides). Each system is started twice: once in front of an iperf3
 server (throughput), once in front of an asyncio echo server (everything else).
 
 Figures: iperf3 throughput with 1 and 4 streams; connect + 4-byte echo latency
@@ -14,8 +17,8 @@ Figures: iperf3 throughput with 1 and 4 streams; connect + 4-byte echo latency
 new connections per second; 1,000 clients at once; connections held open at once with
 the system's own RSS. Results go to benchmarks/results/bench-*.json; a full run of all
 systems also writes docs/performance.png and the results block of docs/performance.md.
-Needs iperf3, socat, openssh-server/-client (installed with apt when missing and root)
-and matplotlib for the chart (`pip install matplotlib`).
+Needs iperf3, socat, openssh-server/-client and haproxy (installed with apt when missing
+and root) and matplotlib for the chart (`pip install matplotlib`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _chart  # noqa: E402
 import _load  # noqa: E402
 import _report  # noqa: E402
 from _procs import (  # noqa: E402
@@ -107,6 +111,7 @@ def machine() -> dict[str, Any]:
         "socat": _socat_version() if shutil.which("socat") else "?",
         "openssh": version(["ssh", "-V"]),
         "iperf3": version(["iperf3", "--version"]),
+        "haproxy": version(["haproxy", "-v"]) if shutil.which("haproxy") else "?",
     }
 
 
@@ -132,6 +137,16 @@ def ensure_tools() -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
     subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+
+
+def fit_nofile(params: dict[str, Any]) -> dict[str, Any]:
+    """Raise RLIMIT_NOFILE to the hard limit (children inherit it); `params` with the
+    held-connections target lowered to what it allows."""
+    nofile = raise_nofile()
+    if nofile < params["hold_target"] * 2 + 500:
+        params = {**params, "hold_target": max(100, (nofile - 500) // 2)}
+        print(f"RLIMIT_NOFILE hard limit {nofile}: holding {params['hold_target']} at most")
+    return params
 
 
 def start_iperf3(workdir: Path) -> tuple[Proc, int]:
@@ -313,10 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown systems: {', '.join(sorted(unknown))}")
 
     ensure_tools()
-    nofile = raise_nofile()
-    if nofile < params["hold_target"] * 2 + 500:
-        params = {**params, "hold_target": max(100, (nofile - 500) // 2)}
-        print(f"RLIMIT_NOFILE hard limit {nofile}: holding {params['hold_target']} at most")
+    params = fit_nofile(params)
     if any(s.key == "classic" for s in chosen) and not classic_available():
         print("tcpgc ll --help has no --classic: skipping classic")
         chosen = [s for s in chosen if s.key != "classic"]
@@ -378,7 +390,7 @@ def render(doc: dict[str, Any], out_json: Path, docs: bool) -> int:
     print(f"results: {out_json}")
     out_json.with_suffix(".md").write_text(tables + "\n")
     chart = out_json.with_suffix(".png")
-    if _report.chart(doc, chart):
+    if _chart.chart(doc, chart):
         print(f"chart: {chart}")
         if docs:
             shutil.copy(chart, ROOT / "docs" / "performance.png")
