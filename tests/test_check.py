@@ -156,7 +156,11 @@ def test_check_refuses_a_tokenless_admin_endpoint_beyond_loopback(tmp_path: Path
     code, lines, _ = _check(tmp_path, f'cc = "nonsense"\nadmin = ":9181"\n{body}')
     assert code == 2 and len(lines) == 2, lines
     assert any(": cc: " in line for line in lines) and any(": admin: " in line for line in lines)
-    for fine in ('admin = "0.0.0.0:9181"\nadmin_token_file = "/t"', 'admin = "[::1]:9181"'):
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("adm-0123456789abcdef\n")
+    token_file.chmod(0o600)
+    with_token = f'admin = "0.0.0.0:9181"\nadmin_token_file = "{token_file}"'
+    for fine in (with_token, 'admin = "[::1]:9181"'):
         code, lines, out = _check(tmp_path, f'cc = ":8001"\n{fine}\n{body}')
         assert code == 0 and "valid LL config" in out, lines
 
