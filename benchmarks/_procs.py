@@ -13,9 +13,12 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 _STARTED: list[Proc] = []
 
@@ -327,3 +330,18 @@ def wait_quiet(busy_below: float = 0.15, window: float = 0.5, limit: float | Non
         if total1 > total0 and (busy1 - busy0) / (total1 - total0) < busy_below:
             break
     return time.monotonic() - started
+
+
+def run_script(main: Callable[[], int]) -> NoReturn:
+    """Run a benchmark script's `main`: SIGTERM stops it as Ctrl-C does, and either way
+    every process it started is stopped before it exits (130)."""
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        stop_all()
+        sys.exit(130)

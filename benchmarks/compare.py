@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -365,14 +364,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _terminated(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _terminated)
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        _procs.stop_all()
-        sys.exit(130)
+    _procs.run_script(main)

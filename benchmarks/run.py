@@ -50,6 +50,7 @@ from _procs import (  # noqa: E402
     fd_kinds,
     memory,
     raise_nofile,
+    run_script,
     stop_all,
     wait_listening,
     wait_quiet,
@@ -405,16 +406,5 @@ def render(doc: dict[str, Any], out_json: Path, docs: bool) -> int:
     return 0
 
 
-def _terminated(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 if __name__ == "__main__":
-    import signal
-
-    signal.signal(signal.SIGTERM, _terminated)
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        stop_all()
-        sys.exit(130)
+    run_script(main)
