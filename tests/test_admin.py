@@ -185,11 +185,11 @@ def test_status_json(tunnel_with_admin: tuple[Tunnel, str, str]) -> None:
 
 _NODES_WITH_ADMIN_OR_NOT = """
 import sys
-from tcpgc.cc import ConnectNode
+from tcpgc.cc.node import ConnectNode
 from tcpgc.config import Address, CCConfig, LLConfig, ServiceListener
 from tcpgc.errors import UsageError
 from tcpgc.identity import JoinToken
-from tcpgc.ll import ListenNode
+from tcpgc.ll.node import ListenNode
 
 admin = Address("127.0.0.1", 0) if sys.argv[1] == "admin" else None
 ll = ListenNode(
@@ -205,7 +205,7 @@ cc = ConnectNode(
 )
 print("counting", ll.metrics.registry is not None, cc.metrics.registry is not None)
 print("loaded", "prometheus_client" in sys.modules)
-from tcpgc.admin import AdminServer
+from tcpgc.ops.admin import AdminServer
 try:
     AdminServer(ll, Address("127.0.0.1", 0), None)
     print("admin ok")

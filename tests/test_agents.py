@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from unittest.mock import MagicMock
 
-from tcpgc.agents import AgentRegistry, AgentSession
+from tcpgc.ll.agents import AgentRegistry, AgentSession
 
 KEY_A, KEY_B = b"A" * 8, b"B" * 8
 

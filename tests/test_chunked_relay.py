@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from tcpgc.chunked import ChunkedRelay
 from tcpgc.protocol.chunks import END, chunk_header
-from tcpgc.protocol.replay import ReplayWindow
+from tcpgc.protocol.replay_window import ReplayWindow
+from tcpgc.relay.chunked_copy import ChunkedRelay
 
 
 class StandIn:
-    """The part of `tcpgc.link.Link` the relay uses, recording what is done to it."""
+    """The part of `tcpgc.transport.link.Link` the relay uses, recording what is done to it."""
 
     def __init__(self, fills: bool = False) -> None:
         self.handler: Any = None

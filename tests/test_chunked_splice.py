@@ -14,15 +14,15 @@ from typing import Any
 
 import pytest
 
-import tcpgc.chunked_splice
+import tcpgc.relay.chunked_splice
 from loops import LOOPS, loop_turns, run_on
-from tcpgc.chunked import ChunkedRelay
-from tcpgc.chunked_splice import ChunkedSpliceRelay, start_chunked_relay
-from tcpgc.link import Link
 from tcpgc.protocol.chunks import END, MAX_CHUNK, ChunkDecoder, chunk_header
+from tcpgc.relay.chunked_copy import ChunkedRelay
+from tcpgc.relay.chunked_splice import ChunkedSpliceRelay, start_chunked_relay
+from tcpgc.transport.link import Link
 
 pytestmark = pytest.mark.skipif(
-    not tcpgc.chunked_splice.AVAILABLE, reason="splice(2) is Linux-only"
+    not tcpgc.relay.chunked_splice.AVAILABLE, reason="splice(2) is Linux-only"
 )
 
 
@@ -111,7 +111,7 @@ def test_both_directions_spliced_then_the_connection_is_handed_back(
         calls.append(n)
         return n
 
-    monkeypatch.setattr(tcpgc.chunked_splice.os, "splice", counting_splice)
+    monkeypatch.setattr(tcpgc.relay.chunked_splice.os, "splice", counting_splice)
 
     async def main() -> None:
         async with _rig() as rig:

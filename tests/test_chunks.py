@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from tcpgc.errors import ProtocolError
 from tcpgc.protocol.chunks import END, MAX_CHUNK, ChunkDecoder, chunk_header
-from tcpgc.protocol.replay import ReplayWindow
+from tcpgc.protocol.replay_window import ReplayWindow
 
 
 def encode(payloads: list[bytes]) -> bytes:

@@ -1,4 +1,4 @@
-"""Connections the CC makes to its servers (`tcpgc.dial`), and how a relay takes their
+"""Connections the CC makes to its servers (`tcpgc.transport.dial`), and how a relay takes their
 socket, over real loopback sockets on each event loop."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from collections.abc import AsyncIterator
 import pytest
 
 from loops import LOOPS, loop_turns, run_on
-from tcpgc.cc import _take_first_chunk
-from tcpgc.dial import dial, numeric_family
-from tcpgc.link import Link
-from tcpgc.link_handlers import Ignoring
+from tcpgc.cc.node import _take_first_chunk
 from tcpgc.protocol.chunks import END, chunk_header
-from tcpgc.socket_transport import SocketTransport
-from tcpgc.splice import SpliceRelay
+from tcpgc.relay.splice import SpliceRelay
+from tcpgc.transport.dial import dial, numeric_family
+from tcpgc.transport.link import Link
+from tcpgc.transport.link_handlers import Ignoring
+from tcpgc.transport.socket_transport import SocketTransport
 
 
 @contextlib.asynccontextmanager

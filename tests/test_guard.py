@@ -1,4 +1,4 @@
-"""Admission of unauthenticated connections (`tcpgc.guard`), without sockets: keys are
+"""Admission of unauthenticated connections (`tcpgc.ll.admission`), without sockets: keys are
 plain objects, the clock is a number, the random generator is seeded."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcpgc.guard import TRUST_SECONDS, PendingHandshakes, network_of
+from tcpgc.ll.admission import TRUST_SECONDS, PendingHandshakes, network_of
 
 
 class Conn:

@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from loops import LOOPS, run_on
-from tcpgc.channel import FrameChannel
-from tcpgc.link import Link
 from tcpgc.protocol.messages import MAX_PAYLOAD, Ping, encode
-from tcpgc.socket_transport import SocketTransport
+from tcpgc.transport.frame_channel import FrameChannel
+from tcpgc.transport.link import Link
+from tcpgc.transport.socket_transport import SocketTransport
 
 
 class _LostEvent(asyncio.Event):

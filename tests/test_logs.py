@@ -11,7 +11,7 @@ import time
 import pytest
 
 from loops import LOOPS, loop_turns, run_on
-from tcpgc.logs import JsonFormatter, TextFormatter, TurnFlushedHandler
+from tcpgc.ops.logs import JsonFormatter, TextFormatter, TurnFlushedHandler
 
 
 def _record(message: str, created: float) -> logging.LogRecord:

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from tcpgc.open_limits import OpenLimits, RefusalLog
+from tcpgc.cc.open_limits import OpenLimits, RefusalLog
 
 
 def test_caps_per_ll_and_per_service() -> None:

@@ -1,5 +1,5 @@
 """PROXY protocol headers (HAProxy's proxy-protocol.txt, versions 1 and 2): the bytes of
-`tcpgc.proxy_protocol` against the spec, then end to end with nginx as the inside server
+`tcpgc.transport.proxy_protocol` against the spec, then end to end with nginx as the inside server
 logging the address it was told."""
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from support import (
     recv_until_eof,
     service_re,
 )
-from tcpgc import proxy_protocol
-from tcpgc.proxy_protocol import V2_SIGNATURE, header, v1, v2
+from tcpgc.transport import proxy_protocol
+from tcpgc.transport.proxy_protocol import V2_SIGNATURE, header, v1, v2
 
 # ---------------------------------------------------------------------------- version 1
 

@@ -15,7 +15,7 @@ import pytest
 
 from loops import LOOPS, loop_turns, run_on
 from support import recv_until_eof
-from tcpgc.socket_transport import SocketTransport
+from tcpgc.transport.socket_transport import SocketTransport
 
 TIMEOUT = 20
 

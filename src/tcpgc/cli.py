@@ -15,9 +15,7 @@ from typing import Any, NoReturn
 
 from tcpgc import __version__
 from tcpgc.addresses import collisions
-from tcpgc.admin_access import exposure_problem
-from tcpgc.cc import ConnectNode
-from tcpgc.check import read_admin_token, run_check
+from tcpgc.cc.node import ConnectNode
 from tcpgc.config import (
     DEFAULT_SERVICE,
     CCConfig,
@@ -41,9 +39,11 @@ from tcpgc.identity import (
     retire_previous,
     rotate,
 )
-from tcpgc.ll import ListenNode
-from tcpgc.logs import setup_logging
-from tcpgc.memory import tune_allocator
+from tcpgc.ll.node import ListenNode
+from tcpgc.ops.admin_access import exposure_problem
+from tcpgc.ops.check import read_admin_token, run_check
+from tcpgc.ops.logs import setup_logging
+from tcpgc.ops.memory_trim import tune_allocator
 
 EXIT_USAGE = 2
 
@@ -254,7 +254,7 @@ async def _serve(
     try:
         await node.start()
         if node.config.admin is not None:
-            from tcpgc.admin import AdminServer  # only nodes that serve it pay for it
+            from tcpgc.ops.admin import AdminServer  # only nodes that serve it pay for it
 
             admin = AdminServer(node, node.config.admin, admin_token, node.config.admin_hosts)
             await admin.start()
@@ -397,7 +397,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             print(token)
         return 0
     if args.command == "demo":
-        from tcpgc.demo import run_demo
+        from tcpgc.ops.demo import run_demo
 
         return asyncio.run(run_demo(once=args.once))
     if args.command == "check":
@@ -406,7 +406,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     raise_fd_limit()
     tune_allocator()
     if getattr(args, "classic", False):
-        from tcpgc.classic import run_classic
+        from tcpgc.socat_compat.classic import run_classic
 
         classic_cfg = ll_config(args) if args.command == "ll" else cc_config(args)
         return run_classic(classic_cfg, getattr(args, "interval", None))

@@ -18,8 +18,8 @@ from typing import Any, TypeAlias
 from tcpgc.addresses import Address as Address
 from tcpgc.addresses import collisions
 from tcpgc.addresses import parse_address as parse_address
-from tcpgc.admin_access import host_name_problem
 from tcpgc.errors import UsageError
+from tcpgc.ops.admin_access import host_name_problem
 from tcpgc.protocol.messages import MAX_SERVICES, is_valid_name
 
 DEFAULT_SERVICE = "default"
@@ -87,7 +87,7 @@ class LLConfig:
     #: Unauthenticated connections on the agent port at once, in all and per source
     #: network (/24, /64; an address where an agent authenticated is a source of its
     #: own, outside the total). Past a cap one pending is dropped: at random within the
-    #: source, from the source with the most past the total (see `tcpgc.guard`).
+    #: source, from the source with the most past the total (see `tcpgc.ll.admission`).
     max_pending: int = 256
     max_pending_per_source: int = 32
     #: Agent sessions at once per join token (per secret the agents prove); past it a

@@ -24,7 +24,7 @@ import hmac
 import secrets
 from enum import Enum, auto
 
-from tcpgc.errors import AuthenticationError, PeerRefused, ProtocolError
+from tcpgc.errors import AuthenticationError, PeerRefused, ProtocolError, VersionMismatch
 from tcpgc.protocol.messages import (
     AGENT_ID_SIZE,
     MAX_SERVICES,
@@ -40,7 +40,7 @@ from tcpgc.protocol.messages import (
     Ready,
     services_blob,
 )
-from tcpgc.texts import printable
+from tcpgc.safe_text import printable
 
 _LL_LABEL = b"tcpgc ll proof\x00"
 _CC_LABEL = b"tcpgc cc proof\x00"
@@ -73,10 +73,6 @@ def data_proof(session_key: bytes, conn_id: bytes, binding: bytes) -> bytes:
     the session the client was offered to (its key), the single-use client id, and the
     certificate the agent saw on this connection. An id read off the wire is not enough."""
     return _mac(session_key, _DATA_LABEL, conn_id, binding)
-
-
-class VersionMismatch(ProtocolError):
-    """The two sides share no protocol version."""
 
 
 class State(Enum):

@@ -16,7 +16,7 @@ from typing import ClassVar, TypeAlias
 
 from tcpgc.errors import ProtocolError
 from tcpgc.protocol.frame_auth import TAG_SIZE, FrameAuth
-from tcpgc.texts import shared
+from tcpgc.safe_text import shared
 
 #: Protocol versions this implementation speaks. A peer offering a disjoint range is
 #: refused with a message naming both ranges. Version 2 binds data connections to their

@@ -10,9 +10,9 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from tcpgc.channel import FrameChannel
-from tcpgc.protocol.replay import ReplayWindow
-from tcpgc.splice import AnyRelay
+from tcpgc.protocol.replay_window import ReplayWindow
+from tcpgc.relay.splice import AnyRelay
+from tcpgc.transport.frame_channel import FrameChannel
 
 log = logging.getLogger("tcpgc.ll")
 

@@ -16,7 +16,7 @@ log = logging.getLogger("tcpgc")
 NO_CONTEXT = contextvars.Context()
 
 
-class TaskGroup:
+class TaskSet:
     """A set of background tasks that are cancelled together on close."""
 
     def __init__(self) -> None:

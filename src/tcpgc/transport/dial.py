@@ -8,7 +8,7 @@ import functools
 import socket
 from typing import Any
 
-from tcpgc.link import Link
+from tcpgc.transport.link import Link
 
 
 @functools.lru_cache(maxsize=64)

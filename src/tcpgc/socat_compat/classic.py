@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from tcpgc.config import DEFAULT_SERVICE, Address, CCConfig, LLConfig
-from tcpgc.dial import dial
 from tcpgc.errors import UsageError
-from tcpgc.link import Link
-from tcpgc.link_handlers import Ignoring
-from tcpgc.relay import RelayResult
-from tcpgc.splice import AnyRelay, start_relay
-from tcpgc.tasks import TaskGroup
+from tcpgc.relay.copy import RelayResult
+from tcpgc.relay.splice import AnyRelay, start_relay
+from tcpgc.task_set import TaskSet
+from tcpgc.transport.dial import dial
+from tcpgc.transport.link import Link
+from tcpgc.transport.link_handlers import Ignoring
 
 ll_log = logging.getLogger("tcpgc.ll")
 cc_log = logging.getLogger("tcpgc.cc")
@@ -148,7 +148,7 @@ class ClassicListenNode:
         # Insertion-ordered: the first key is the client that has waited longest.
         self._waiting: dict[Link, asyncio.TimerHandle] = {}
         self._relays: set[AnyRelay] = set()
-        self._tasks = TaskGroup()
+        self._tasks = TaskSet()
 
     async def start(self) -> None:
         ll_log.warning(WARNING)
@@ -400,7 +400,7 @@ class ClassicConnectNode:
         self.config = config
         #: Connections carried to the server so far.
         self.served = 0
-        self._tasks = TaskGroup()
+        self._tasks = TaskSet()
         self._relays: set[AnyRelay] = set()
         #: Open LL connections on which the LL has not sent a byte yet.
         self._silent: set[_LLLink] = set()

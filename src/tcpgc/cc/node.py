@@ -19,16 +19,21 @@ import time
 from functools import partial
 from typing import Any
 
-from tcpgc.channel import FrameChannel
-from tcpgc.chunked_splice import start_chunked_relay
+from tcpgc.cc.open_limits import OpenLimits, RefusalLog
+from tcpgc.cc.ready_pool import ReadyPool, ReadyPools, describe
 from tcpgc.config import Address, CCConfig
-from tcpgc.dial import dial
-from tcpgc.errors import PeerRefused, ProtocolError, TcpgcError, UsageError
+from tcpgc.errors import (
+    CertificateChanged,
+    HeartbeatLost,
+    PeerRefused,
+    PinMismatch,
+    ProtocolError,
+    TcpgcError,
+    UsageError,
+)
 from tcpgc.identity import JoinToken, agent_context, format_fingerprint, pin_server_name
-from tcpgc.link import Link
-from tcpgc.memory import trim_periodically
-from tcpgc.metrics import Metrics, failure_reason
-from tcpgc.open_limits import OpenLimits, RefusalLog
+from tcpgc.ops.memory_trim import trim_periodically
+from tcpgc.ops.metrics import Metrics, failure_reason
 from tcpgc.protocol.chunks import HEADER_SIZE, MAX_CHUNK
 from tcpgc.protocol.frame_auth import CONTROL, frame_auth
 from tcpgc.protocol.handshake import AgentHandshake, State, data_proof
@@ -43,30 +48,20 @@ from tcpgc.protocol.messages import (
     Pong,
     encode,
 )
-from tcpgc.proxy_protocol import header
-from tcpgc.ready_pool import ReadyPool, ReadyPools, describe
-from tcpgc.relay import RelayResult
-from tcpgc.splice import AnyRelay
-from tcpgc.tasks import TaskGroup
-from tcpgc.texts import printable
+from tcpgc.relay.chunked_splice import start_chunked_relay
+from tcpgc.relay.copy import RelayResult
+from tcpgc.relay.splice import AnyRelay
+from tcpgc.safe_text import printable
+from tcpgc.task_set import TaskSet
+from tcpgc.transport.dial import dial
+from tcpgc.transport.frame_channel import FrameChannel
+from tcpgc.transport.link import Link
+from tcpgc.transport.proxy_protocol import header
 
 log = logging.getLogger("tcpgc.cc")
 
 #: A session that lasted this long resets the reconnect backoff.
 STABLE_SESSION = 30.0
-
-
-class PinMismatch(TcpgcError):
-    pass
-
-
-class CertificateChanged(TcpgcError):
-    """A later connection of a session presented another certificate than its control
-    connection: someone in the middle, or the LL changed certificates under us."""
-
-
-class HeartbeatLost(TcpgcError):
-    pass
 
 
 class ConnectNode(ReadyPools):
@@ -92,7 +87,7 @@ class ConnectNode(ReadyPools):
         self.agent_id = secrets.token_bytes(AGENT_ID_SIZE)
         # Only a node with an admin endpoint counts: nothing else could read the figures.
         self.metrics = Metrics("cc", enabled=config.admin is not None)
-        self._tasks = TaskGroup()
+        self._tasks = TaskSet()
         self._sessions: dict[Address, asyncio.Task[Any]] = {}
         #: The clients being relayed through each LL, with the OPEN that brought each.
         self._relays: dict[Address, dict[AnyRelay, Open]] = {}

@@ -7,7 +7,7 @@ client has four of them across the two nodes, so with thousands held open they d
 how many fit in memory. This one keeps a socket, a few flags, and a write buffer only
 while the peer is not keeping up (about 0.8 KB with the loop's reader included).
 
-It does what `tcpgc.link.Link` asks of a transport, with asyncio's semantics: reads of up
+It does what `tcpgc.transport.link.Link` asks of a transport, with asyncio's semantics: reads of up
 to 256 KiB handed to `data_received`; `eof_received` returning true keeps the write side
 open (half-close); writes go out at once, and what the kernel does not take is buffered,
 with `pause_writing`/`resume_writing` around the buffer limits; `close` sends what is

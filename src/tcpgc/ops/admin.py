@@ -12,7 +12,7 @@ With a token, every path but /healthz requires ``Authorization: Bearer TOKEN``; 
 status page also takes it as ``/?token=TOKEN`` and sends it on to /status.json in the
 header. The token is compared in constant time and never logged. Without a token, every
 path but /healthz is served only to requests that name the endpoint by one of its own
-names (`tcpgc.admin_access.HostAllowlist`), against DNS rebinding.
+names (`tcpgc.ops.admin_access.HostAllowlist`), against DNS rebinding.
 
 A newcomer is always taken; past a cap, a random open connection is closed instead
 (see `MAX_OPEN`), so connections held idle cannot keep a health check out.
@@ -35,14 +35,14 @@ from urllib.parse import parse_qs, urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from tcpgc import __version__
-from tcpgc.admin_access import ConnectionCap, HostAllowlist, exposure_problem
-from tcpgc.admin_http import MAX_LINE, BadRequest, read_head
-from tcpgc.cc import ConnectNode
+from tcpgc.cc.node import ConnectNode
 from tcpgc.config import Address
-from tcpgc.errors import UsageError
-from tcpgc.ll import ListenNode
-from tcpgc.status_page import STATUS_PAGE
-from tcpgc.tasks import TaskGroup
+from tcpgc.errors import BadRequest, UsageError
+from tcpgc.ll.node import ListenNode
+from tcpgc.ops.admin_access import ConnectionCap, HostAllowlist, exposure_problem
+from tcpgc.ops.admin_http import MAX_LINE, read_head
+from tcpgc.ops.status_page import STATUS_PAGE
+from tcpgc.task_set import TaskSet
 
 log = logging.getLogger("tcpgc.admin")
 
@@ -125,7 +125,7 @@ class AdminServer:
         self._hosts = HostAllowlist([*hosts, address.host] if address.host else hosts)
         self._server: asyncio.Server | None = None
         self._address: Address | None = None
-        self._tasks = TaskGroup()
+        self._tasks = TaskSet()
         self._open: dict[asyncio.StreamWriter, asyncio.Task[None]] = {}
         self._guard = ConnectionCap(
             MAX_OPEN, MAX_OPEN_PER_SOURCE, draws=SHED_DRAWS, spare=_request_waiting

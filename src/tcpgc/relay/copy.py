@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tcpgc.link import Link
-from tcpgc.tasks import NO_CONTEXT
+from tcpgc.task_set import NO_CONTEXT
+from tcpgc.transport.link import Link
 
 
 class _Counter(Protocol):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from tcpgc.link import Link
 from tcpgc.protocol.frame_auth import FrameAuth
 from tcpgc.protocol.messages import MAX_PAYLOAD, FrameDecoder, Message, encode
+from tcpgc.transport.link import Link
 
 
 class FrameChannel:

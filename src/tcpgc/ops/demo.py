@@ -17,11 +17,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tcpgc.cc import ConnectNode
+from tcpgc.cc.node import ConnectNode
 from tcpgc.config import Address, CCConfig, LLConfig, ServiceListener
 from tcpgc.errors import UsageError
 from tcpgc.identity import load_identity
-from tcpgc.ll import ListenNode
+from tcpgc.ll.node import ListenNode
 
 PAGE = b"""<!doctype html>
 <html><head><meta charset="utf-8"><title>tcpgc demo</title></head>

@@ -19,10 +19,10 @@ import struct
 from collections.abc import Callable
 from typing import cast
 
-from tcpgc.handover import WRITE_HIGH_WATER, SocketHandOver
-from tcpgc.link_handlers import Buffering, Ignoring, LinkHandler
-from tcpgc.socket_transport import SocketTransport
-from tcpgc.texts import shared
+from tcpgc.safe_text import shared
+from tcpgc.transport.handover import WRITE_HIGH_WATER, SocketHandOver
+from tcpgc.transport.link_handlers import Buffering, Ignoring, LinkHandler
+from tcpgc.transport.socket_transport import SocketTransport
 
 #: Largest piece fed to a TLS memory BIO at once, which bounds what each BIO keeps
 #: allocated for the rest of the connection (OpenSSL never shrinks it).

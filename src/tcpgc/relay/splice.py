@@ -22,10 +22,10 @@ import struct
 import time
 from collections.abc import Callable
 
-from tcpgc.chunked import ChunkedRelay
-from tcpgc.link import Link
 from tcpgc.protocol.chunks import chunk_header
-from tcpgc.relay import Finishing, Relay, RelayResult, _Counter
+from tcpgc.relay.chunked_copy import ChunkedRelay
+from tcpgc.relay.copy import Finishing, Relay, RelayResult, _Counter
+from tcpgc.transport.link import Link
 
 AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 
@@ -86,7 +86,7 @@ PIPES = PipePool()
 class _Direction:
     """src → pipe → dst, for one direction of the relay."""
 
-    #: Each batch goes out as a chunk (`tcpgc.protocol.chunks`): see `tcpgc.chunked_splice`.
+    #: Each batch goes out as a chunk (`tcpgc.protocol.chunks`): see `tcpgc.relay.chunked_splice`.
     chunked = False
 
     def __init__(
@@ -240,7 +240,7 @@ class _Direction:
 
 
 class SpliceRelay(Finishing):
-    """Same interface as `tcpgc.relay.Relay`, moving bytes with splice(2)."""
+    """Same interface as `tcpgc.relay.copy.Relay`, moving bytes with splice(2)."""
 
     def __init__(
         self,

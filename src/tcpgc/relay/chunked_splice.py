@@ -21,12 +21,20 @@ import os
 import socket
 from collections.abc import Callable
 
-from tcpgc.chunked import ChunkedRelay
 from tcpgc.errors import ProtocolError
-from tcpgc.link import Link
 from tcpgc.protocol.chunks import END, HEADER_SIZE, MAX_CHUNK, ChunkDecoder, chunk_header
-from tcpgc.relay import _Counter
-from tcpgc.splice import _FLAGS, _RESET_ERRORS, AVAILABLE, PIPES, SpliceRelay, _close, _Direction
+from tcpgc.relay.chunked_copy import ChunkedRelay
+from tcpgc.relay.copy import _Counter
+from tcpgc.relay.splice import (
+    _FLAGS,
+    _RESET_ERRORS,
+    AVAILABLE,
+    PIPES,
+    SpliceRelay,
+    _close,
+    _Direction,
+)
+from tcpgc.transport.link import Link
 
 
 class _ChunkingDirection(_Direction):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tcpgc import texts
+from tcpgc import safe_text as texts
 
 
 def test_equal_texts_come_back_as_one_object() -> None:

@@ -16,15 +16,13 @@ import ssl
 import time
 from dataclasses import dataclass
 
-from tcpgc.agents import AgentRegistry, AgentSession
-from tcpgc.channel import FrameChannel
 from tcpgc.config import LLConfig
 from tcpgc.errors import PeerRefused, ProtocolError
-from tcpgc.guard import PendingHandshakes
 from tcpgc.identity import Identity
-from tcpgc.link import Link
-from tcpgc.memory import BurstTrimmer
-from tcpgc.metrics import Metrics, failure_reason
+from tcpgc.ll.admission import PendingHandshakes
+from tcpgc.ll.agents import AgentRegistry, AgentSession
+from tcpgc.ops.memory_trim import BurstTrimmer
+from tcpgc.ops.metrics import Metrics, failure_reason
 from tcpgc.protocol.frame_auth import CONTROL, frame_auth, offer_context
 from tcpgc.protocol.handshake import LLHandshake, data_proof, error_code, pool_proof
 from tcpgc.protocol.messages import (
@@ -39,8 +37,10 @@ from tcpgc.protocol.messages import (
     Pong,
     Pool,
 )
-from tcpgc.tasks import TaskGroup
-from tcpgc.texts import printable
+from tcpgc.safe_text import printable
+from tcpgc.task_set import TaskSet
+from tcpgc.transport.frame_channel import FrameChannel
+from tcpgc.transport.link import Link
 
 log = logging.getLogger("tcpgc.ll")
 
@@ -62,14 +62,14 @@ class WaitingClient:
 
 
 class AgentPort:
-    """The agent-port half of the LL node (`tcpgc.ll.ListenNode`), which owns the state
+    """The agent-port half of the LL node (`tcpgc.ll.node.ListenNode`), which owns the state
     declared here."""
 
     config: LLConfig
     identity: Identity | None
     agents: AgentRegistry
     metrics: Metrics
-    _tasks: TaskGroup
+    _tasks: TaskSet
     _waiting: dict[bytes, WaitingClient]
     _secrets: dict[bytes, bytes]
     _tls: ssl.SSLContext | None

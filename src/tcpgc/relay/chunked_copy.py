@@ -1,6 +1,6 @@
 """Relaying one client over a reusable TLS data connection.
 
-`ChunkedRelay` is `tcpgc.relay.Relay` for a data connection that outlives its client:
+`ChunkedRelay` is `tcpgc.relay.copy.Relay` for a data connection that outlives its client:
 what the plain side (the client on the LL, the server on the CC) sends goes into the
 data connection as chunks, its EOF as the end marker (see `tcpgc.protocol.chunks`), and
 the chunks that come back go out as plain bytes, the peer's end marker as a half-close.
@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable
 
 from tcpgc.errors import ProtocolError
-from tcpgc.link import Link
-from tcpgc.link_handlers import Ignoring
 from tcpgc.protocol.chunks import END, MAX_CHUNK, ChunkDecoder, chunk_header
-from tcpgc.relay import Finishing, RelayResult, _Counter
+from tcpgc.relay.copy import Finishing, RelayResult, _Counter
+from tcpgc.transport.link import Link
+from tcpgc.transport.link_handlers import Ignoring
 
 #: What may follow a peer's end marker before our own end: only its next frame (a POOL
 #: offer of a few dozen bytes) is expected there.

@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+from tcpgc.errors import BadRequest
+
 #: A request line or one header line longer than this is refused (431): the requests
 #: this endpoint serves are a few hundred bytes; browsers send a few KiB of headers.
 MAX_LINE = 8192
 #: The whole request head (request line and headers) at most.
 MAX_HEAD = 32768
 MAX_HEADERS = 100
-
-
-class BadRequest(Exception):
-    """A request the endpoint answers with `status` and the message, then closes."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 async def read_head(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str]]:

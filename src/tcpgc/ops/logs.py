@@ -36,7 +36,7 @@ class _SecondCache:
 
 
 class TextFormatter(logging.Formatter):
-    """`2026-01-02 03:04:05,678 INFO tcpgc.ll: message`, as logging's default time."""
+    """`2026-01-02 03:04:05,678 INFO tcpgc.ll.node: message`, as logging's default time."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")

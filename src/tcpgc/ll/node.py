@@ -26,12 +26,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from tcpgc.agent_port import AgentPort, WaitingClient
-from tcpgc.agents import AgentRegistry, AgentSession
-from tcpgc.chunked_splice import start_chunked_relay
 from tcpgc.config import Address, LLConfig, ServiceListener
-from tcpgc.errors import PeerRefused, ProtocolError, TcpgcError, UsageError
-from tcpgc.guard import PendingHandshakes
+from tcpgc.errors import PeerRefused, ProtocolError, Unanswered, UsageError
 from tcpgc.identity import (
     Certificate,
     Identity,
@@ -39,9 +35,11 @@ from tcpgc.identity import (
     format_fingerprint,
     load_identity,
 )
-from tcpgc.link import Link
-from tcpgc.memory import BurstTrimmer, trim_periodically
-from tcpgc.metrics import Metrics
+from tcpgc.ll.admission import PendingHandshakes
+from tcpgc.ll.agent_port import AgentPort, WaitingClient
+from tcpgc.ll.agents import AgentRegistry, AgentSession
+from tcpgc.ops.memory_trim import BurstTrimmer, trim_periodically
+from tcpgc.ops.metrics import Metrics
 from tcpgc.protocol.chunks import chunk_header
 from tcpgc.protocol.handshake import data_proof, key_id
 from tcpgc.protocol.messages import (
@@ -51,18 +49,14 @@ from tcpgc.protocol.messages import (
     OpenFailed,
     Retire,
 )
-from tcpgc.relay import RelayResult
-from tcpgc.splice import AnyRelay
-from tcpgc.tasks import TaskGroup
-from tcpgc.texts import printable
+from tcpgc.relay.chunked_splice import start_chunked_relay
+from tcpgc.relay.copy import RelayResult
+from tcpgc.relay.splice import AnyRelay
+from tcpgc.safe_text import printable
+from tcpgc.task_set import TaskSet
+from tcpgc.transport.link import Link
 
 log = logging.getLogger("tcpgc.ll")
-
-
-class Unanswered(TcpgcError):
-    """A client's first bytes went to an agent that then neither took the client nor
-    refused it: that agent may have passed them to a server, so offering them to
-    another would deliver them twice."""
 
 
 #: The most of a client's first bytes sent right behind its OPEN. An agent reads frames
@@ -98,7 +92,7 @@ class ListenNode(AgentPort):
         #: Clients refused by a service's controls, by service and reason.
         self.refused: collections.Counter[tuple[str, str]] = collections.Counter()
         self._agent_server: asyncio.Server | None = None
-        self._tasks = TaskGroup()
+        self._tasks = TaskSet()
         self._waiting: dict[bytes, WaitingClient] = {}
         self._secrets: dict[bytes, bytes] = {}
         self._tls: ssl.SSLContext | None = None

@@ -1,4 +1,4 @@
-"""How a `tcpgc.link.Link` gives its socket to a relay that drives it itself (the splice
+"""How a `tcpgc.transport.link.Link` gives its socket to a relay that drives it itself (the splice
 relays), lends it for one client's time, or moves onto tcpgc's own lean transport.
 A mixin of `Link`, which owns the state declared here."""
 
@@ -10,8 +10,8 @@ import socket
 import ssl
 from collections.abc import Callable
 
-from tcpgc.link_handlers import Buffering, Ignoring, LinkHandler, Retired
-from tcpgc.socket_transport import SocketTransport
+from tcpgc.transport.link_handlers import Buffering, Ignoring, LinkHandler, Retired
+from tcpgc.transport.socket_transport import SocketTransport
 
 #: Per-connection write buffer above which the feeding side stops reading. It bounds
 #: the memory a slow reader can cost us (per direction).

@@ -1,4 +1,4 @@
-"""What a `tcpgc.link.Link` hands its events to: the handler interface, the buffering
+"""What a `tcpgc.transport.link.Link` hands its events to: the handler interface, the buffering
 handler every link starts with, and the handlers of links whose socket or transport
 now belongs to someone else."""
 
@@ -8,7 +8,7 @@ import asyncio
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from tcpgc.link import Link
+    from tcpgc.transport.link import Link
 
 #: What the buffering handler holds before it stops reading: a client's first request
 #: while it waits for an agent, or bytes that followed a frame. Bounded so a waiting

@@ -1,7 +1,7 @@
 """The CC's ready data connections: authenticated data connections kept open to each
 LL, so a new client costs no connection set-up on the LL-CC leg, and given back to the
 LL after their client (the chunked stream marks its end), which saves the next client a
-TCP and a TLS handshake. A mixin of `tcpgc.cc.ConnectNode`, which owns the state
+TCP and a TLS handshake. A mixin of `tcpgc.cc.node.ConnectNode`, which owns the state
 declared here.
 """
 
@@ -14,15 +14,15 @@ import socket
 import ssl
 from typing import Any
 
-from tcpgc.channel import FrameChannel
 from tcpgc.config import Address, CCConfig
 from tcpgc.errors import ProtocolError, TcpgcError
-from tcpgc.link import Link
-from tcpgc.metrics import Metrics
+from tcpgc.ops.metrics import Metrics
 from tcpgc.protocol.frame_auth import frame_auth, offer_context
 from tcpgc.protocol.handshake import AgentHandshake, pool_proof
 from tcpgc.protocol.messages import Open, Pool, Retire
-from tcpgc.tasks import TaskGroup
+from tcpgc.task_set import TaskSet
+from tcpgc.transport.frame_channel import FrameChannel
+from tcpgc.transport.link import Link
 
 log = logging.getLogger("tcpgc.cc")
 
@@ -62,7 +62,7 @@ class ReadyPools:
 
     config: CCConfig
     metrics: Metrics
-    _tasks: TaskGroup
+    _tasks: TaskSet
     _pools: dict[Address, ReadyPool]
 
     # Provided by the node.
