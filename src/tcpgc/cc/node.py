@@ -48,9 +48,8 @@ from tcpgc.protocol.messages import (
     Pong,
     encode,
 )
-from tcpgc.relay.chunked_splice import start_chunked_relay
-from tcpgc.relay.copy import RelayResult
-from tcpgc.relay.splice import AnyRelay
+from tcpgc.relay.factory import start_chunked_relay
+from tcpgc.relay.result import AnyRelay, RelayResult
 from tcpgc.safe_text import printable
 from tcpgc.task_set import TaskSet
 from tcpgc.transport.dial import dial

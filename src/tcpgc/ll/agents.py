@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from tcpgc.protocol.replay_window import ReplayWindow
-from tcpgc.relay.splice import AnyRelay
+from tcpgc.relay.result import AnyRelay
 from tcpgc.transport.frame_channel import FrameChannel
 
 log = logging.getLogger("tcpgc.ll")

@@ -33,8 +33,8 @@ from typing import Any
 
 from tcpgc.config import DEFAULT_SERVICE, Address, CCConfig, LLConfig
 from tcpgc.errors import UsageError
-from tcpgc.relay.copy import RelayResult
-from tcpgc.relay.splice import AnyRelay, start_relay
+from tcpgc.relay.factory import start_relay
+from tcpgc.relay.result import AnyRelay, RelayResult
 from tcpgc.task_set import TaskSet
 from tcpgc.transport.dial import dial
 from tcpgc.transport.link import Link
