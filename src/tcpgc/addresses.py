@@ -10,13 +10,20 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from tcpgc.errors import UsageError
 
 
+def format_endpoint(host: object, port: int) -> str:
+    """'host:port', or '[v6]:port' for an IPv6 address: the one way tcpgc writes an
+    endpoint, in logs, the status page and error messages."""
+    text = str(host)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
 @dataclass(frozen=True)
 class Address:
     host: str
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return format_endpoint(self.host, self.port)
 
     @property
     def bind_host(self) -> str | None:
