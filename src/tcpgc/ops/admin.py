@@ -25,7 +25,6 @@ import fcntl
 import hmac
 import json
 import logging
-import secrets
 import struct
 import termios
 from collections.abc import Iterable
@@ -39,9 +38,9 @@ from tcpgc.cc.node import ConnectNode
 from tcpgc.config import Address
 from tcpgc.errors import BadRequest, UsageError
 from tcpgc.ll.node import ListenNode
+from tcpgc.ops import status_page
 from tcpgc.ops.admin_access import ConnectionCap, HostAllowlist, exposure_problem
 from tcpgc.ops.admin_http import MAX_LINE, read_head
-from tcpgc.ops.status_page import STATUS_PAGE
 from tcpgc.task_set import TaskSet
 
 log = logging.getLogger("tcpgc.admin")
@@ -289,23 +288,8 @@ class AdminServer:
             return _Response(200, generate_latest(self.node.metrics.registry), CONTENT_TYPE_LATEST)
         if path == "/status.json":
             return _Response(200, json.dumps(self.snapshot()), "application/json")
-        nonce = secrets.token_urlsafe(16)
-        return _Response(
-            200,
-            STATUS_PAGE.replace("{nonce}", nonce),
-            "text/html; charset=utf-8",
-            headers={
-                # Only our own inline script and style run; the page talks only to us.
-                "Content-Security-Policy": (
-                    f"default-src 'none'; script-src 'nonce-{nonce}'; "
-                    f"style-src 'nonce-{nonce}'; connect-src 'self'; img-src data:; "
-                    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-                ),
-                # The URL may carry ?token=: never send it on to anyone.
-                "Referrer-Policy": "no-referrer",
-                "X-Frame-Options": "DENY",
-            },
-        )
+        page, page_headers = status_page.render()
+        return _Response(200, page, "text/html; charset=utf-8", headers=page_headers)
 
     def _authorized(self, authorization: str | None, query_token: str | None) -> bool:
         if self._token is None:
