@@ -1,7 +1,8 @@
 """The admin endpoint: Prometheus metrics, a health check and a live status page.
 
 A deliberately small HTTP/1.1 server on asyncio streams (GET and HEAD, one request per
-connection, `Connection: close`), so the nodes need no web framework:
+connection, `Connection: close`; the bytes are h11's, see `tcpgc.ops.admin_http`), so
+the nodes need no web framework:
 
     GET /              the status page (one self-contained HTML page; polls /status.json)
     GET /status.json   the node's status snapshot, plus cumulative totals
@@ -34,13 +35,13 @@ from urllib.parse import parse_qs, urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from tcpgc import __version__
+from tcpgc.addresses import Address
 from tcpgc.cc.node import ConnectNode
-from tcpgc.config import Address
-from tcpgc.errors import BadRequest, UsageError
+from tcpgc.errors import BadRequest, ConnectionClosed, UsageError
 from tcpgc.ll.node import ListenNode
 from tcpgc.ops import status_page
 from tcpgc.ops.admin_access import ConnectionCap, HostAllowlist, exposure_problem
-from tcpgc.ops.admin_http import MAX_LINE, read_head
+from tcpgc.ops.admin_http import MAX_LINE, HttpExchange, RequestHead, Response
 from tcpgc.task_set import TaskSet
 
 log = logging.getLogger("tcpgc.admin")
@@ -64,35 +65,6 @@ MAX_OPEN_PER_SOURCE = 16
 SHED_DRAWS = 2
 #: At most one log line per this many seconds about closed excess connections.
 SHED_LOG_INTERVAL = 60.0
-
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    421: "Misdirected Request",
-    431: "Request Header Fields Too Large",
-    503: "Service Unavailable",
-    505: "HTTP Version Not Supported",
-}
-
-_TEXT = "text/plain; charset=utf-8"
-
-
-class _Response:
-    def __init__(
-        self,
-        status: int,
-        body: bytes | str,
-        content_type: str = _TEXT,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        self.status = status
-        self.body = body.encode() if isinstance(body, str) else body
-        self.content_type = content_type
-        self.headers = headers or {}
 
 
 class AdminServer:
@@ -138,6 +110,7 @@ class AdminServer:
                 self._accepted,
                 self._wanted.bind_host,
                 self._wanted.port,
+                # The stream's buffer: reads stop past it until the head is parsed.
                 limit=MAX_LINE,
                 reuse_address=True,
             )
@@ -202,58 +175,40 @@ class AdminServer:
         self._shed_log_after = now + SHED_LOG_INTERVAL
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        method = "GET"
+        exchange = HttpExchange()
         try:
             try:
                 async with asyncio.timeout(HEAD_TIMEOUT):
-                    method, target, headers = await read_head(reader)
-                response = self._respond(method, target, headers, writer)
+                    request = await _read_request(reader, exchange)
+                response = self._respond(request, writer)
             except BadRequest as exc:
-                response = _Response(exc.status, f"{exc}\n")
+                response = Response(exc.status, f"{exc}\n")
             except TimeoutError:
-                response = _Response(408, "request head not received in time\n")
-            await self._send(writer, response, head_only=method == "HEAD")
-        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+                response = Response(408, "request head not received in time\n")
+            writer.write(exchange.respond(response))
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+        except (OSError, TimeoutError, ConnectionClosed):
             pass  # the client went away; nothing to tell anyone
         finally:
             self._open.pop(writer, None)
             self._guard.release(writer)
             writer.close()
 
-    async def _send(
-        self, writer: asyncio.StreamWriter, response: _Response, head_only: bool
-    ) -> None:
-        head = [
-            f"HTTP/1.1 {response.status} {_REASONS.get(response.status, 'Error')}",
-            f"Content-Type: {response.content_type}",
-            f"Content-Length: {len(response.body)}",
-            "Connection: close",
-            "Cache-Control: no-store",
-            "X-Content-Type-Options: nosniff",
-            f"Server: tcpgc/{__version__}",
-            *(f"{name}: {value}" for name, value in response.headers.items()),
-        ]
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
-        if not head_only:
-            writer.write(response.body)
-        async with asyncio.timeout(WRITE_TIMEOUT):
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-
     # ---- routing -----------------------------------------------------------------------
 
-    def _respond(
-        self, method: str, target: str, headers: dict[str, str], writer: asyncio.StreamWriter
-    ) -> _Response:
-        if method not in ("GET", "HEAD"):
-            return _Response(405, "only GET and HEAD\n", headers={"Allow": "GET, HEAD"})
-        url = urlsplit(target)
+    def _respond(self, request: RequestHead, writer: asyncio.StreamWriter) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            return Response(405, "only GET and HEAD\n", headers={"Allow": "GET, HEAD"})
+        headers = request.headers
+        url = urlsplit(request.target)
         path = url.path
         if path == "/healthz":
             return self._health()
         if path not in ("/", "/status.json", "/metrics"):
-            return _Response(404, "not found: try /, /status.json, /metrics or /healthz\n")
+            return Response(404, "not found: try /, /status.json, /metrics or /healthz\n")
         # An absolute-form target ("GET http://name/ HTTP/1.1") names the host instead.
         host = url.netloc if url.scheme else headers.get("host")
         if self._token is None and not self._hosts.allows(host):
@@ -265,7 +220,7 @@ class AdminServer:
                 _peer(writer),
                 host,
             )
-            return _Response(
+            return Response(
                 421,
                 "this Host is not a name of this admin endpoint: use its IP address or "
                 "localhost, or add the name to admin_hosts in the node's config\n",
@@ -278,18 +233,18 @@ class AdminServer:
                 path,
                 _peer(writer),
             )
-            return _Response(
+            return Response(
                 401,
                 "a bearer token is required: 'Authorization: Bearer TOKEN' "
                 "(the status page also takes /?token=TOKEN)\n",
                 headers={"WWW-Authenticate": 'Bearer realm="tcpgc admin"'},
             )
         if path == "/metrics":
-            return _Response(200, generate_latest(self.node.metrics.registry), CONTENT_TYPE_LATEST)
+            return Response(200, generate_latest(self.node.metrics.registry), CONTENT_TYPE_LATEST)
         if path == "/status.json":
-            return _Response(200, json.dumps(self.snapshot()), "application/json")
+            return Response(200, json.dumps(self.snapshot()), "application/json")
         page, page_headers = status_page.render()
-        return _Response(200, page, "text/html; charset=utf-8", headers=page_headers)
+        return Response(200, page, "text/html; charset=utf-8", headers=page_headers)
 
     def _authorized(self, authorization: str | None, query_token: str | None) -> bool:
         if self._token is None:
@@ -305,11 +260,11 @@ class AdminServer:
             return False
         return hmac.compare_digest(offered.encode("utf-8", "replace"), self._token)
 
-    def _health(self) -> _Response:
+    def _health(self) -> Response:
         reason = health_problem(self.node)
         if reason is None:
-            return _Response(200, "ok\n")
-        return _Response(503, f"unavailable: {reason}\n")
+            return Response(200, "ok\n")
+        return Response(503, f"unavailable: {reason}\n")
 
     def snapshot(self) -> dict[str, Any]:
         """`node.status()` plus the version and cumulative totals from the metrics (the
@@ -350,6 +305,14 @@ def totals(registry: CollectorRegistry) -> dict[str, float]:
             elif sample.name == "tcpgc_handshake_failures_total":
                 out["handshake_failures"] += sample.value
     return out
+
+
+async def _read_request(reader: asyncio.StreamReader, exchange: HttpExchange) -> RequestHead:
+    """Reads until `exchange` has the request's whole head."""
+    while True:
+        request = exchange.receive(await reader.read(exchange.wanted()))
+        if request is not None:
+            return request
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:
