@@ -20,10 +20,9 @@ import re
 from collections.abc import Callable, Hashable, Iterable
 from ipaddress import IPv6Address, ip_address
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from tcpgc.config import Address
+# From tcpgc.addresses, not tcpgc.config: config imports this module (admin_hosts).
+from tcpgc.addresses import Address
 
 #: Names that resolve to loopback without DNS, so no one can rebind them.
 LOOPBACK_NAMES = frozenset({"localhost"})
