@@ -31,12 +31,17 @@ def receive(exchange: HttpExchange, data: bytes, step: int = 7) -> RequestHead |
 
 
 def refusal(data: bytes, *, eof: bool = False) -> BadRequest:
+    """The refusal of `data`, checked to be answered with its status and message."""
     exchange = HttpExchange()
     with pytest.raises(BadRequest) as caught:
         receive(exchange, data, step=4096)
         if eof:
             exchange.receive(b"")
-    return caught.value
+    refused = caught.value
+    status, headers, body = split(exchange.respond(Response(refused.status, f"{refused}\n")))
+    assert status.startswith(f"HTTP/1.1 {refused.status} ") and not status.endswith(" Error")
+    assert body == f"{refused}\n".encode() and headers["Connection"] == "close"
+    return refused
 
 
 def split(reply: bytes) -> tuple[str, dict[str, str], bytes]:
@@ -94,6 +99,7 @@ def test_a_request_without_host_is_served(version: bytes) -> None:
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", 400),
         (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+        (b"HEAD / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
         (b"GET /" + b"a" * MAX_LINE + b" HTTP/1.1\r\nHost: x\r\n\r\n", 431),
         (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * MAX_LINE + b"\r\n\r\n", 431),
         (
@@ -110,6 +116,7 @@ def test_a_request_without_host_is_served(version: bytes) -> None:
         "two-hosts",
         "header-without-colon",
         "http-2",
+        "transfer-encoding",
         "long-request-line",
         "long-header-line",
         "too-many-headers",

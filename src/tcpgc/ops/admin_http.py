@@ -37,9 +37,12 @@ _REASONS = {
     408: "Request Timeout",
     421: "Misdirected Request",
     431: "Request Header Fields Too Large",
+    501: "Not Implemented",
     503: "Service Unavailable",
     505: "HTTP Version Not Supported",
 }
+
+_REFUSALS = {431: "request head too large", 501: "request not supported"}
 
 # Where a request head ends: h11's own test for the blank line.
 _HEAD_END = re.compile(rb"\n\r?\n")
@@ -93,6 +96,9 @@ class HttpExchange:
         except h11.RemoteProtocolError as exc:
             reparsed = self._with_empty_host()
             if reparsed is None:
+                # h11 may have taken the request line before refusing the head (an
+                # unknown Transfer-Encoding): answer through one that knows no request.
+                self._conn = _connection()
                 raise _bad_request(exc) from None
             return self._checked(reparsed, host_added=True)
         if isinstance(event, h11.ConnectionClosed):
@@ -166,8 +172,8 @@ def _connection() -> h11.Connection:
 
 
 def _bad_request(exc: h11.RemoteProtocolError) -> BadRequest:
-    """h11's refusal as ours, with h11's status (400, or 431 for a head too large). Its
-    message quotes the client's bytes, which do not go back into a response."""
-    if exc.error_status_hint == 431:
-        return BadRequest(431, "request head too large")
-    return BadRequest(exc.error_status_hint, "malformed request head")
+    """h11's refusal as ours, with h11's status: 400, 431 for a head too large, 501 for
+    a Transfer-Encoding it does not know. Its message quotes the client's bytes, which
+    do not go back into a response."""
+    status = exc.error_status_hint
+    return BadRequest(status, _REFUSALS.get(status, "malformed request head"))
