@@ -5,6 +5,8 @@ response bytes."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tcpgc.errors import BadRequest, ConnectionClosed
 from tcpgc.ops.admin_http import (
@@ -169,3 +171,53 @@ def test_a_request_still_incomplete_can_be_answered() -> None:
     assert receive(exchange, b"GET /healthz HTTP/1.1\r\nHost: 1") is None
     status, _, body = split(exchange.respond(Response(408, "late\n")))
     assert (status, body) == ("HTTP/1.1 408 Request Timeout", b"late\n")
+
+
+_HEADS = st.one_of(
+    st.binary(max_size=300),
+    st.builds(
+        lambda method, target, version, fields: (
+            b"%s %s HTTP/%s\r\n%s\r\n" % (method, target, version, b"".join(fields))
+        ),
+        st.sampled_from([b"GET", b"HEAD", b"POST", b"G T", b""]),
+        st.sampled_from([b"/", b"/healthz?x=1", b"http://h/", b"", b"/\x00"]),
+        st.sampled_from([b"1.1", b"1.0", b"2.0", b"1.10", b"x"]),
+        st.lists(
+            st.sampled_from(
+                [
+                    b"Host: h\r\n",
+                    b"Host:\r\n",
+                    b"X: y\r\n",
+                    b" fold\r\n",
+                    b"bad\r\n",
+                    b"Content-Length: 5\r\n",
+                    b"Transfer-Encoding: chunked\r\n",
+                    b"\n",
+                ]
+            ),
+            max_size=6,
+        ),
+    ),
+)
+
+
+@given(_HEADS, st.integers(min_value=1, max_value=64))
+def test_any_bytes_give_a_request_or_a_refusal_and_an_answer(data: bytes, step: int) -> None:
+    """Whatever the client sends, in whatever pieces: a request head, a BadRequest with
+    a status this endpoint can answer, or (nothing sent) ConnectionClosed; and the
+    answer always serializes."""
+    exchange = HttpExchange()
+    try:
+        request = receive(exchange, data, step)
+        if request is None:
+            exchange.receive(b"")  # end of stream: an incomplete head is refused
+            raise AssertionError("end of stream gave no refusal")
+        status = 200
+    except BadRequest as exc:
+        status = exc.status
+        assert status in (400, 431, 501, 505), exc
+    except ConnectionClosed:
+        assert data == b""
+        return
+    reply = exchange.respond(Response(status, "body\n"))
+    assert reply.startswith(b"HTTP/1.1 %d " % status)
