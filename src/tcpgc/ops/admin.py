@@ -22,12 +22,10 @@ A newcomer is always taken; past a cap, a random open connection is closed inste
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import hmac
 import json
 import logging
 import struct
-import termios
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -329,7 +327,11 @@ def _request_waiting(key: object) -> bool:
     if sock is None:
         return False
     try:
+        # Unix only, imported here: the endpoint serves where FIONREAD is missing too.
+        import fcntl
+        import termios
+
         raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-    except OSError:
+    except (ImportError, OSError):
         return False
     return bool(struct.unpack("i", raw)[0])
