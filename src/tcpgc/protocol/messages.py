@@ -8,9 +8,10 @@ is whole, so it can be fed any split of the byte stream, down to one byte at a t
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar, TypeAlias
+from typing import ClassVar, TypeAlias, get_args
 
 from tcpgc.errors import ProtocolError
 from tcpgc.protocol.fields import AGENT_ID_SIZE as AGENT_ID_SIZE
@@ -302,23 +303,8 @@ Message: TypeAlias = (
     | Retire
 )
 
-_PARSERS: dict[MessageType, type[Message]] = {
-    cls.TYPE: cls
-    for cls in (
-        Hello,
-        Challenge,
-        Auth,
-        Ready,
-        Error,
-        Open,
-        OpenFailed,
-        Ping,
-        Pong,
-        Data,
-        Pool,
-        Retire,
-    )
-}
+#: Every message class by its type byte.
+_PARSERS: dict[MessageType, type[Message]] = {cls.TYPE: cls for cls in get_args(Message)}
 
 
 def encode(message: Message, auth: FrameAuth | None = None) -> bytes:
@@ -347,13 +333,19 @@ def decode(kind: int, payload: bytes) -> Message:
 
 class FrameDecoder:
     """Bytes in, messages out. Feed with `receive_data`; b"" marks the end of the stream.
-    Once `auth` is set, every later frame must carry its MAC (plaintext connections)."""
+    Once `auth` is set, every later frame must carry its MAC (plaintext connections).
+    `first_type` vets the first frame's type byte (see `ll_pairing.refuse_tls_record`)."""
 
-    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(
+        self, max_payload: int = MAX_PAYLOAD, *, first_type: Callable[[int], None] | None = None
+    ) -> None:
         self._buffer = bytearray()
         self._max_payload = max_payload
         self._eof = False
         self.auth: FrameAuth | None = None
+        #: Called with the first frame's type byte before anything else is checked: it
+        #: may raise a ProtocolError of its own (an LL tells a TLS ClientHello this way).
+        self._first_type = first_type
 
     def receive_data(self, data: bytes) -> None:
         if not data:
@@ -366,6 +358,9 @@ class FrameDecoder:
             self._check_eof()
             return None
         kind, length = HEADER.unpack_from(self._buffer)
+        if self._first_type is not None:
+            check, self._first_type = self._first_type, None
+            check(kind)
         if length > self._max_payload + (TAG_SIZE if self.auth is not None else 0):
             raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self._max_payload}")
         if kind not in _PARSERS:
