@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from tcpgc.errors import BadDataConnection, ProtocolError, VersionMismatch, WrongTransport
+from tcpgc.errors import BadDataConnection, ProtocolError, WrongTransport
 from tcpgc.protocol.frame_auth import CONTROL, FrameAuth, frame_auth, offer_context
-from tcpgc.protocol.handshake import data_proof, pool_proof
+from tcpgc.protocol.handshake import data_proof, error_code, pool_proof
 from tcpgc.protocol.ll_pairing import (
     MAX_READY,
     Answer,
@@ -337,9 +337,10 @@ def test_unknown_expired_and_wrong_version_claims_are_refused() -> None:
         table.claim(_data(os.urandom(16)), BINDING, now=10.0)
     with pytest.raises(BadDataConnection, match="expired"):
         table.claim(_data(conn_id), BINDING, now=50.0)
-    with pytest.raises(VersionMismatch, match="speaks version 1") as old:
+    with pytest.raises(ProtocolError, match="speaks version 1") as old:
         table.claim(Data(1, conn_id, bytes(32)), BINDING, now=10.0)
     assert old.value.reason == "version"
+    assert error_code(old.value) is ErrorCode.BAD_MESSAGE  # what the peer is told
 
 
 def test_open_failed_only_from_the_agent_it_was_offered_to() -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Generic, TypeVar
 
-from tcpgc.errors import BadDataConnection, ProtocolError, VersionMismatch, WrongTransport
+from tcpgc.errors import BadDataConnection, ProtocolError, WrongTransport
 from tcpgc.protocol.frame_auth import FrameAuth, frame_auth, offer_context
 from tcpgc.protocol.handshake import data_proof, pool_proof
 from tcpgc.protocol.messages import (
@@ -105,10 +105,11 @@ class PairingTable(Generic[T]):
     def claim(self, data: Data, binding: bytes, now: float) -> WaitingClient[T]:
         """The client a data connection's DATA frame claims, removed from the table.
         `binding` is the fingerprint of the certificate this LL presented on that
-        connection. Raises (leaving the client waiting if it is not the one at fault)
-        a VersionMismatch or BadDataConnection."""
+        connection. Raises a ProtocolError (BadDataConnection for an unknown, used,
+        expired or badly proven id), leaving a client that was not claimed waiting."""
         if not MIN_VERSION <= data.version <= MAX_VERSION:
-            raise VersionMismatch(f"data connection speaks version {data.version}")
+            # Told as a bad message, not a version refusal: there is no version to agree.
+            raise ProtocolError(f"data connection speaks version {data.version}", reason="version")
         waiting = self._waiting.get(data.conn_id)
         if waiting is None or now >= waiting.deadline:
             raise BadDataConnection("unknown, expired or already used data connection id")
