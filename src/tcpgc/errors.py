@@ -86,6 +86,13 @@ class PeerRefused(TcpgcError):
     reason = "refused"
 
 
+class TooManySessions(TcpgcError):
+    """An LL refused an agent because its join token already holds the most sessions
+    allowed. Counted with authentication failures: it is the credential that is refused."""
+
+    reason = "authentication"
+
+
 class Unanswered(TcpgcError):
     """A client's first bytes went to an agent that then neither took the client nor
     refused it: that agent may have passed them to a server, so offering them to

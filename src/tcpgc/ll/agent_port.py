@@ -3,94 +3,91 @@ data connection claiming a waiting client, or a ready data connection to keep.
 
 Every connection here is unauthenticated until its first exchange is done: admission
 control sheds the excess (from the busiest network first), a deadline bounds each, and
-any failure is one log line and one count, and closes that connection only.
+any failure is one log line and one count (by the typed error's `reason`), and closes
+that connection only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import itertools
 import logging
 import ssl
 import time
-from dataclasses import dataclass
+from functools import partial
 
 from tcpgc.config import LLConfig
-from tcpgc.errors import PeerRefused, ProtocolError
-from tcpgc.identity import Identity
+from tcpgc.errors import (
+    ConnectionClosed,
+    ProtocolError,
+    Shed,
+    TcpgcError,
+    TimedOut,
+    TooManySessions,
+)
 from tcpgc.ll.admission import PendingHandshakes
 from tcpgc.ll.agents import AgentRegistry, AgentSession
+from tcpgc.ll.control import ControlDriver
+from tcpgc.ll.credentials import Credentials
+from tcpgc.ll.pairing import ClientPairing
+from tcpgc.ll.ready import ReadyConnections
 from tcpgc.ops.memory_trim import BurstTrimmer
-from tcpgc.ops.metrics import Metrics, failure_reason
-from tcpgc.protocol.frame_auth import CONTROL, frame_auth, offer_context
-from tcpgc.protocol.handshake import LLHandshake, data_proof, error_code, pool_proof
-from tcpgc.protocol.messages import (
-    MAX_VERSION,
-    MIN_VERSION,
-    Data,
-    Error,
-    ErrorCode,
-    Hello,
-    OpenFailed,
-    Ping,
-    Pong,
-    Pool,
-)
-from tcpgc.safe_text import printable
+from tcpgc.ops.metrics import Metrics
+from tcpgc.protocol.frame_auth import CONTROL, frame_auth
+from tcpgc.protocol.handshake import LLHandshake, error_code
+from tcpgc.protocol.ll_pairing import Opening, classify_opening, refuse_tls_record
+from tcpgc.protocol.ll_session import Event, LLControlSession, OpenRefused, SessionEnded
+from tcpgc.protocol.messages import Data, Error, ErrorCode, FrameDecoder, Hello, Pool
 from tcpgc.task_set import TaskSet
+from tcpgc.transport.failures import handshake_tls_error
 from tcpgc.transport.frame_channel import FrameChannel
 from tcpgc.transport.link import Link
 
 log = logging.getLogger("tcpgc.ll")
 
-#: Ready data connections an LL keeps per agent at most (the agent asks for fewer).
-MAX_READY = 64
-
-#: First bytes of a TLS ClientHello, to tell a TLS agent talking to a plaintext LL.
-_TLS_RECORD = 0x16
-
-
-@dataclass(eq=False)
-class WaitingClient:
-    """A client whose agent was sent OPEN and has not claimed it yet."""
-
-    link: Link
-    service: str
-    agent: AgentSession
-    claimed: asyncio.Future[Link]
-
 
 class AgentPort:
-    """The agent-port half of the LL node (`tcpgc.ll.node.ListenNode`), which owns the state
-    declared here."""
+    """Takes every connection to the agent port through its first exchange, and runs
+    the control sessions of the agents that authenticate."""
 
-    config: LLConfig
-    identity: Identity | None
-    agents: AgentRegistry
-    metrics: Metrics
-    _tasks: TaskSet
-    _waiting: dict[bytes, WaitingClient]
-    _secrets: dict[bytes, bytes]
-    _tls: ssl.SSLContext | None
-    _binding_of_context: dict[int, bytes]
-    _pending: PendingHandshakes
-    _trimmer: BurstTrimmer
+    def __init__(
+        self,
+        config: LLConfig,
+        *,
+        agents: AgentRegistry,
+        credentials: Credentials,
+        pairing: ClientPairing,
+        ready: ReadyConnections,
+        pending: PendingHandshakes,
+        metrics: Metrics,
+        tasks: TaskSet,
+    ) -> None:
+        self.config = config
+        self._agents = agents
+        self._credentials = credentials
+        self._pairing = pairing
+        self._ready = ready
+        self._pending = pending
+        self._metrics = metrics
+        self._tasks = tasks
+        self.trimmer = BurstTrimmer(lambda: len(self._pending))
 
-    def _agent_connected(self, link: Link) -> None:
+    def connected(self, link: Link) -> None:
+        """A new connection on the agent port (the `on_made` of its Link)."""
         for victim in self._pending.admit(link, link.peer_host, time.monotonic()):
             assert isinstance(victim, Link)
-            self._handshake_failed(
+            self._failed(
                 victim,
-                "shed, too many unauthenticated connections "
-                f"({self.config.max_pending} pending at most, "
-                f"{self.config.max_pending_per_source} per network)",
+                Shed(
+                    "shed, too many unauthenticated connections "
+                    f"({self.config.max_pending} pending at most, "
+                    f"{self.config.max_pending_per_source} per network)"
+                ),
             )
             victim.shed = True
             victim.abort()
-        self._tasks.spawn(self._serve_agent_link(link), f"agent link {link.peer}")
+        self._tasks.spawn(self._serve(link), f"agent link {link.peer}")
 
-    async def _serve_agent_link(self, link: Link) -> None:
+    async def _serve(self, link: Link) -> None:
         try:
             session = await self._authenticate(link)
         finally:
@@ -103,14 +100,16 @@ class AgentPort:
         open thousands (each with its ready connections). A returning agent replaces its
         own session, so it is not counted against itself."""
         cap = self.config.max_sessions_per_token
-        held = self.agents.sessions_with_key(session.key_id, besides=session.raw_id)
+        held = self._agents.sessions_with_key(session.key_id, besides=session.raw_id)
         if not cap or held < cap:
             return True
         link = session.channel.link
-        self._handshake_failed(
+        self._failed(
             link,
-            f"agent {session.agent_id} refused: {held} sessions already hold its join token "
-            f"(max_sessions_per_token = {cap})",
+            TooManySessions(
+                f"agent {session.agent_id} refused: {held} sessions already hold its join "
+                f"token (max_sessions_per_token = {cap})"
+            ),
         )
         session.channel.send(
             Error(ErrorCode.UNAVAILABLE, f"too many sessions with this join token ({cap} at most)")
@@ -123,39 +122,44 @@ class AgentPort:
         Returns the session of an authenticated agent; a data connection is handed to
         its client and None returned. Any failure is logged once and closes only it."""
         channel: FrameChannel | None = None
+        plaintext = self._credentials.plaintext
         try:
             async with asyncio.timeout(self.config.handshake_timeout):
                 await link.ready
-                channel = FrameChannel(link)
+                # A plaintext LL tells a TLS ClientHello by its first byte.
+                decoder = FrameDecoder(first_type=refuse_tls_record) if plaintext else None
+                channel = FrameChannel(link, decoder)
                 first = await channel.recv()
-                if isinstance(first, Data):
-                    self._claim(first, channel)
-                    return None
-                if isinstance(first, Pool):
-                    self._park(first, channel)
-                    return None
-                if isinstance(first, Hello):
+                opening = classify_opening(first)
+                if opening is Opening.CLAIM:
+                    assert isinstance(first, Data)
+                    self._pairing.claim(first, channel)
+                elif opening is Opening.READY:
+                    assert isinstance(first, Pool)
+                    self._ready.park(first, channel)
+                elif opening is Opening.CONTROL:
+                    assert isinstance(first, Hello)
                     return await self._handshake(first, channel)
-                if first is None:
+                else:
                     if not link.shed:
-                        self._handshake_failed(
+                        self._failed(
                             link,
-                            "closed before its first message "
-                            "(an agent refusing our certificate, or a port scan)",
+                            ConnectionClosed(
+                                "closed before its first message "
+                                "(an agent refusing our certificate, or a port scan)",
+                                reason="certificate",  # the usual cause
+                            ),
                         )
                     link.abort()
-                    return None
-                raise ProtocolError(f"unexpected {first.TYPE.name} as first message")
+                return None
         except TimeoutError:
-            self._handshake_failed(
-                link, f"no complete handshake within {self.config.handshake_timeout:.1f} s"
+            self._failed(
+                link,
+                TimedOut(f"no complete handshake within {self.config.handshake_timeout:.1f} s"),
             )
             link.abort()
         except ProtocolError as exc:
-            reason = str(exc)
-            if self._tls is None and _looks_like_tls(exc):
-                reason = _transport_reason(exc, True)
-            self._handshake_failed(link, reason)
+            self._failed(link, exc)
             if channel is not None and not link.is_closed:
                 channel.send(Error(error_code(exc), _public_reason(exc)))
                 link.close()
@@ -163,103 +167,40 @@ class AgentPort:
                 link.abort()
         except (ssl.SSLError, OSError) as exc:
             if not link.shed:
-                self._handshake_failed(link, _transport_reason(exc, self._tls is None))
+                self._failed(link, handshake_tls_error(exc, we_speak_tls=not plaintext))
             link.abort()
         except Exception as exc:  # a bug must cost this connection, never leak it
             log.exception("handshake from %s ended by an internal error", link.peer)
-            self._handshake_failed(link, f"internal error: {type(exc).__name__}")
+            internal = TcpgcError(f"internal error: {type(exc).__name__}", reason="protocol")
+            self._failed(link, internal)
             link.abort()
         return None
 
-    def _handshake_failed(self, link: Link, reason: str) -> None:
+    def _failed(self, link: Link, exc: TcpgcError) -> None:
         """One log line and one count per bad connection on the agent port."""
-        log.warning("handshake failed from %s: %s", link.peer, reason)
-        self._trimmer.failed()
-        self.metrics.child(self.metrics.handshake_failures, failure_reason(reason)).inc()
-
-    def _claim(self, data: Data, channel: FrameChannel) -> None:
-        if not MIN_VERSION <= data.version <= MAX_VERSION:
-            raise ProtocolError(f"data connection speaks version {data.version}")
-        waiting = self._waiting.get(data.conn_id)
-        if waiting is None or waiting.claimed.done():
-            raise ProtocolError("unknown, expired or already used data connection id")
-        # Checked before the id is used up: a forged claim must not cost the client.
-        binding = self._binding_of(channel.link)
-        expected = data_proof(waiting.agent.session_key, data.conn_id, binding)
-        if not hmac.compare_digest(data.proof, expected):
-            raise ProtocolError(
-                "data connection with a bad proof (not from the session its client was "
-                "offered to, or not over this LL's certificate)"
-            )
-        del self._waiting[data.conn_id]
-        channel.detach()
-        waiting.claimed.set_result(channel.link)  # relayed by the client's task from here on
-
-    def _park(self, pool: Pool, channel: FrameChannel) -> None:
-        """Keep a ready data connection of an authenticated agent for a future client."""
-        session = self.agents.find(pool.agent_id)
-        if session is None:
-            raise ProtocolError("ready connection for an agent that has no session here")
-        binding = self._binding_of(channel.link)
-        expected = pool_proof(session.session_key, pool.agent_id, pool.counter, binding)
-        # The proof first: only proven numbers may move the replay window.
-        if not hmac.compare_digest(pool.proof, expected) or not session.offers.accept(pool.counter):
-            raise ProtocolError("ready connection with a bad or replayed proof")
-        if self._tls is None:
-            channel.auth = frame_auth(session.session_key, offer_context(pool.counter), agent=False)
-        if len(session.ready) >= MAX_READY:
-            session.ready.popleft().link.close()
-        session.ready.append(channel)
-
-    def _data_connection_idle(self, link: Link) -> None:
-        """A reusable data connection whose client is done: the agent offers it again
-        (a new POOL frame) or closes it."""
-        self._tasks.spawn(self._await_offer(link), f"used data connection {link.peer}")
-
-    async def _await_offer(self, link: Link) -> None:
-        channel = FrameChannel(link)
-        try:
-            async with asyncio.timeout(self.config.handshake_timeout):
-                message = await channel.recv()
-            if message is None:
-                link.close()  # the agent has enough ready connections
-            elif isinstance(message, Pool):
-                self._park(message, channel)
-            else:
-                raise ProtocolError(f"unexpected {message.TYPE.name} on a used data connection")
-        except (TimeoutError, ProtocolError, ssl.SSLError, OSError) as exc:
-            reason = str(exc) or "no offer in time"
-            log.warning("used data connection from %s dropped: %s", link.peer, reason)
-            link.abort()
-
-    def _binding_of(self, link: Link) -> bytes:
-        """The fingerprint of the certificate this LL presented on `link`: what every
-        proof on it is bound to. In plaintext mode, the identity the token names."""
-        binding = self._binding_of_context.get(id(link.tls_context))
-        if binding is None:
-            assert self.identity is not None
-            binding = self.identity.fingerprint
-        return binding
+        log.warning("handshake failed from %s: %s", link.peer, exc)
+        self.trimmer.failed()
+        self._metrics.child(self._metrics.handshake_failures, exc.reason).inc()
 
     async def _handshake(self, hello: Hello, channel: FrameChannel) -> AgentSession:
         link = channel.link
+        credentials = self._credentials
         handshake = LLHandshake(
-            self._secrets,
+            credentials.secrets,
             heartbeat_ms=int(self.config.heartbeat * 1000),
-            binding=self._binding_of(link),
-            tls=self._tls is not None,
+            binding=credentials.binding_of(link),
+            tls=not credentials.plaintext,
             services=tuple(self.config.services),
         )
         channel.send(handshake.receive(hello))
         auth = await channel.recv()
         if auth is None:
-            raise ProtocolError("connection closed during the handshake")
+            raise ProtocolError("connection closed during the handshake", reason="closed")
         channel.send(handshake.receive(auth))
-        if self._tls is None:  # every later frame carries its MAC
+        if credentials.plaintext:  # every later frame carries its MAC
             channel.auth = frame_auth(handshake.session_key, CONTROL, agent=False)
-        agent_id = handshake.agent_id.hex()[:12]
         return AgentSession(
-            agent_id,
+            handshake.agent_id.hex()[:12],
             link.peer,
             link.peer_host,
             handshake.services,
@@ -286,32 +227,37 @@ class AgentPort:
                 ", ".join(unknown),
                 ", ".join(self.config.services),
             )
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[SessionEnded] = loop.create_future()
+        core = LLControlSession(
+            agent_id=session.agent_id,
+            peer=session.peer,
+            heartbeat=self.config.heartbeat,
+            now=loop.time(),
+            auth=session.channel.auth,
+        )
+        session.channel.detach()  # what was read past AUTH goes to the session
+        driver = ControlDriver(link, core, partial(self._session_event, session, ended))
+        session.control = driver
         # Registered for every service it offers, not only today's: a service added to
         # this LL by a reload is served by the agents already connected.
-        stale = self.agents.add(session, session.services)
-        self.metrics.agents.set(len(self.agents))
+        stale = self._agents.add(session, session.services)
+        self._metrics.agents.set(len(self._agents))
         if stale is not None:
             log.info("agent %s: new session replaces the one from %s", session.agent_id, stale.peer)
             stale.close()
-        heartbeat = self._tasks.spawn(self._heartbeat(session.channel), f"heartbeat {link.peer}")
         # Its address's ready and data connections are now kept apart from any flood.
         self._pending.authenticated(session.peer_host, time.monotonic())
         try:
-            dead = await self._session_loop(session)
+            end = await ended
         finally:
-            heartbeat.cancel()
+            driver.stop()
             self._pending.session_ended(session.peer_host, time.monotonic())
-            self.agents.remove(session)
-            self.metrics.agents.set(len(self.agents))
+            self._agents.remove(session)
+            self._metrics.agents.set(len(self._agents))
             session.close()  # with its ready connections, and those offered to clients
-            # Clients this agent was asked to take will not be claimed: try others.
-            for conn_id in list(session.pending):
-                waiting = self._waiting.get(conn_id)
-                if waiting is not None and not waiting.claimed.done():
-                    waiting.claimed.set_exception(
-                        PeerRefused(f"agent {session.agent_id} disconnected")
-                    )
-        if dead and session.relays:
+            self._pairing.agent_gone(session)
+        if end.by_heartbeat and session.relays:
             # The link died silently: its data connections likely did too, and TCP
             # alone could take many minutes to notice. End them now.
             log.warning(
@@ -321,72 +267,14 @@ class AgentPort:
                 relay.result.ended = "agent lost"
                 relay.close()
 
-    async def _session_loop(self, session: AgentSession) -> bool:
-        """Serve one agent's control messages; True if it ended by heartbeat timeout."""
-        channel = session.channel
-        while True:
-            try:
-                message = await channel.recv(within=3 * self.config.heartbeat)
-            except TimeoutError:
-                # Write-blocked: we stopped reading it because it reads nothing we send (a
-                # PING flood that never reads its PONGs, or a peer that stalled).
-                what = "reads nothing we send" if channel.write_blocked else "silent"
-                log.warning(
-                    "agent %s at %s %s for %.0f s: dropping it",
-                    session.agent_id,
-                    session.peer,
-                    what,
-                    3 * self.config.heartbeat,
-                )
-                return True
-            except ProtocolError as exc:
-                log.warning(
-                    "agent %s at %s sent a bad message: %s", session.agent_id, session.peer, exc
-                )
-                return False
-            if message is None:
-                log.info("agent %s at %s disconnected", session.agent_id, session.peer)
-                return False
-            if isinstance(message, Ping):
-                channel.send(Pong(message.token))
-            elif isinstance(message, Pong):
-                pass
-            elif isinstance(message, OpenFailed):
-                waiting = self._waiting.get(message.conn_id)
-                if waiting is not None and waiting.agent is session and not waiting.claimed.done():
-                    waiting.claimed.set_exception(
-                        PeerRefused(f"agent could not serve it: {printable(message.reason)}")
-                    )
-            else:
-                log.warning(
-                    "agent %s sent unexpected %s: closing its session",
-                    session.agent_id,
-                    message.TYPE.name,
-                )
-                channel.send(Error(ErrorCode.BAD_MESSAGE, f"unexpected {message.TYPE.name}"))
-                return False
-
-    async def _heartbeat(self, channel: FrameChannel) -> None:
-        for token in itertools.count():
-            await asyncio.sleep(self.config.heartbeat)
-            channel.send(Ping(token))
-
-
-def _looks_like_tls(exc: Exception) -> bool:
-    return f"unknown message type {_TLS_RECORD}" in str(exc)
-
-
-def _transport_reason(exc: BaseException, plaintext: bool) -> str:
-    if plaintext:
-        if isinstance(exc, ProtocolError) and _looks_like_tls(exc):
-            return (
-                "peer speaks TLS but this LL runs with --insecure-plaintext (both sides must agree)"
-            )
-        return str(exc)
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, ssl.SSLError) and "WRONG_VERSION_NUMBER" in text.upper():
-        return "peer does not speak TLS (an agent with --insecure-plaintext, or not a tcpgc agent)"
-    return f"TLS failed: {text}"
+    def _session_event(
+        self, session: AgentSession, ended: asyncio.Future[SessionEnded], event: Event
+    ) -> None:
+        if isinstance(event, OpenRefused):
+            self._pairing.refused(event.conn_id, session, event.reason)
+        elif not ended.done():
+            (log.warning if event.warning else log.info)(event.reason)
+            ended.set_result(event)
 
 
 def _public_reason(exc: ProtocolError) -> str:

@@ -9,12 +9,20 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from tcpgc.protocol.replay_window import ReplayWindow
+from tcpgc.protocol.ll_pairing import ReadyOffers
+from tcpgc.protocol.messages import Open
 from tcpgc.relay.result import AnyRelay
 from tcpgc.transport.frame_channel import FrameChannel
 
 log = logging.getLogger("tcpgc.ll")
+
+
+class ControlSender(Protocol):
+    """The running control session of an agent, as the pairing of clients uses it."""
+
+    def offer(self, open_message: Open) -> None: ...
 
 
 @dataclass(eq=False)
@@ -32,24 +40,26 @@ class AgentSession:
     session_key: bytes = b""
     #: Which of the LL's secrets the agent proved (sessions are capped per secret).
     key_id: bytes = b""
-    #: Ready data connections, oldest first, and the offer numbers already accepted.
-    ready: collections.deque[FrameChannel] = field(default_factory=collections.deque)
-    offers: ReplayWindow = field(default_factory=ReplayWindow)
+    #: Its ready data connections, and the POOL counters already accepted.
+    offers: ReadyOffers[FrameChannel] = field(init=False)
     #: Ready connections taken for a client and not answered yet.
     offered: set[FrameChannel] = field(default_factory=set)
     #: False once the session has ended: nothing more is to be asked of this agent.
     alive: bool = True
-    #: Ids of clients this agent was asked to take and has not claimed yet.
-    pending: set[bytes] = field(default_factory=set)
+    #: What OPENs for this agent go through once its session runs (see `ll.control`).
+    control: ControlSender | None = None
     #: Relays running over this agent's data connections.
     relays: set[AnyRelay] = field(default_factory=set)
     since: float = field(default_factory=time.time)
 
+    def __post_init__(self) -> None:
+        self.offers = ReadyOffers(self.raw_id, self.session_key)
+
     def close(self) -> None:
         self.alive = False
         self.channel.link.abort()
-        while self.ready:
-            self.ready.popleft().link.abort()
+        for channel in self.offers.drain():
+            channel.link.abort()
         for channel in list(self.offered):  # their clients are offered elsewhere
             channel.link.abort()
 
@@ -57,8 +67,7 @@ class AgentSession:
         """A ready data connection that is still open, or None. One the agent closed
         (renewed after `pool_ttl` idle) is dropped here, before a client's first bytes
         go on it."""
-        while self.alive and self.ready:
-            channel = self.ready.popleft()
+        while self.alive and (channel := self.offers.take()) is not None:
             if not (channel.link.is_closed or channel.link.got_eof):
                 return channel
             channel.link.abort()

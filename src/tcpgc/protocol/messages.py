@@ -7,16 +7,31 @@ is whole, so it can be fed any split of the byte stream, down to one byte at a t
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar, TypeAlias
+from typing import ClassVar, TypeAlias, get_args
 
 from tcpgc.errors import ProtocolError
+from tcpgc.protocol.fields import AGENT_ID_SIZE as AGENT_ID_SIZE
+from tcpgc.protocol.fields import CONN_ID_SIZE as CONN_ID_SIZE
+from tcpgc.protocol.fields import KEY_ID_SIZE as KEY_ID_SIZE
+from tcpgc.protocol.fields import MAGIC as MAGIC
+from tcpgc.protocol.fields import MAX_NAME as MAX_NAME
+from tcpgc.protocol.fields import MAX_SERVICES as MAX_SERVICES
+from tcpgc.protocol.fields import MAX_TEXT as MAX_TEXT
+from tcpgc.protocol.fields import NONCE_SIZE as NONCE_SIZE
+from tcpgc.protocol.fields import PROOF_SIZE as PROOF_SIZE
+from tcpgc.protocol.fields import (
+    FieldReader,
+    endpoint_field,
+    name_field,
+    text_field,
+)
+from tcpgc.protocol.fields import is_valid_name as is_valid_name
+from tcpgc.protocol.fields import services_blob as services_blob
 from tcpgc.protocol.frame_auth import TAG_SIZE, FrameAuth
-from tcpgc.safe_text import shared
 
 #: Protocol versions this implementation speaks. A peer offering a disjoint range is
 #: refused with a message naming both ranges. Version 2 binds data connections to their
@@ -25,25 +40,12 @@ from tcpgc.safe_text import shared
 MIN_VERSION = 2
 MAX_VERSION = 2
 
-#: Every tcpgc connection from an agent starts with this, so a stray HTTP client or a
-#: port scanner is told apart from a real agent at the first bytes.
-MAGIC = b"TGC"
-
 HEADER = struct.Struct("!BH")
 
 #: Largest payload accepted. The biggest legitimate message is an AUTH listing every
 #: service of an agent (at most MAX_SERVICES names of at most 64 bytes: 13 KiB); 16 KiB
 #: leaves room for that while keeping what one unauthenticated peer can make us buffer small.
 MAX_PAYLOAD = 16 * 1024
-MAX_SERVICES = 200
-
-NONCE_SIZE = 32
-PROOF_SIZE = 32
-KEY_ID_SIZE = 8
-CONN_ID_SIZE = 16
-AGENT_ID_SIZE = 16
-MAX_NAME = 64
-MAX_TEXT = 512
 
 
 class MessageType(IntEnum):
@@ -68,92 +70,6 @@ class ErrorCode(IntEnum):
     UNAVAILABLE = 4
 
 
-class _Reader:
-    """Reads fields off a payload; any shortfall or leftover is a ProtocolError."""
-
-    def __init__(self, kind: MessageType, payload: bytes) -> None:
-        self.kind = kind
-        self.view = memoryview(payload)
-        self.pos = 0
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.view):
-            raise ProtocolError(f"{self.kind.name} message is truncated")
-        out = bytes(self.view[self.pos : self.pos + n])
-        self.pos += n
-        return out
-
-    def u8(self) -> int:
-        return self.take(1)[0]
-
-    def u32(self) -> int:
-        value: int = struct.unpack("!I", self.take(4))[0]
-        return value
-
-    def u64(self) -> int:
-        value: int = struct.unpack("!Q", self.take(8))[0]
-        return value
-
-    def name(self) -> str:
-        raw = self.take(self.u8())
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ProtocolError(f"{self.kind.name} message has a name that is not UTF-8") from None
-        if not is_valid_name(text):
-            raise ProtocolError(f"{self.kind.name} message has an invalid name {text[:64]!r}")
-        # Shared, like addresses below: an OPEN is kept for the life of its connection,
-        # and thousands of them name the same few services and hosts.
-        return shared(text)
-
-    def endpoint(self) -> tuple[str, int]:
-        """An IP address as text (or empty: unknown) and a port."""
-        raw = self.take(self.u8())
-        port: int = struct.unpack("!H", self.take(2))[0]
-        if not raw:
-            return "", port
-        try:
-            return _address(raw), port
-        except (UnicodeDecodeError, ValueError):
-            raise ProtocolError(f"{self.kind.name} message has an invalid address") from None
-
-    def text(self) -> str:
-        return self.take(len(self.view) - self.pos).decode("utf-8", errors="replace")
-
-    def end(self) -> None:
-        if self.pos != len(self.view):
-            raise ProtocolError(
-                f"{self.kind.name} message has {len(self.view) - self.pos} extra bytes"
-            )
-
-
-@functools.lru_cache(maxsize=4096)
-def _address(raw: bytes) -> str:
-    """An IP address checked and in its normal form, once per distinct address: every
-    OPEN carries two, and `ipaddress` costs tens of microseconds a parse. Bounded: peers
-    choose these bytes. Raises ValueError (or UnicodeDecodeError) for a bad one."""
-    return shared(str(ipaddress.ip_address(raw.decode("ascii"))))
-
-
-def is_valid_name(name: str) -> bool:
-    """Service names: 1-64 of ASCII letters, digits, '-', '_' and '.'."""
-    return 0 < len(name) <= MAX_NAME and all(
-        c.isascii() and (c.isalnum() or c in "-_.") for c in name
-    )
-
-
-def _name(value: str) -> bytes:
-    raw = value.encode("utf-8")
-    if not is_valid_name(value):
-        raise ValueError(f"invalid service name {value!r}")
-    return bytes([len(raw)]) + raw
-
-
-def _text(value: str) -> bytes:
-    raw = value.encode("utf-8")[:MAX_TEXT]
-    return raw.decode("utf-8", errors="ignore").encode("utf-8")  # never cut a character
-
-
 @dataclass(frozen=True)
 class Hello:
     """Agent → LL, first frame of a control connection: versions, key id, nonce."""
@@ -168,8 +84,8 @@ class Hello:
         return MAGIC + bytes([self.min_version, self.max_version]) + self.key_id + self.nonce
 
     @classmethod
-    def parse(cls, r: _Reader) -> Hello:
-        _magic(r)
+    def parse(cls, r: FieldReader) -> Hello:
+        r.magic()
         return cls(r.u8(), r.u8(), r.take(KEY_ID_SIZE), r.take(NONCE_SIZE))
 
 
@@ -186,7 +102,7 @@ class Challenge:
         return bytes([self.version]) + self.nonce + self.proof
 
     @classmethod
-    def parse(cls, r: _Reader) -> Challenge:
+    def parse(cls, r: FieldReader) -> Challenge:
         return cls(r.u8(), r.take(NONCE_SIZE), r.take(PROOF_SIZE))
 
 
@@ -203,24 +119,9 @@ class Auth:
         return self.proof + self.agent_id + services_blob(self.services)
 
     @classmethod
-    def parse(cls, r: _Reader) -> Auth:
+    def parse(cls, r: FieldReader) -> Auth:
         proof, agent_id = r.take(PROOF_SIZE), r.take(AGENT_ID_SIZE)
-        return cls(proof, agent_id, _services(r))
-
-
-def _services(r: _Reader) -> tuple[str, ...]:
-    """A services list as `services_blob` writes it."""
-    count = r.u8()
-    if count > MAX_SERVICES:
-        raise ProtocolError(f"{r.kind.name} names {count} services, more than {MAX_SERVICES}")
-    return tuple(r.name() for _ in range(count))
-
-
-def services_blob(services: tuple[str, ...]) -> bytes:
-    """The services list as sent in AUTH; also part of what the agent's proof covers."""
-    if len(services) > MAX_SERVICES:
-        raise ValueError(f"an agent can serve at most {MAX_SERVICES} services")
-    return bytes([len(services)]) + b"".join(_name(s) for s in services)
+        return cls(proof, agent_id, r.services())
 
 
 @dataclass(frozen=True)
@@ -236,8 +137,8 @@ class Ready:
         return struct.pack("!I", self.heartbeat_ms) + services_blob(self.services)
 
     @classmethod
-    def parse(cls, r: _Reader) -> Ready:
-        return cls(r.u32(), _services(r))
+    def parse(cls, r: FieldReader) -> Ready:
+        return cls(r.u32(), r.services())
 
 
 @dataclass(frozen=True)
@@ -249,10 +150,10 @@ class Error:
     message: str
 
     def payload(self) -> bytes:
-        return bytes([self.code]) + _text(self.message)
+        return bytes([self.code]) + text_field(self.message)
 
     @classmethod
-    def parse(cls, r: _Reader) -> Error:
+    def parse(cls, r: FieldReader) -> Error:
         return cls(r.u8(), r.text())
 
 
@@ -273,22 +174,17 @@ class Open:
     def payload(self) -> bytes:
         return (
             self.conn_id
-            + _name(self.service)
-            + _endpoint(self.client_host, self.client_port)
-            + _endpoint(self.local_host, self.local_port)
+            + name_field(self.service)
+            + endpoint_field(self.client_host, self.client_port)
+            + endpoint_field(self.local_host, self.local_port)
         )
 
     @classmethod
-    def parse(cls, r: _Reader) -> Open:
+    def parse(cls, r: FieldReader) -> Open:
         conn_id, service = r.take(CONN_ID_SIZE), r.name()
         client_host, client_port = r.endpoint()
         local_host, local_port = r.endpoint()
         return cls(conn_id, service, client_host, client_port, local_host, local_port)
-
-
-def _endpoint(host: str, port: int) -> bytes:
-    raw = host.encode("ascii")
-    return bytes([len(raw)]) + raw + struct.pack("!H", port)
 
 
 @dataclass(frozen=True)
@@ -300,10 +196,10 @@ class OpenFailed:
     reason: str
 
     def payload(self) -> bytes:
-        return self.conn_id + _text(self.reason)
+        return self.conn_id + text_field(self.reason)
 
     @classmethod
-    def parse(cls, r: _Reader) -> OpenFailed:
+    def parse(cls, r: FieldReader) -> OpenFailed:
         return cls(r.take(CONN_ID_SIZE), r.text())
 
 
@@ -316,7 +212,7 @@ class Ping:
         return struct.pack("!Q", self.token)
 
     @classmethod
-    def parse(cls, r: _Reader) -> Ping:
+    def parse(cls, r: FieldReader) -> Ping:
         return cls(r.u64())
 
 
@@ -329,7 +225,7 @@ class Pong:
         return struct.pack("!Q", self.token)
 
     @classmethod
-    def parse(cls, r: _Reader) -> Pong:
+    def parse(cls, r: FieldReader) -> Pong:
         return cls(r.u64())
 
 
@@ -349,8 +245,8 @@ class Data:
         return MAGIC + bytes([self.version]) + self.conn_id + self.proof
 
     @classmethod
-    def parse(cls, r: _Reader) -> Data:
-        _magic(r)
+    def parse(cls, r: FieldReader) -> Data:
+        r.magic()
         return cls(r.u8(), r.take(CONN_ID_SIZE), r.take(PROOF_SIZE))
 
 
@@ -371,8 +267,8 @@ class Pool:
         return MAGIC + self.agent_id + struct.pack("!Q", self.counter) + self.proof
 
     @classmethod
-    def parse(cls, r: _Reader) -> Pool:
-        _magic(r)
+    def parse(cls, r: FieldReader) -> Pool:
+        r.magic()
         return cls(r.take(AGENT_ID_SIZE), r.u64(), r.take(PROOF_SIZE))
 
 
@@ -388,13 +284,8 @@ class Retire:
         return b""
 
     @classmethod
-    def parse(cls, r: _Reader) -> Retire:
+    def parse(cls, r: FieldReader) -> Retire:
         return cls()
-
-
-def _magic(r: _Reader) -> None:
-    if r.take(len(MAGIC)) != MAGIC:
-        raise ProtocolError("not a tcpgc peer (bad magic)")
 
 
 Message: TypeAlias = (
@@ -412,23 +303,8 @@ Message: TypeAlias = (
     | Retire
 )
 
-_PARSERS: dict[MessageType, type[Message]] = {
-    cls.TYPE: cls
-    for cls in (
-        Hello,
-        Challenge,
-        Auth,
-        Ready,
-        Error,
-        Open,
-        OpenFailed,
-        Ping,
-        Pong,
-        Data,
-        Pool,
-        Retire,
-    )
-}
+#: Every message class by its type byte.
+_PARSERS: dict[MessageType, type[Message]] = {cls.TYPE: cls for cls in get_args(Message)}
 
 
 def encode(message: Message, auth: FrameAuth | None = None) -> bytes:
@@ -449,7 +325,7 @@ def decode(kind: int, payload: bytes) -> Message:
         mtype = MessageType(kind)
     except ValueError:
         raise ProtocolError(f"unknown message type {kind}") from None
-    reader = _Reader(mtype, payload)
+    reader = FieldReader(mtype.name, payload)
     message = _PARSERS[mtype].parse(reader)
     reader.end()
     return message
@@ -457,13 +333,19 @@ def decode(kind: int, payload: bytes) -> Message:
 
 class FrameDecoder:
     """Bytes in, messages out. Feed with `receive_data`; b"" marks the end of the stream.
-    Once `auth` is set, every later frame must carry its MAC (plaintext connections)."""
+    Once `auth` is set, every later frame must carry its MAC (plaintext connections).
+    `first_type` vets the first frame's type byte (see `ll_pairing.refuse_tls_record`)."""
 
-    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(
+        self, max_payload: int = MAX_PAYLOAD, *, first_type: Callable[[int], None] | None = None
+    ) -> None:
         self._buffer = bytearray()
         self._max_payload = max_payload
         self._eof = False
         self.auth: FrameAuth | None = None
+        #: Called with the first frame's type byte before anything else is checked: it
+        #: may raise a ProtocolError of its own (an LL tells a TLS ClientHello this way).
+        self._first_type = first_type
 
     def receive_data(self, data: bytes) -> None:
         if not data:
@@ -476,6 +358,9 @@ class FrameDecoder:
             self._check_eof()
             return None
         kind, length = HEADER.unpack_from(self._buffer)
+        if self._first_type is not None:
+            check, self._first_type = self._first_type, None
+            check(kind)
         if length > self._max_payload + (TAG_SIZE if self.auth is not None else 0):
             raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self._max_payload}")
         if kind not in _PARSERS:
@@ -493,7 +378,8 @@ class FrameDecoder:
     def _check_eof(self) -> None:
         if self._eof and self._buffer:
             raise ProtocolError(
-                f"connection closed in the middle of a frame ({len(self._buffer)} bytes)"
+                f"connection closed in the middle of a frame ({len(self._buffer)} bytes)",
+                reason="closed",
             )
 
     def leftover(self) -> bytes:

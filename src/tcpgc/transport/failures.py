@@ -55,7 +55,7 @@ def handshake_tls_error(exc: ssl.SSLError | OSError, *, we_speak_tls: bool) -> T
     if isinstance(exc, TcpgcError):
         return exc
     if isinstance(exc, ssl.SSLError):
-        return TlsFailed(f"TLS failed: {exc.reason or exc}")
+        return TlsFailed(f"TLS failed: {exc}")  # OpenSSL's words: what operators search
     if not we_speak_tls:
         return transport_error(exc)
     return ConnectionClosed(f"TLS failed: {_strerror(exc, type(exc).__name__)}")

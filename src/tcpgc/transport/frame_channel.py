@@ -19,9 +19,9 @@ class FrameChannel:
     because every PING we read makes a PONG we write: a peer that sends and never
     reads would otherwise make us buffer answers without limit."""
 
-    def __init__(self, link: Link) -> None:
+    def __init__(self, link: Link, decoder: FrameDecoder | None = None) -> None:
         self.link = link
-        self._decoder = FrameDecoder()
+        self._decoder = decoder or FrameDecoder()
         self._buffered = 0
         self._eof = False
         self._lost = False

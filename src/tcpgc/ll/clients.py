@@ -1,0 +1,160 @@
+"""The clients of every service: admitted by their service's controls, paired with a
+data connection (`tcpgc.ll.pairing`), relayed, counted, and closed when idle."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from tcpgc.config import Address, ServiceListener
+from tcpgc.ll.agents import AgentSession
+from tcpgc.ll.pairing import ClientPairing
+from tcpgc.ll.ready import ReadyConnections
+from tcpgc.ops.metrics import Metrics
+from tcpgc.relay.factory import start_chunked_relay
+from tcpgc.relay.result import AnyRelay, RelayResult
+from tcpgc.task_set import TaskSet
+from tcpgc.transport.link import Link
+
+log = logging.getLogger("tcpgc.ll")
+
+
+@dataclass(eq=False)
+class Service:
+    """One service's listener and its clients."""
+
+    name: str
+    config: ServiceListener
+    server: asyncio.Server
+    address: Address
+    relays: set[AnyRelay] = field(default_factory=set)
+    clients: int = 0  # waiting or relayed
+    reaper: asyncio.Task[Any] | None = None
+
+
+class Clients:
+    """Takes each client of `services` from accept to the end of its relay."""
+
+    def __init__(
+        self,
+        services: dict[str, Service],
+        *,
+        pairing: ClientPairing,
+        ready: ReadyConnections,
+        metrics: Metrics,
+        tasks: TaskSet,
+    ) -> None:
+        self._services = services
+        self._pairing = pairing
+        self._ready = ready
+        self._metrics = metrics
+        self._tasks = tasks
+        #: Clients refused by a service's controls, by service and reason.
+        self.refused: collections.Counter[tuple[str, str]] = collections.Counter()
+        #: Set while no client waits or is relayed (a drain waits for it).
+        self.none_left = asyncio.Event()
+        self.none_left.set()
+
+    def count(self) -> int:
+        return sum(service.clients for service in self._services.values())
+
+    def connected(self, name: str, link: Link) -> None:
+        """A new client of service `name` (the `on_made` of its Link)."""
+        service = self._services.get(name)
+        if service is None:  # removed by a reload while this connection was accepted
+            link.abort()
+            return
+        refusal = service.config.admits(link.peer_host)
+        if refusal is None and 0 < service.config.max_clients <= service.clients:
+            refusal = f"service at its limit of {service.config.max_clients} clients"
+        if refusal is not None:
+            self.refused[name, refusal] += 1
+            self._metrics.child(self._metrics.clients_refused, name, refusal.split(" ")[0]).inc()
+            log.info("refused client %s of service '%s': %s", link.peer, name, refusal)
+            link.abort()
+            return
+        service.clients += 1
+        self._metrics.child(self._metrics.clients_accepted, name).inc()
+        self.none_left.clear()
+        self._tasks.spawn(self._serve(service, link), f"client {link.peer} of {name}")
+
+    async def _serve(self, service: Service, link: Link) -> None:
+        paired = None
+        try:
+            # One loop turn first: asyncio runs this task before it reads the client's
+            # first bytes, and the bytes read by the time OPEN leaves go with it.
+            await asyncio.sleep(0)
+            paired = await self._pairing.pair(service.name, link)
+        finally:
+            if paired is None:
+                self._gone(service)
+        if paired is not None:
+            # From here on callbacks, not this task, see the client through: a task and
+            # its frames per idle connection would cost kilobytes each.
+            self._relay(service, link, *paired)
+
+    def _gone(self, service: Service) -> None:
+        service.clients -= 1
+        if not any(s.clients for s in self._services.values()):
+            self.none_left.set()
+
+    def _relay(
+        self, service: Service, link: Link, data_link: Link, agent: AgentSession, early: int
+    ) -> None:
+        m = self._metrics
+        counters = (m.child(m.bytes, service.name, "in"), m.child(m.bytes, service.name, "out"))
+        link.consume(early)  # the agent has them: they went behind OPEN
+        # The data connection carries the client chunked, and is reused after it.
+        relay = start_chunked_relay(
+            link, data_link, *counters, on_idle=self._ready.data_connection_idle
+        )
+        if early:
+            relay.result.bytes_a_to_b += early
+            counters[0].inc(early)
+        service.relays.add(relay)
+        agent.relays.add(relay)
+        m.child(m.clients_active, service.name).inc()
+        # A partial, not a closure or a future: it lives as long as the connection.
+        relay.on_done = partial(self._finished, service, agent, link, relay)
+
+    def _finished(
+        self, service: Service, agent: AgentSession, link: Link, relay: AnyRelay, _: RelayResult
+    ) -> None:
+        self._metrics.child(self._metrics.clients_active, service.name).dec()
+        service.relays.discard(relay)
+        agent.relays.discard(relay)
+        self._gone(service)
+        result = relay.result
+        log.info(
+            "client %s of service '%s' done after %.3f s: %d bytes in, %d bytes out, %s",
+            link.peer,
+            service.name,
+            result.duration,
+            result.bytes_a_to_b,
+            result.bytes_b_to_a,
+            result.ended,
+        )
+
+    def start_reaper(self, service: Service) -> None:
+        """(Re)start closing `service`'s idle connections, if it has an idle timeout."""
+        if service.reaper is not None:
+            service.reaper.cancel()
+            service.reaper = None
+        if service.config.idle_timeout > 0:
+            service.reaper = self._tasks.spawn(self._reap_idle(service), f"idle {service.name}")
+
+    async def _reap_idle(self, service: Service) -> None:
+        """Close connections of `service` that moved no byte for its idle timeout."""
+        limit = service.config.idle_timeout
+        while True:
+            await asyncio.sleep(min(limit / 4, 5.0))
+            now = time.monotonic()
+            for relay in list(service.relays):
+                if now - relay.result.last_activity > limit:
+                    relay.result.ended = f"idle for {limit:.0f} s"
+                    relay.close()

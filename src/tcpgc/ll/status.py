@@ -1,0 +1,56 @@
+"""The LL's status snapshot for the admin endpoint's status page and JSON."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from tcpgc.config import Address
+from tcpgc.ll.agents import AgentRegistry
+from tcpgc.ll.clients import Service
+
+
+def ll_status(
+    agent_address: Address | None,
+    tls: bool,
+    services: Mapping[str, Service],
+    agents: AgentRegistry,
+) -> dict[str, Any]:
+    """A JSON-able snapshot: services, agents, connections."""
+    now = time.monotonic()
+    return {
+        "role": "ll",
+        "agent_address": str(agent_address),
+        "tls": tls,
+        "services": [
+            {
+                "name": name,
+                "listen": str(service.address),
+                "clients": service.clients,
+                "agents": sum(1 for a in agents if name in a.services),
+            }
+            for name, service in services.items()
+        ],
+        "agents": [
+            {
+                "id": agent.agent_id,
+                "peer": agent.peer,
+                "services": list(agent.services),
+                "connected_for": round(time.time() - agent.since, 1),
+                "connections": len(agent.relays),
+            }
+            for agent in agents
+        ],
+        "connections": [
+            {
+                "service": service.name,
+                "client": relay.a.peer,
+                "bytes_in": relay.result.bytes_a_to_b,
+                "bytes_out": relay.result.bytes_b_to_a,
+                "seconds": round(now - relay.result.started, 1),
+            }
+            for service in services.values()
+            for relay in service.relays
+        ],
+    }
