@@ -6,25 +6,22 @@ A config file describes one node. Every problem is reported with the key it is a
 
 from __future__ import annotations
 
-import difflib
-import re
 import tomllib
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from ipaddress import IPv6Address, ip_address
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
 # Address and parse_address are also imported from here (the README, other modules).
 from tcpgc.addresses import Address as Address
 from tcpgc.addresses import collisions
 from tcpgc.addresses import parse_address as parse_address
+from tcpgc.config_checks import ConfigProblems, IPNetwork
+from tcpgc.config_checks import find_key_line as find_key_line
 from tcpgc.errors import UsageError
-from tcpgc.ops.admin_access import host_name_problem
-from tcpgc.protocol.messages import MAX_SERVICES, is_valid_name
+from tcpgc.protocol.messages import MAX_SERVICES
 
 DEFAULT_SERVICE = "default"
-
-IPNetwork: TypeAlias = IPv4Network | IPv6Network
 
 
 @dataclass(frozen=True)
@@ -101,6 +98,18 @@ class LLConfig:
     #: TLS off on the LL-CC leg (authentication stays on). Both nodes must agree.
     insecure_plaintext: bool = False
 
+    def require_complete(self) -> None:
+        """Raise UsageError unless the LL has an agent address and a service: a file
+        may leave either to the flags, but a node cannot start without both."""
+        if self.cc is None:
+            raise UsageError(
+                "tcpgc ll needs --cc HOST:PORT (where agents connect) or a config file with 'cc'"
+            )
+        if not self.services:
+            raise UsageError(
+                "tcpgc ll needs --clients HOST:PORT or a config file with [services.NAME] sections"
+            )
+
 
 @dataclass
 class CCConfig:
@@ -141,6 +150,18 @@ class CCConfig:
     #: two sockets: the defaults keep 18,000 descriptors of a 20,000 limit in use.
     max_connections_per_ll: int = 9000
     max_connections_per_service: int = 9000
+
+    def require_complete(self) -> None:
+        """Raise UsageError unless the agent has an LL to serve and a service: a file
+        may leave either to the flags, but a node cannot start without both."""
+        if not self.ll:
+            raise UsageError(
+                "tcpgc cc needs --ll HOST:PORT (the LL's agent address) or a config file with 'll'"
+            )
+        if not self.services:
+            raise UsageError(
+                "tcpgc cc needs --server HOST:PORT or a config file with [services.NAME] sections"
+            )
 
 
 _LL_KEYS = {
@@ -186,15 +207,6 @@ _LL_SERVICE_KEYS = {"clients", "allow", "deny", "max_clients", "idle_timeout"}
 _CC_SERVICE_KEYS = {"server", "proxy_protocol"}
 
 
-def _hint(key: str, allowed: set[str]) -> str:
-    near = difflib.get_close_matches(key, allowed, 1)
-    return f"did you mean {near[0]!r}? " if near else ""
-
-
-def _known(allowed: set[str]) -> str:
-    return ", ".join(sorted(allowed))
-
-
 def read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
@@ -207,127 +219,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
 
 
-class _Problems:
-    """Collects every problem in a config instead of stopping at the first."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.items: list[str] = []
-
-    def add(self, key: str, message: str) -> None:
-        self.items.append(f"{self.source}: {key}: {message}")
-
-    def check(self) -> None:
-        if self.items:
-            raise UsageError("\n".join(self.items))
-
-    def address(self, data: dict[str, Any], key: str, label: str) -> Address | None:
-        try:
-            return parse_address(data[key], label)
-        except UsageError as exc:
-            self.add(label, str(exc).split(": ", 1)[1])
-            return None
-
-    def number(
-        self,
-        data: dict[str, Any],
-        key: str,
-        default: float,
-        minimum: float = 0.001,
-        label: str = "",
-    ) -> float:
-        value = data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-            self.add(label or key, f"expected a number of seconds >= {minimum}, got {value!r}")
-            return default
-        return float(value)
-
-    def flag(self, data: dict[str, Any], key: str) -> bool:
-        value = data.get(key, False)
-        if not isinstance(value, bool):
-            self.add(key, f"expected true or false, got {value!r}")
-            return False
-        return value
-
-    def unknown(self, data: dict[str, Any], allowed: set[str], prefix: str = "") -> None:
-        for key in sorted(set(data) - allowed):
-            self.add(prefix + key, f"unknown key ({_hint(key, allowed)}known: {_known(allowed)})")
-
-    def integer(self, data: dict[str, Any], key: str, default: int, label: str = "") -> int:
-        value = data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            self.add(label or key, f"expected a whole number >= 0, got {value!r}")
-            return default
-        return value
-
-    def path(self, data: dict[str, Any], key: str) -> Path | None:
-        value = data.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, str) or not value:
-            self.add(key, "expected a path string")
-            return None
-        return Path(value)
-
-    def host_names(self, data: dict[str, Any], key: str) -> tuple[str, ...]:
-        value = data.get(key, [])
-        if not isinstance(value, list):
-            self.add(key, 'expected a list of host names such as ["gw1.example.com"]')
-            return ()
-        names = []
-        for item in value:
-            if (problem := host_name_problem(item)) is not None:
-                self.add(key, problem)
-            else:
-                names.append(item)
-        return tuple(names)
-
-    def networks(self, data: dict[str, Any], key: str, label: str) -> tuple[IPNetwork, ...]:
-        value = data.get(key, [])
-        if not isinstance(value, list):
-            self.add(label, 'expected a list of networks such as ["10.0.0.0/8", "::1/128"]')
-            return ()
-        out = []
-        for item in value:
-            try:
-                out.append(ip_network(item, strict=False))
-            except (ValueError, TypeError):
-                self.add(label, f"{item!r} is not an IP network (e.g. 192.0.2.0/24)")
-        return tuple(out)
-
-    def service_tables(
-        self, data: dict[str, Any], key: str, allowed: set[str]
-    ) -> dict[str, dict[str, Any]]:
-        """The [services.NAME] tables, their unknown keys reported. A table missing
-        `key` is reported once, naming its unknown keys (the likely misspelling), and
-        still returned, so its other keys are checked too."""
-        out: dict[str, dict[str, Any]] = {}
-        table = data.get("services", {})
-        if not isinstance(table, dict):
-            self.add("services", "expected a table of [services.NAME] sections")
-            return out
-        for name, body in table.items():
-            where = f"services.{name}"
-            if not is_valid_name(name):
-                self.add(where, "service names are 1-64 letters, digits, '-', '_' or '.'")
-            elif not isinstance(body, dict):
-                self.add(where, f"expected a table with key {key!r}")
-            else:
-                unknown = sorted(set(body) - allowed)
-                if key not in body:
-                    found = "; ".join(
-                        f"{k!r} is not a key ({_hint(k, allowed)}known: {_known(allowed)})"
-                        for k in unknown
-                    )
-                    self.add(where, f"missing key {key!r}" + (f"; {found}" if found else ""))
-                else:
-                    self.unknown({k: None for k in unknown}, allowed, where + ".")
-                out[name] = body
-        return out
-
-
 def ll_config_from(data: dict[str, Any], source: str) -> LLConfig:
-    p = _Problems(source)
+    p = ConfigProblems(source)
     p.unknown(data, _LL_KEYS)
     services: dict[str, ServiceListener] = {}
     for name, body in p.service_tables(data, "clients", _LL_SERVICE_KEYS).items():
@@ -384,7 +277,9 @@ def ll_listeners(config: LLConfig) -> list[tuple[str, Address]]:
     return out
 
 
-def _cc_services(p: _Problems, data: dict[str, Any]) -> tuple[dict[str, Address], dict[str, int]]:
+def _cc_services(
+    p: ConfigProblems, data: dict[str, Any]
+) -> tuple[dict[str, Address], dict[str, int]]:
     """Each service's server, and the PROXY protocol version of those that send it."""
     services: dict[str, Address] = {}
     proxy: dict[str, int] = {}
@@ -405,7 +300,7 @@ def _cc_services(p: _Problems, data: dict[str, Any]) -> tuple[dict[str, Address]
 
 
 def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
-    p = _Problems(source)
+    p = ConfigProblems(source)
     p.unknown(data, _CC_KEYS)
     ll_value = data.get("ll", [])
     lls = [ll_value] if isinstance(ll_value, str) else ll_value
@@ -451,29 +346,3 @@ def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
         p.add("reconnect_max", "must not be smaller than reconnect_min")
     p.check()
     return config
-
-
-def find_key_line(text: str, key: str) -> int | None:
-    """The 1-based line of a dotted key such as 'services.web.clients' in TOML `text`,
-    for error messages; None if it cannot be told (tomllib keeps no positions)."""
-    parts = re.split(r"\.|\[\d+\]", key)
-    parts = [p for p in parts if p]
-    if not parts:
-        return None
-    *table, leaf = parts
-    in_table = not table
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if line.startswith("["):
-            name = line.strip("[] ").replace('"', "")
-            in_table = name == ".".join(table)
-            if in_table and not leaf:
-                return number
-            continue
-        if in_table and re.match(rf'"?{re.escape(leaf)}"?\s*=', line):
-            return number
-    if table:  # the key may be missing: point at its table
-        for number, raw in enumerate(text.splitlines(), 1):
-            if raw.strip().strip("[] ").replace('"', "") == ".".join(parts):
-                return number
-    return None
