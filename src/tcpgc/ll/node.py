@@ -26,7 +26,6 @@ from tcpgc.ll.agent_port import AgentPort
 from tcpgc.ll.agents import AgentRegistry
 from tcpgc.ll.clients import Clients, Service
 from tcpgc.ll.credentials import Credentials
-from tcpgc.ll.listeners import bound, listen, set_reuse_port
 from tcpgc.ll.pairing import ClientPairing
 from tcpgc.ll.ready import ReadyConnections
 from tcpgc.ll.status import ll_status
@@ -34,6 +33,7 @@ from tcpgc.ops.memory_trim import trim_periodically
 from tcpgc.ops.metrics import Metrics
 from tcpgc.task_set import TaskSet
 from tcpgc.transport.link import Link
+from tcpgc.transport.listeners import bound, listen, set_reuse_port
 
 log = logging.getLogger("tcpgc.ll")
 
@@ -96,12 +96,8 @@ class ListenNode:
     # ---- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self.config.cc is None:
-            raise UsageError("no agent address: give --cc HOST:PORT or 'cc' in the config file")
-        if not self.config.services:
-            raise UsageError(
-                "no service: give --clients HOST:PORT or [services.NAME] in the config file"
-            )
+        self.config.require_complete()
+        assert self.config.cc is not None
         self.credentials.load(self.config)
         try:
             self._agent_server = await listen(

@@ -16,6 +16,7 @@ from tcpgc.relay.result import AnyRelay
 from tcpgc.socat_compat.classic_config import WARNING, ClassicLLConfig
 from tcpgc.task_set import TaskSet
 from tcpgc.transport.link import Link
+from tcpgc.transport.listeners import bound, listen
 
 ll_log = logging.getLogger("tcpgc.ll")
 
@@ -55,20 +56,10 @@ class ClassicListenNode:
     async def start(self) -> None:
         ll_log.warning(WARNING)
         self._resolve_agent_port()
-        try:
-            self._client_server = await self._loop.create_server(
-                lambda: Link(on_made=self._client_connected),
-                self.config.clients.bind_host,
-                self.config.clients.port,
-                reuse_address=True,
-                backlog=CLIENT_BACKLOG,
-            )
-        except OSError as exc:
-            raise UsageError(
-                f"cannot listen on {self.config.clients} for clients: {exc.strerror or exc}"
-            ) from None
-        port = self._client_server.sockets[0].getsockname()[1]
-        self.client_address = Address(self.config.clients.host, port)
+        self._client_server = await listen(
+            lambda: Link(on_made=self._client_connected), self.config.clients, "clients"
+        )
+        self.client_address = bound(self._client_server, self.config.clients)
         ll_log.info(
             "listening for agents on %s while clients wait (classic: socat protocol)",
             self.agent_address,

@@ -8,7 +8,7 @@ import errno
 import socket
 from collections.abc import Callable, Iterable
 
-from tcpgc.config import Address
+from tcpgc.addresses import Address
 from tcpgc.errors import UsageError
 
 
