@@ -174,6 +174,8 @@ def test_error_from_the_ll_ends_the_session() -> None:
     assert not event.heartbeat_lost
     session.refuse(CONN_ID, "late")  # ended: nothing more is sent
     assert session.data_to_send() == b""
+    # A client being claimed when the session ended is still claimed.
+    assert session.data_frame(CONN_ID).startswith(bytes([Data.TYPE]))
 
 
 @pytest.mark.parametrize("message", [Ready(1000), Retire(), OpenFailed(CONN_ID, "x")])
@@ -232,9 +234,9 @@ def test_no_timer_before_the_session_is_joined() -> None:
     session = AgentControlSession(AgentHandshake(SECRET, services=("web",)))
     assert session.next_deadline() is None
     assert session.handle_timer(T0 + 100) == []
-    with pytest.raises(RuntimeError, match="joined session"):
+    with pytest.raises(RuntimeError, match="authenticated session"):
         session.offer(T0, 10)
-    with pytest.raises(RuntimeError, match="joined session"):
+    with pytest.raises(RuntimeError, match="authenticated session"):
         session.data_frame(CONN_ID)
 
 
@@ -364,3 +366,10 @@ def test_backoff_with_full_jitter() -> None:
     backoff.failed()
     assert backoff.delay == 2.0
     assert full_jitter(1.0, 3.0, 0.5) == 2.0
+
+
+def test_bytes_after_open_are_kept_for_the_stream() -> None:
+    _, _, [offer] = offers(tls=True, count=1)
+    assert offer.receive_data(encode(OPEN) + b"\x00\x02") == [ClientOffered(OPEN)]
+    assert offer.receive_data(b"hi") == [] and offer.receive_data(b"") == []
+    assert offer.leftover() == b"\x00\x02hi"

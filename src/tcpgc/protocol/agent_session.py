@@ -165,8 +165,9 @@ class AgentControlSession:
         """The first frame of a new data connection claiming client `conn_id`: DATA with
         the proof that it comes from this session, over the certificate of its control
         connection (which the data connection was checked to present too). A new
-        connection carries no MAC: its proof is its authentication."""
-        self._expect_joined("a data connection")
+        connection carries no MAC: its proof is its authentication. Also after the
+        session ended: a client being claimed then is still claimed."""
+        self._expect_authenticated("a data connection")
         session = self.handshake
         proof = data_proof(session.session_key, conn_id, session.binding)
         return encode(Data(MAX_VERSION, conn_id, proof))
@@ -174,7 +175,7 @@ class AgentControlSession:
     def offer(self, now: float, ttl: float) -> ReadyOffer:
         """The next offer of a ready data connection of this session (see `ReadyOffer`).
         Numbered when made, so numbers leave in the order the caller sends them."""
-        self._expect_joined("a ready connection")
+        self._expect_authenticated("a ready connection")
         self._offers += 1
         return ReadyOffer(self.handshake, self._offers, now=now, ttl=ttl)
 
@@ -226,6 +227,6 @@ class AgentControlSession:
         self.phase = Phase.ENDED
         return SessionEnded(error)
 
-    def _expect_joined(self, what: str) -> None:
-        if self.phase is not Phase.JOINED:
-            raise RuntimeError(f"{what} needs a joined session (phase {self.phase.name})")
+    def _expect_authenticated(self, what: str) -> None:
+        if self.handshake.state is not State.DONE:
+            raise RuntimeError(f"{what} needs an authenticated session ({self.handshake.state})")

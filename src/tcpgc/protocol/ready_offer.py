@@ -79,7 +79,11 @@ class ReadyOffer:
 
     def receive_data(self, data: bytes) -> list[OfferEvent]:
         """Feed bytes read on the connection (b"": the LL closed it). At most one event:
-        after OPEN the rest is the client's stream, left undecoded (`leftover`)."""
+        after OPEN the rest is the client's stream, kept undecoded for `leftover`."""
+        if self.state is OfferState.CLAIMING:
+            if data:  # its end is the link's to tell
+                self._decoder.receive_data(data)
+            return []
         if self.state is not OfferState.WAITING:
             return []
         self._decoder.receive_data(data)
