@@ -4,9 +4,15 @@ with events and bytes, and time is a number the test moves. No sockets, no sleep
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from tcpgc.errors import AuthenticationError, HeartbeatLost, PeerRefused, ProtocolError
+from tcpgc.protocol import agent_session, backoff, ready_offer
 from tcpgc.protocol.agent_session import (
     AgentControlSession,
     Joined,
@@ -373,3 +379,68 @@ def test_bytes_after_open_are_kept_for_the_stream() -> None:
     assert offer.receive_data(encode(OPEN) + b"\x00\x02") == [ClientOffered(OPEN)]
     assert offer.receive_data(b"hi") == [] and offer.receive_data(b"") == []
     assert offer.leftover() == b"\x00\x02hi"
+
+
+class Playbook:
+    """A session's life as a script: bytes from the LL (`>>`) or a timer at a time, and
+    what must come out: events, and the messages the LL reads."""
+
+    def __init__(self) -> None:
+        self.session, self.ll, _ = join(tls=False)
+
+    def receive(self, now: float, *messages: Message) -> Playbook:
+        wire = b"".join(self.ll.frame(m) for m in messages)
+        self._events = self.session.receive_data(wire, now)
+        return self
+
+    def timer(self, now: float) -> Playbook:
+        assert self.session.next_deadline() == pytest.approx(now), "no deadline at that time"
+        self._events = self.session.handle_timer(now)
+        return self
+
+    def expect(self, *events: object, sent: tuple[Message, ...] = ()) -> Playbook:
+        assert self._events == list(events)
+        assert self.ll.read(self.session.data_to_send()) == list(sent)
+        return self
+
+
+def test_playbook_of_a_session_lost_to_silence() -> None:
+    book = Playbook()
+    book.receive(T0 + 0.2, OPEN).expect(OpenRequested(OPEN))
+    book.session.refuse(CONN_ID, "cannot reach its server: connection refused")
+    book.receive(T0 + 0.3, Ping(1)).expect(
+        sent=(OpenFailed(CONN_ID, "cannot reach its server: connection refused"), Pong(1))
+    )
+    book.timer(T0 + 1.0).expect(sent=(Ping(1),))
+    book.receive(T0 + 1.1, Pong(1)).expect()
+    book.timer(T0 + 2.0).expect(sent=(Ping(2),))
+    book.timer(T0 + 3.0).expect(sent=(Ping(3),))
+    book.timer(T0 + 4.0).expect(sent=(Ping(4),))  # the LL silent since T0 + 1.1
+    lost = book.timer(T0 + 4.1)._events
+    assert len(lost) == 1 and isinstance(lost[0], SessionEnded) and lost[0].heartbeat_lost
+    assert book.session.data_to_send() == b""
+
+
+def test_the_session_core_imports_no_io() -> None:
+    """Checked in a fresh interpreter: what the core imports, transitively."""
+    code = (
+        "import sys; before = set(sys.modules)\n"
+        "import tcpgc.protocol.agent_session, tcpgc.protocol.backoff\n"
+        "new = set(sys.modules) - before\n"
+        "print(sorted(m for m in new if m.split('.')[0] in "
+        "{'asyncio', 'socket', 'ssl', 'time', 'selectors'}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert out.strip() == "[]"
+    # The interpreter loads `time` itself: that one is checked in the sources.
+    for module in (agent_session, ready_offer, backoff):
+        tree = ast.parse(Path(module.__file__ or "").read_text())
+        imported = {
+            alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        } | {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not imported & {"asyncio", "socket", "ssl", "time", "random"}, module.__name__
