@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from loops import LOOPS, loop_turns, run_on
-from tcpgc.cc.node import _take_first_chunk
+from tcpgc.cc.claims import take_first_chunk as _take_first_chunk
 from tcpgc.protocol.chunks import END, chunk_header
 from tcpgc.relay.splice import SpliceRelay
 from tcpgc.transport.dial import dial, numeric_family

@@ -1,27 +1,32 @@
 """The CC's ready data connections: authenticated data connections kept open to each
 LL, so a new client costs no connection set-up on the LL-CC leg, and given back to the
 LL after their client (the chunked stream marks its end), which saves the next client a
-TCP and a TLS handshake. A mixin of `tcpgc.cc.node.ConnectNode`, which owns the state
-declared here.
+TCP and a TLS handshake.
+
+The numbering, proofs, MACs and time to live of each offer are the session core's
+(`tcpgc.protocol.ready_offer`); this module dials, waits and hands OPENs on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
-import ssl
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
 from typing import Any
 
+from tcpgc.cc.claims import ReadyConnection
+from tcpgc.cc.link_feed import LinkFeed
+from tcpgc.cc.opening import Claim, OnIdle
 from tcpgc.config import Address, CCConfig
-from tcpgc.errors import ProtocolError, TcpgcError
+from tcpgc.errors import TcpgcError
 from tcpgc.ops.metrics import Metrics
-from tcpgc.protocol.frame_auth import frame_auth, offer_context
-from tcpgc.protocol.handshake import AgentHandshake, pool_proof
-from tcpgc.protocol.messages import Open, Pool, Retire
+from tcpgc.protocol.agent_session import AgentControlSession
+from tcpgc.protocol.backoff import Backoff
+from tcpgc.protocol.messages import Open
+from tcpgc.protocol.ready_offer import ClientOffered, OfferEvent, ReadyOffer
 from tcpgc.task_set import TaskSet
-from tcpgc.transport.frame_channel import FrameChannel
+from tcpgc.transport.failures import transport_error
 from tcpgc.transport.link import Link
 
 log = logging.getLogger("tcpgc.cc")
@@ -30,70 +35,51 @@ log = logging.getLogger("tcpgc.cc")
 #: clients (the LL keeps as many per agent).
 MAX_READY = 64
 
+#: Dials a data connection to an LL for the session whose control connection's
+#: certificate has fingerprint `binding` (`tcpgc.cc.ll_dial.LLDialer.dial`).
+DialLL = Callable[[Address, bytes], Awaitable[tuple[Link, bytes]]]
+
+#: Serves one OPEN (`tcpgc.cc.opening.Opener.serve`).
+Serve = Callable[[Address, Open, Claim, OnIdle], Coroutine[Any, Any, None]]
+
 
 class ReadyPool:
-    """The ready data connections of one session to one LL, and their numbering."""
+    """The ready data connections of one session to one LL."""
 
-    def __init__(self, handshake: AgentHandshake) -> None:
-        self.handshake = handshake
-        self.counter = 0
+    def __init__(self, session: AgentControlSession) -> None:
+        self.session = session
         self.ready: set[asyncio.Task[Any]] = set()
         self.refill = asyncio.Event()
         self.open = True
 
-    def offer(self, link: Link) -> FrameChannel:
-        """Offer `link` to the LL as ready (a POOL frame). Numbered when sent, so the
-        numbers leave in order whichever connection carries them. The proof covers the
-        certificate of the session's control connection, which `link` was checked to
-        present too (`ConnectNode._dial_ll`)."""
-        self.counter += 1
-        session = self.handshake
-        agent_id, key = session.agent_id, session.session_key
-        channel = FrameChannel(link)
-        proof = pool_proof(key, agent_id, self.counter, session.binding)
-        channel.send(Pool(agent_id, self.counter, proof))
-        if not session.tls:  # the frames of this offer carry MACs
-            channel.auth = frame_auth(key, offer_context(self.counter), agent=True)
-        return channel
-
 
 class ReadyPools:
-    """The ready-connection half of the CC node."""
+    """Keeps `pool_size` ready connections per LL session, and takes back data
+    connections whose client is done. `config` may be replaced (on reload)."""
 
-    config: CCConfig
-    metrics: Metrics
-    _tasks: TaskSet
-    _pools: dict[Address, ReadyPool]
-
-    # Provided by the node.
-    async def _dial_ll(
-        self, address: Address, session: AgentHandshake | None = None
-    ) -> tuple[Link, bytes]:
-        raise NotImplementedError
-
-    async def _open(
-        self,
-        ll: Address,
-        channel: FrameChannel,
-        session: AgentHandshake,
-        request: Open,
-        ready: bool = False,
+    def __init__(
+        self, config: CCConfig, metrics: Metrics, tasks: TaskSet, dial: DialLL, serve: Serve
     ) -> None:
-        raise NotImplementedError
+        self.config = config
+        self._metrics = metrics
+        self._tasks = tasks
+        self._dial = dial
+        self._serve = serve
+        self._pools: dict[Address, ReadyPool] = {}
 
-    async def _keep_ready(self, address: Address, handshake: AgentHandshake) -> None:
-        """Keep `pool_size` authenticated data connections open to the LL, so a new
-        client costs no connection set-up on the LL-CC leg. Connections whose client is
-        done come back to the pool (see `_reuse`)."""
-        pool = self._pools[address] = ReadyPool(handshake)
+    async def keep(self, address: Address, session: AgentControlSession) -> None:
+        """Keep `pool_size` authenticated data connections open to the LL of `session`
+        until cancelled (when the session ends). Connections whose client is done come
+        back to the pool (see `reuse`)."""
+        pool = self._pools[address] = ReadyPool(session)
         ready, refill = pool.ready, pool.refill
-        delay = self.config.reconnect_min
+        backoff = Backoff(self.config.reconnect_min, self.config.reconnect_max)
         try:
             while True:
                 while len(ready) < self.config.pool_size:
                     opening = asyncio.ensure_future(self._open_ready(address, pool))
                     try:
-                        channel = await asyncio.shield(opening)
+                        await asyncio.shield(opening)
                     except asyncio.CancelledError:
                         # Stopping must not cut a connection between its TLS handshake
                         # and its first frame (the LL would log it as an attack): let it
@@ -101,14 +87,13 @@ class ReadyPools:
                         await asyncio.gather(opening, return_exceptions=True)
                         _close_opened(opening)
                         raise
-                    except (TcpgcError, OSError, ssl.SSLError, TimeoutError) as exc:
-                        reason = describe(exc)
-                        log.warning("cannot open a ready connection to %s: %s", address, reason)
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, self.config.reconnect_max)
+                    except TcpgcError as exc:
+                        log.warning("cannot open a ready connection to %s: %s", address, exc)
+                        await asyncio.sleep(backoff.delay)
+                        backoff.failed()
                         continue
-                    delay = self.config.reconnect_min
-                    self._add_ready(address, pool, channel)
+                    backoff.reset()
+                    self._add_ready(address, pool, *opening.result())
                 self._count_ready()
                 await refill.wait()
                 refill.clear()
@@ -120,76 +105,76 @@ class ReadyPools:
                 del self._pools[address]
             self._count_ready()
 
-    def _count_ready(self) -> None:
-        self.metrics.pool_size.set(sum(len(p.ready) for p in self._pools.values()))
-
-    def _add_ready(self, address: Address, pool: ReadyPool, channel: FrameChannel) -> None:
-        task = self._tasks.spawn(self._wait_ready(address, pool, channel), "ready connection")
-        pool.ready.add(task)
-        task.add_done_callback(pool.ready.discard)
-        task.add_done_callback(lambda _: pool.refill.set())
-
-    async def _open_ready(self, address: Address, pool: ReadyPool) -> FrameChannel:
-        async with asyncio.timeout(self.config.connect_timeout):
-            link, _ = await self._dial_ll(address, pool.handshake)
-        return pool.offer(link)
-
-    def _reuse(self, address: Address, link: Link) -> None:
+    def reuse(self, address: Address, link: Link) -> None:
         """A data connection whose client is done: offer it to the LL again, which saves
         the next client a TCP and a TLS handshake, or close it if the pool is full."""
         pool = self._pools.get(address)
         if pool is None or not pool.open or len(pool.ready) >= MAX_READY:
             link.close()
             return
-        self._add_ready(address, pool, pool.offer(link))
-        self.metrics.reused.inc()
+        self._add_ready(address, pool, link, self._offer(pool, link))
+        self._metrics.reused.inc()
         self._count_ready()
 
-    async def _wait_ready(self, address: Address, pool: ReadyPool, channel: FrameChannel) -> None:
-        """One ready connection: wait for its OPEN, serve it; replaced after pool_ttl
-        idle seconds so no middlebox forgets it silently."""
+    def count(self) -> int:
+        """Ready connections waiting, over every LL."""
+        return sum(len(p.ready) for p in self._pools.values())
+
+    def _count_ready(self) -> None:
+        self._metrics.pool_size.set(self.count())
+
+    async def _open_ready(self, address: Address, pool: ReadyPool) -> tuple[Link, ReadyOffer]:
         try:
-            message = await channel.recv(within=self.config.pool_ttl)
+            async with asyncio.timeout(self.config.connect_timeout):
+                link, _ = await self._dial(address, pool.session.handshake.binding)
+        except TimeoutError as exc:
+            raise transport_error(exc) from exc
+        return link, self._offer(pool, link)
+
+    def _offer(self, pool: ReadyPool, link: Link) -> ReadyOffer:
+        """Offer `link` to the LL as ready: POOL is written now, so the numbers leave in
+        the order they were given whichever connection carries them. The proof covers
+        the certificate of the session's control connection, which `link` was checked
+        to present too (`LLDialer.dial`)."""
+        offer = pool.session.offer(asyncio.get_running_loop().time(), self.config.pool_ttl)
+        link.write(offer.data_to_send())
+        return offer
+
+    def _add_ready(self, address: Address, pool: ReadyPool, link: Link, offer: ReadyOffer) -> None:
+        task = self._tasks.spawn(self._wait_ready(address, pool, link, offer), "ready connection")
+        pool.ready.add(task)
+        task.add_done_callback(pool.ready.discard)
+        task.add_done_callback(lambda _: pool.refill.set())
+
+    async def _wait_ready(
+        self, address: Address, pool: ReadyPool, link: Link, offer: ReadyOffer
+    ) -> None:
+        """One ready connection: wait for its OPEN, serve it; renewed after pool_ttl
+        idle seconds (RETIRE, then closed) so no middlebox forgets it silently."""
+        feed: LinkFeed[OfferEvent] = LinkFeed(link, offer.receive_data, offer.data_to_send)
+        try:
+            events = await feed.events(offer.next_deadline())
+            if not events:
+                events = offer.handle_timer(asyncio.get_running_loop().time())
+                feed.flush()
         except asyncio.CancelledError:
-            channel.link.close()  # the session ended
+            link.close()  # the session ended
             raise
-        except TimeoutError:
-            # Time to renew it. Said first, so that an OPEN crossing our close is known
-            # to the LL as never acted on, and can go elsewhere with its first bytes.
-            channel.send(Retire())
-            channel.link.close()
+        event = events[0] if events else None
+        if not isinstance(event, ClientOffered):
+            link.close()  # retired, dropped by the LL, or something else than OPEN
             return
-        except ProtocolError:
-            channel.link.close()  # the LL dropped it
-            return
-        if isinstance(message, Open):
-            # Its own task: ending the session must not cut the client it now carries.
-            opening = self._tasks.spawn(
-                self._open(address, channel, pool.handshake, message, ready=True), "open"
-            )
-            # The replacement is dialed once this client is answered: dialed now, its
-            # connect and the LL's accept would sit on the client's critical path.
-            await asyncio.wait([opening])
-        else:
-            channel.link.close()
+        link.detach(offer.leftover(), feed.eof)
+        claim = ReadyConnection(address, link, offer, event.open)
+        # Its own task: ending the session must not cut the client it now carries.
+        opening = self._tasks.spawn(
+            self._serve(address, event.open, claim, partial(self.reuse, address)), "open"
+        )
+        # The replacement is dialed once this client is answered: dialed now, its
+        # connect and the LL's accept would sit on the client's critical path.
+        await asyncio.wait([opening])
 
 
-def _close_opened(opening: asyncio.Future[FrameChannel]) -> None:
+def _close_opened(opening: asyncio.Future[tuple[Link, ReadyOffer]]) -> None:
     if not opening.cancelled() and opening.exception() is None:
-        opening.result().link.close()
-
-
-def describe(exc: BaseException) -> str:
-    """A failure to reach the LL or a server, in a few words for a log line."""
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, socket.gaierror):
-        # Its errno is a resolver code (EAI_*), which os.strerror calls 'unknown error'.
-        return f"the host name does not resolve ({exc.strerror})"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS failed ({exc.reason or exc}); is the LL running with --insecure-plaintext?"
-    if isinstance(exc, ConnectionResetError) and "TLS" in str(exc):
-        return f"{exc}; is the LL running with --insecure-plaintext?"
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno).lower()
-    return str(exc) or type(exc).__name__
+        opening.result()[0].close()

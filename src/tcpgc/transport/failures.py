@@ -46,6 +46,17 @@ def transport_error(exc: BaseException, *, peer_plaintext_hint: str = "") -> Tcp
     return TransportError(str(exc) or type(exc).__name__)
 
 
+def tls_dial_error(exc: BaseException, *, peer_plaintext_hint: str = "") -> TcpgcError:
+    """A TLS handshake we started, as a client, that failed. A `ConnectionResetError`
+    without an errno is the link's own report of an orderly close during the handshake
+    (see `Link.eof_received`): what a peer that does not speak TLS does, so it is a TLS
+    failure and gets the hint too. A reset from the OS (with its errno) is not."""
+    if isinstance(exc, ConnectionResetError) and not exc.errno:
+        hint = f"; {peer_plaintext_hint}" if peer_plaintext_hint else ""
+        return TlsFailed(f"{str(exc) or 'connection closed'}{hint}")
+    return transport_error(exc, peer_plaintext_hint=peer_plaintext_hint)
+
+
 def handshake_tls_error(exc: ssl.SSLError | OSError, *, we_speak_tls: bool) -> TcpgcError:
     """A TLS handshake that failed on the LL's agent port, worded for its operator."""
     if isinstance(exc, ssl.SSLError) and exc.reason == _NOT_TLS:
