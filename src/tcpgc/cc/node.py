@@ -41,12 +41,7 @@ class ConnectNode:
     one session per LL address, reconnecting with backoff, until closed."""
 
     def __init__(self, config: CCConfig, token: JoinToken) -> None:
-        if not config.ll:
-            raise UsageError("no LL address: give --ll HOST:PORT or 'll' in the config file")
-        if not config.services:
-            raise UsageError(
-                "no service: give --server HOST:PORT or [services.NAME] in the config file"
-            )
+        config.require_complete()
         self.config = config
         self.token = token
         tls = None

@@ -115,25 +115,3 @@ class Metrics:
 
 
 _UNCOUNTED: Any = _Uncounted()
-
-
-def failure_reason(text: str) -> str:
-    """A small, fixed set of label values for handshake failures (free text would
-    give an attacker a way to create unbounded label sets)."""
-    lowered = text.lower()
-    for needle, label in (
-        ("within", "timeout"),
-        ("shed", "shed"),
-        ("authentication", "authentication"),
-        ("secret", "authentication"),
-        ("token", "authentication"),
-        ("certificate", "certificate"),
-        ("tls", "tls"),
-        ("closed", "closed"),
-        ("data connection id", "bad_data_id"),
-        ("version", "version"),
-        ("does not resolve", "resolve"),
-    ):
-        if needle in lowered:
-            return label
-    return "protocol"
