@@ -15,15 +15,15 @@ from typing import Any
 import pytest
 
 import tcpgc.relay.chunked_splice
+import tcpgc.relay.splice
 from loops import LOOPS, loop_turns, run_on
 from tcpgc.protocol.chunks import END, MAX_CHUNK, ChunkDecoder, chunk_header
-from tcpgc.relay.chunked_copy import ChunkedRelay
-from tcpgc.relay.chunked_splice import ChunkedSpliceRelay, start_chunked_relay
+from tcpgc.relay.chunked_copy import ChunkedCopyRelay
+from tcpgc.relay.chunked_splice import ChunkedSpliceRelay
+from tcpgc.relay.factory import start_chunked_relay
 from tcpgc.transport.link import Link
 
-pytestmark = pytest.mark.skipif(
-    not tcpgc.relay.chunked_splice.AVAILABLE, reason="splice(2) is Linux-only"
-)
+pytestmark = pytest.mark.skipif(not tcpgc.relay.splice.AVAILABLE, reason="splice(2) is Linux-only")
 
 
 class _Rig:
@@ -241,7 +241,7 @@ def test_data_link_that_ended_is_not_lent(loop_name: str, ended: str) -> None:
                 assert rig.b.move_to_socket()
                 rig.b.abort()
             relay = rig.relay()
-            assert isinstance(relay, ChunkedRelay)
+            assert isinstance(relay, ChunkedCopyRelay)
             with pytest.raises(ConnectionResetError):
                 await rig.recv_all(rig.plain_peer)
             assert rig.idle == []
@@ -261,7 +261,7 @@ def test_data_link_with_unsent_bytes_is_not_lent(loop_name: str) -> None:
             rig.b.write(queued)
             assert rig.b.transport is not None and rig.b.transport.get_write_buffer_size()
             relay = rig.relay()
-            assert isinstance(relay, ChunkedRelay)
+            assert isinstance(relay, ChunkedCopyRelay)
             rig.plain_peer.send(b"after")
             expected = queued + chunk_header(5) + b"after"
             got = bytearray()

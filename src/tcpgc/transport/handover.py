@@ -79,6 +79,22 @@ class SocketHandOver(asyncio.Protocol):
         self.transport.abort()
         return sock, bytes(buffered.data), buffered.eof
 
+    def can_lend(self) -> bool:
+        """Whether `lend` would succeed, but for running out of descriptors: plain TCP,
+        open, nothing left to write, still buffering, the peer's stream not ended."""
+        handler = self.handler
+        transport = self.transport
+        return not (
+            self._ssl is not None
+            or transport is None
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+            or not isinstance(handler, Buffering)
+            or handler.eof
+            or handler.lost is not None
+            or self.got_eof
+        )
+
     def lend(self, on_reclaim: Callable[[], None]) -> tuple[socket.socket, bytes] | None:
         """Lend the socket, for a while, to a caller that drives it itself (the chunked
         splice relay) while this link keeps the connection: returns the socket and the
