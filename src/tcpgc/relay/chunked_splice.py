@@ -27,6 +27,7 @@ from tcpgc.protocol.chunks import END, HEADER_SIZE, ChunkDecoder, chunk_header, 
 from tcpgc.relay.result import RESET_ERRNOS, ByteCounter, ByteTally
 from tcpgc.relay.splice import PIPES, SPLICE_FLAGS, SpliceDirection, SpliceRelay, close_socket
 from tcpgc.transport.link import Link
+from tcpgc.transport.socket_handover import hand_over, lend, take_back
 
 
 class _ChunkingDirection(SpliceDirection):
@@ -136,19 +137,19 @@ class ChunkedSpliceRelay(SpliceRelay):
 
     def start(self) -> bool:
         """Take both sockets and start; False, with both links as they were, if either
-        cannot be had (the buffered `ChunkedRelay` can still serve them)."""
-        lent = self.b.lend(self._reclaimed)
+        cannot be had (the `ChunkedCopyRelay` can still serve them)."""
+        lent = lend(self.b, self._reclaimed)
         if lent is None:
             return False
         try:
-            handed = self.a.hand_over()
+            handed = hand_over(self.a)
         except OSError as exc:
-            self.b.take_back(lent[1])
+            take_back(self.b, lent[1])
             if exc.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
             return False  # no descriptor for the duplicate
         if handed is None:
-            self.b.take_back(lent[1])
+            take_back(self.b, lent[1])
             return False
         self._sa, prefix_a, eof_a = handed
         self._sb, framed = lent
@@ -197,7 +198,7 @@ class ChunkedSpliceRelay(SpliceRelay):
             direction.stop()
         self._sa.close()
         link = self.b
-        link.take_back(self.leftover)
+        take_back(link, self.leftover)
         if self.on_idle is not None and not link.is_closed:
             self.on_idle(link)
         else:

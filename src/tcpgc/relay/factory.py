@@ -23,6 +23,7 @@ from tcpgc.relay.chunked_copy import ChunkedCopyRelay
 from tcpgc.relay.copy import CopyRelay
 from tcpgc.relay.result import AnyRelay, ByteCounter
 from tcpgc.transport.link import Link
+from tcpgc.transport.socket_handover import can_hand_over, can_lend
 
 __all__ = ["splice_available", "start_chunked_relay", "start_relay"]
 
@@ -53,7 +54,7 @@ def start_relay(
     both are plain TCP and can hand their sockets over, the copy engine otherwise.
     `on_first_b_to_a` is called once the first bytes from `b` have been moved on, by an
     engine that does not pass them through `b`'s protocol (splice)."""
-    if splice_available() and a.can_hand_over() and b.can_hand_over():
+    if splice_available() and can_hand_over(a) and can_hand_over(b):
         from tcpgc.relay.splice import SpliceRelay
 
         return SpliceRelay(a, b, count_a_to_b, count_b_to_a, on_first_b_to_a)
@@ -71,7 +72,7 @@ def start_chunked_relay(
     handed to `on_idle` once both directions ended: with splice(2) when `a` can hand
     its socket over and `b` can lend its own (both plain TCP), through Python otherwise
     (a TLS data connection)."""
-    if splice_available() and a.can_hand_over() and b.can_lend():
+    if splice_available() and can_hand_over(a) and can_lend(b):
         from tcpgc.relay.chunked_splice import ChunkedSpliceRelay
 
         relay = ChunkedSpliceRelay(a, b, count_a_to_b, count_b_to_a, on_idle)

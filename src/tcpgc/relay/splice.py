@@ -20,12 +20,13 @@ import asyncio
 import fcntl
 import os
 import socket
-import struct
 from collections.abc import Callable
 
 from tcpgc.protocol.chunks import chunk_header
 from tcpgc.relay.result import RESET_ERRNOS, ByteCounter, ByteTally, Completion, RelayResult
 from tcpgc.transport.link import Link
+from tcpgc.transport.socket_handover import hand_over
+from tcpgc.transport.socket_transport import reset_on_close
 
 #: Whether this system has what the engine needs (Linux; os.splice since Python 3.10).
 AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
@@ -227,7 +228,7 @@ class SpliceDirection:
 
 class SpliceRelay(Completion):
     """Same interface as `tcpgc.relay.copy.CopyRelay`, moving bytes with splice(2).
-    Both links must be able to hand their socket over (`Link.can_hand_over`)."""
+    Both links must be able to hand their socket over (`socket_handover.can_hand_over`)."""
 
     def __init__(
         self,
@@ -238,9 +239,9 @@ class SpliceRelay(Completion):
         on_first_b_to_a: Callable[[], None] | None = None,
     ) -> None:
         self._init_relay(a, b)
-        handed_a = a.hand_over()
+        handed_a = hand_over(a)
         try:
-            handed_b = b.hand_over()
+            handed_b = hand_over(b)
         except BaseException:  # no descriptor for b's duplicate: a's socket is ours now
             if handed_a is not None:
                 handed_a[0].close()
@@ -297,8 +298,5 @@ def close_socket(sock: socket.socket, reset: bool) -> None:
     """Close a socket the engine took; with a TCP RST if `reset`, so each peer sees the
     reset the other side saw."""
     if reset:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
+        reset_on_close(sock)
     sock.close()
