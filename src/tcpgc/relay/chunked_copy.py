@@ -1,7 +1,7 @@
 """The chunked copy engine: one client over a reusable data connection, through Python.
 
-`ChunkedCopyRelay` is `tcpgc.relay.copy.CopyRelay` for a data connection that outlives its client:
-what the plain side (the client on the LL, the server on the CC) sends goes into the
+`ChunkedCopyRelay` is `tcpgc.relay.copy.CopyRelay` for a data connection that outlives
+its client: what the plain side (the client on the LL, the server on the CC) sends goes into the
 data connection as chunks, its EOF as the end marker (see `tcpgc.protocol.chunks`), and
 the chunks that come back go out as plain bytes, the peer's end marker as a half-close.
 When both directions have ended, the plain side is closed and the data connection,
@@ -10,7 +10,7 @@ handshake per client, most of what a new TLS client costs the two nodes.
 
 Anything else (a reset on either side, the data connection closing before its end
 marker, a malformed chunk, `close()`) ends both sides, and the data connection is not
-reused. Back-pressure works as in the buffered relay: a side whose write buffer fills
+reused. Back-pressure works as in `CopyRelay`: a side whose write buffer fills
 stops the reading of the other.
 """
 
@@ -29,17 +29,18 @@ from tcpgc.transport.link_handlers import Ignoring
 _MAX_LEFTOVER = 4096
 
 
-class _PlainSide:
+class _PlainSide(ByteTally):
     """Handler of the plain link: what it reads goes to the data link as chunks."""
 
     __slots__ = ("relay",)
 
-    def __init__(self, relay: ChunkedCopyRelay) -> None:
+    def __init__(self, relay: ChunkedCopyRelay, counter: ByteCounter | None) -> None:
+        super().__init__(relay.result, True, counter)
         self.relay = relay
 
     def on_data(self, data: bytes) -> None:
         relay = self.relay
-        relay.tally_a_to_b.add(len(data))
+        self.add(len(data))
         view = memoryview(data)
         for start in range(0, len(view), MAX_CHUNK):
             piece = view[start : start + MAX_CHUNK]
@@ -67,12 +68,13 @@ class _PlainSide:
         self.relay.b.resume_reading()
 
 
-class _DataSide:
+class _DataSide(ByteTally):
     """Handler of the data link: chunks from it go to the plain link as bytes."""
 
     __slots__ = ("relay", "decoder")
 
-    def __init__(self, relay: ChunkedCopyRelay) -> None:
+    def __init__(self, relay: ChunkedCopyRelay, counter: ByteCounter | None) -> None:
+        super().__init__(relay.result, False, counter)
         self.relay = relay
         self.decoder = ChunkDecoder()
 
@@ -92,7 +94,7 @@ class _DataSide:
             return
         plain = relay.a
         for piece in pieces:
-            relay.tally_b_to_a.add(len(piece))
+            self.add(len(piece))
             plain.write(piece)
         if self.decoder.ended:
             relay.leftover = self.decoder.leftover
@@ -132,7 +134,7 @@ class ChunkedCopyRelay(Completion):
 
     __slots__ = (
         "a", "b", "result", "on_idle", "sent_end", "got_end", "idle", "ended",
-        "leftover", "tally_a_to_b", "tally_b_to_a",
+        "leftover",
     )  # fmt: skip
 
     def __init__(
@@ -148,8 +150,6 @@ class ChunkedCopyRelay(Completion):
         self.result = RelayResult()
         self._init_completion()
         self.on_idle = on_idle
-        self.tally_a_to_b = ByteTally(self.result, True, count_a_to_b)
-        self.tally_b_to_a = ByteTally(self.result, False, count_b_to_a)
         self.sent_end = False  # a's EOF went into b as the end marker
         self.got_end = False  # b's end marker came, and went to a as EOF
         self.idle = False  # both ended: b is free again
@@ -158,8 +158,8 @@ class ChunkedCopyRelay(Completion):
         # Held for the life of the client: on lean transports of our own.
         a.move_to_socket()
         b.move_to_socket()
-        a.attach(_PlainSide(self))
-        b.attach(_DataSide(self))
+        a.attach(_PlainSide(self, count_a_to_b))
+        b.attach(_DataSide(self, count_b_to_a))
 
     def check_idle(self) -> None:
         if not (self.sent_end and self.got_end) or self.ended:

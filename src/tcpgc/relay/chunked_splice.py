@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from tcpgc.errors import ProtocolError
 from tcpgc.protocol.chunks import END, HEADER_SIZE, ChunkDecoder, chunk_header, parse_chunk_header
-from tcpgc.relay.result import RESET_ERRNOS, ByteCounter, ByteTally
+from tcpgc.relay.result import RESET_ERRNOS, ByteCounter
 from tcpgc.relay.splice import PIPES, SPLICE_FLAGS, SpliceDirection, SpliceRelay, close_socket
 from tcpgc.transport.link import Link
 from tcpgc.transport.socket_handover import hand_over, lend, take_back
@@ -59,12 +59,12 @@ class _DechunkingDirection(SpliceDirection):
         dst: socket.socket,
         prefix: bytes,
         eof: bool,
-        tally: ByteTally,
+        counter: ByteCounter | None,
         *,
         remaining: int,
         partial: bytes,
     ) -> None:
-        super().__init__(relay, src, dst, prefix, eof, tally)
+        super().__init__(relay, src, dst, prefix, eof, False, counter)
         self.relay: ChunkedSpliceRelay = relay
         self.remaining = remaining
         self.partial = bytearray(partial)  # a header read in part
@@ -128,10 +128,7 @@ class ChunkedSpliceRelay(SpliceRelay):
     ) -> None:
         self._init_relay(a, b)
         self.on_idle = on_idle
-        self._tallies = (
-            ByteTally(self.result, True, count_a_to_b),
-            ByteTally(self.result, False, count_b_to_a),
-        )
+        self._counters = (count_a_to_b, count_b_to_a)
         self._directions = ()
         self.leftover = b""
 
@@ -153,7 +150,7 @@ class ChunkedSpliceRelay(SpliceRelay):
             return False
         self._sa, prefix_a, eof_a = handed
         self._sb, framed = lent
-        to_b, to_a = self._tallies
+        count_a_to_b, count_b_to_a = self._counters
         decoder = ChunkDecoder()
         broken = None
         try:
@@ -162,11 +159,11 @@ class ChunkedSpliceRelay(SpliceRelay):
             prefix_b, broken = b"", f"error: {exc}"
         if decoder.ended:
             self.leftover = decoder.leftover  # the peer's next message: kept for later
-        out = _ChunkingDirection(self, self._sa, self._sb, prefix_a, eof_a, to_b)
+        out = _ChunkingDirection(self, self._sa, self._sb, prefix_a, eof_a, True, count_a_to_b)
         if prefix_a:  # read before the relay began: within MAX_CHUNK (a link buffers less)
             out.header = chunk_header(len(prefix_a))
         back = _DechunkingDirection(
-            self, self._sb, self._sa, prefix_b, decoder.ended, to_a,
+            self, self._sb, self._sa, prefix_b, decoder.ended, count_b_to_a,
             remaining=decoder.remaining, partial=decoder.partial_header,
         )  # fmt: skip
         self._directions = (out, back)

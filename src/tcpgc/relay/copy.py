@@ -15,19 +15,21 @@ from tcpgc.relay.result import ByteCounter, ByteTally, Completion, RelayResult, 
 from tcpgc.transport.link import Link
 
 
-class _Half:
-    """Handler of `src`: forwards to `dst`."""
+class _Half(ByteTally):
+    """Handler of `src`: forwards to `dst`, counting what it forwards."""
 
-    __slots__ = ("relay", "src", "dst", "tally")
+    __slots__ = ("relay", "src", "dst")
 
-    def __init__(self, relay: CopyRelay, src: Link, dst: Link, tally: ByteTally) -> None:
+    def __init__(
+        self, relay: CopyRelay, src: Link, dst: Link, a_to_b: bool, counter: ByteCounter | None
+    ) -> None:
+        super().__init__(relay.result, a_to_b, counter)
         self.relay = relay
         self.src = src
         self.dst = dst
-        self.tally = tally
 
     def on_data(self, data: bytes) -> None:
-        self.tally.add(len(data))
+        self.add(len(data))
         self.dst.write(data)
 
     def on_eof(self) -> None:
@@ -73,8 +75,8 @@ class CopyRelay(Completion):
         self.result = RelayResult()
         self._lost = 0
         self._init_completion()
-        a.attach(_Half(self, a, b, ByteTally(self.result, True, count_a_to_b)))
-        b.attach(_Half(self, b, a, ByteTally(self.result, False, count_b_to_a)))
+        a.attach(_Half(self, a, b, True, count_a_to_b))
+        b.attach(_Half(self, b, a, False, count_b_to_a))
 
     def side_lost(self) -> None:
         self._lost += 1

@@ -83,9 +83,10 @@ class PipePool:
 PIPES = PipePool()
 
 
-class SpliceDirection:
-    """src → pipe → dst, for one direction of the relay. `tcpgc.relay.chunked_splice`
-    derives its two directions from it."""
+class SpliceDirection(ByteTally):
+    """src → pipe → dst, for one direction of the relay, counting what it moves. The
+    chunked splice engine (`tcpgc.relay.chunked_splice`) derives its two directions
+    from it."""
 
     #: Each batch goes out as a chunk (`tcpgc.protocol.chunks`): see `tcpgc.relay.chunked_splice`.
     chunked = False
@@ -97,8 +98,11 @@ class SpliceDirection:
         dst: socket.socket,
         prefix: bytes,
         eof: bool,
-        tally: ByteTally,
+        a_to_b: bool,
+        counter: ByteCounter | None,
+        on_first: Callable[[], None] | None = None,
     ) -> None:
+        super().__init__(relay.result, a_to_b, counter, on_first)
         self.relay = relay
         self.src = src
         self.dst = dst
@@ -108,7 +112,6 @@ class SpliceDirection:
         self.in_pipe = 0
         self.eof = eof  # src has ended
         self.done = False  # EOF delivered to dst
-        self.tally = tally
         self.reading = False
         self.writing = False
 
@@ -176,13 +179,13 @@ class SpliceDirection:
                     raise BlockingIOError
             if self.prefix:
                 sent = self.dst.send(self.prefix)
-                self.tally.add(sent)
+                self.add(sent)
                 self.prefix = self.prefix[sent:]
             while self.in_pipe and not self.prefix:
                 assert self.pipe is not None
                 n = os.splice(self.pipe[0], self.dst.fileno(), self.in_pipe, flags=SPLICE_FLAGS)
                 self.in_pipe -= n
-                self.tally.add(n)
+                self.add(n)
         except BlockingIOError:
             pass
         except OSError as exc:
@@ -249,12 +252,11 @@ class SpliceRelay(Completion):
         assert handed_a is not None and handed_b is not None
         self._sa, prefix_a, eof_a = handed_a
         self._sb, prefix_b, eof_b = handed_b
-        # Called once, when the first bytes from `b` have been moved on.
-        to_b = ByteTally(self.result, True, count_a_to_b)
-        to_a = ByteTally(self.result, False, count_b_to_a, on_first_b_to_a)
         self._directions: tuple[SpliceDirection, ...] = (
-            SpliceDirection(self, self._sa, self._sb, prefix_a, eof_a, to_b),
-            SpliceDirection(self, self._sb, self._sa, prefix_b, eof_b, to_a),
+            SpliceDirection(self, self._sa, self._sb, prefix_a, eof_a, True, count_a_to_b),
+            SpliceDirection(
+                self, self._sb, self._sa, prefix_b, eof_b, False, count_b_to_a, on_first_b_to_a
+            ),
         )
         for direction in self._directions:
             direction.start()

@@ -82,9 +82,6 @@ class Link(asyncio.Protocol):
         """Read nothing until a handler is attached (`attach` resumes reading, before
         it replays what was held, so a pause its handler then asks for stands)."""
         self.pause_reading()
-        self._hold()
-
-    def _hold(self) -> None:
         if isinstance(self.handler, Buffering):
             self.handler.paused = True
 
