@@ -1,4 +1,4 @@
-"""ChunkedRelay's bookkeeping with stand-in links: pause state, end markers and EOFs
+"""ChunkedCopyRelay's bookkeeping with stand-in links: pause state, end markers and EOFs
 around the moment a data connection is handed to its next client. The bytes themselves
 are checked through real nodes in test_reuse.py."""
 
@@ -13,7 +13,7 @@ import pytest
 
 from tcpgc.protocol.chunks import END, chunk_header
 from tcpgc.protocol.replay_window import ReplayWindow
-from tcpgc.relay.chunked_copy import ChunkedRelay
+from tcpgc.relay.chunked_copy import ChunkedCopyRelay
 
 
 class StandIn:
@@ -75,8 +75,8 @@ def in_loop(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]
     return run
 
 
-def relay(a: StandIn, b: StandIn, idle: list[Any]) -> ChunkedRelay:
-    return ChunkedRelay(a, b, on_idle=idle.append)  # type: ignore[arg-type]
+def relay(a: StandIn, b: StandIn, idle: list[Any]) -> ChunkedCopyRelay:
+    return ChunkedCopyRelay(a, b, on_idle=idle.append)  # type: ignore[arg-type]
 
 
 @in_loop

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import ssl
 import struct
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,15 +16,15 @@ from typing import Any
 import pytest
 
 import tcpgc.relay.chunked_splice
+import tcpgc.relay.splice
 from loops import LOOPS, loop_turns, run_on
 from tcpgc.protocol.chunks import END, MAX_CHUNK, ChunkDecoder, chunk_header
-from tcpgc.relay.chunked_copy import ChunkedRelay
-from tcpgc.relay.chunked_splice import ChunkedSpliceRelay, start_chunked_relay
+from tcpgc.relay.chunked_copy import ChunkedCopyRelay
+from tcpgc.relay.chunked_splice import ChunkedSpliceRelay
+from tcpgc.relay.factory import start_chunked_relay
 from tcpgc.transport.link import Link
 
-pytestmark = pytest.mark.skipif(
-    not tcpgc.relay.chunked_splice.AVAILABLE, reason="splice(2) is Linux-only"
-)
+pytestmark = pytest.mark.skipif(not tcpgc.relay.splice.AVAILABLE, reason="splice(2) is Linux-only")
 
 
 class _Rig:
@@ -241,7 +242,7 @@ def test_data_link_that_ended_is_not_lent(loop_name: str, ended: str) -> None:
                 assert rig.b.move_to_socket()
                 rig.b.abort()
             relay = rig.relay()
-            assert isinstance(relay, ChunkedRelay)
+            assert isinstance(relay, ChunkedCopyRelay)
             with pytest.raises(ConnectionResetError):
                 await rig.recv_all(rig.plain_peer)
             assert rig.idle == []
@@ -261,7 +262,7 @@ def test_data_link_with_unsent_bytes_is_not_lent(loop_name: str) -> None:
             rig.b.write(queued)
             assert rig.b.transport is not None and rig.b.transport.get_write_buffer_size()
             relay = rig.relay()
-            assert isinstance(relay, ChunkedRelay)
+            assert isinstance(relay, ChunkedCopyRelay)
             rig.plain_peer.send(b"after")
             expected = queued + chunk_header(5) + b"after"
             got = bytearray()
@@ -306,5 +307,52 @@ def test_data_link_closed_by_its_owner_ends_the_relay_first(loop_name: str) -> N
             finally:
                 for sock in held:
                     sock.close()
+
+    run_on(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_no_splice_set_relays_through_python(
+    loop_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TCPGC_NO_SPLICE=1 picks the copy engine for links splice could take, and the
+    stream on the data connection is the same chunked stream."""
+    monkeypatch.setenv("TCPGC_NO_SPLICE", "1")
+
+    async def main() -> None:
+        async with _rig() as rig:
+            relay = rig.relay()
+            assert isinstance(relay, ChunkedCopyRelay)
+            await rig.loop.sock_sendall(rig.plain_peer, b"hello")
+            rig.plain_peer.shutdown(socket.SHUT_WR)
+            assert await rig.recv_stream() == (b"hello", b"")
+
+    run_on(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_tls_data_link_builds_no_splice_relay(
+    loop_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TLS data link cannot lend its socket: the factory goes to the copy engine
+    without building a splice relay first."""
+    built: list[object] = []
+    monkeypatch.setattr(ChunkedSpliceRelay, "start", lambda self: built.append(self) or False)
+
+    async def main() -> None:
+        async with _rig() as rig:
+            with socket.socket() as listener:
+                listener.bind(("127.0.0.1", 0))
+                listener.listen()
+                context = ssl.create_default_context()
+                _, tls_link = await rig.loop.create_connection(
+                    lambda: Link(context, server_hostname="localhost"), *listener.getsockname()
+                )
+                try:
+                    assert rig.a is not None and tls_link.is_tls
+                    relay = start_chunked_relay(rig.a, tls_link)
+                    assert isinstance(relay, ChunkedCopyRelay) and built == []
+                finally:
+                    tls_link.abort()
 
     run_on(loop_name, main)

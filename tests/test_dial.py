@@ -19,6 +19,7 @@ from tcpgc.relay.splice import SpliceRelay
 from tcpgc.transport.dial import dial, numeric_family
 from tcpgc.transport.link import Link
 from tcpgc.transport.link_handlers import Ignoring
+from tcpgc.transport.socket_handover import hand_over
 from tcpgc.transport.socket_transport import SocketTransport
 
 
@@ -142,7 +143,7 @@ def test_a_relay_takes_a_dialed_socket_as_it_is(loop_name: str) -> None:
                 assert link.transport is not None
                 fd = link.transport.get_extra_info("socket").fileno()
                 before = _open_fds()
-                handed = link.hand_over()
+                handed = hand_over(link)
                 assert handed is not None
                 sock, read, eof = handed
                 with sock:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -148,3 +150,21 @@ def test_idle_connections_hold_no_pipes(harness: Harness) -> None:
     finally:
         for sock in held:
             sock.close()
+
+
+def test_the_relay_factory_imports_without_fcntl() -> None:
+    """Where fcntl (and so splice) is missing, the factory imports and uses the copy
+    engine: only the splice engine imports Linux-only modules."""
+    code = (
+        "import sys\n"
+        "sys.modules['fcntl'] = None\n"  # `import fcntl` now fails, as on Windows
+        "import tcpgc.relay.factory as factory\n"
+        "assert not factory.splice_available()\n"
+        "assert 'tcpgc.relay.splice' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

@@ -27,6 +27,18 @@ def chunk_header(length: int) -> bytes:
     return length.to_bytes(HEADER_SIZE, "big")
 
 
+def parse_chunk_header(buffer: bytes | bytearray | memoryview) -> int | None:
+    """The length announced by the chunk header at the start of `buffer` (0: the end
+    marker), or None while fewer than HEADER_SIZE bytes are there. Raises ProtocolError
+    for a length above MAX_CHUNK."""
+    if len(buffer) < HEADER_SIZE:
+        return None
+    length = int.from_bytes(buffer[:HEADER_SIZE], "big")
+    if length > MAX_CHUNK:
+        raise ProtocolError(f"chunk of {length} bytes (at most {MAX_CHUNK})")
+    return length
+
+
 class ChunkDecoder:
     """Bytes in, payload out: `feed` returns the payload pieces found in `data`.
 
@@ -66,15 +78,13 @@ class ChunkDecoder:
             need = HEADER_SIZE - len(self._header)
             self._header += view[:need]
             view = view[need:]
-            if len(self._header) < HEADER_SIZE:
+            length = parse_chunk_header(self._header)
+            if length is None:
                 break
-            length = int.from_bytes(self._header, "big")
             self._header.clear()
             if length == 0:
                 self.ended = True
                 self.leftover = bytes(view)
                 break
-            if length > MAX_CHUNK:
-                raise ProtocolError(f"chunk of {length} bytes (at most {MAX_CHUNK})")
             self._remaining = length
         return pieces

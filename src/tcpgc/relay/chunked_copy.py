@@ -1,7 +1,7 @@
-"""Relaying one client over a reusable TLS data connection.
+"""The chunked copy engine: one client over a reusable data connection, through Python.
 
-`ChunkedRelay` is `tcpgc.relay.copy.Relay` for a data connection that outlives its client:
-what the plain side (the client on the LL, the server on the CC) sends goes into the
+`ChunkedCopyRelay` is `tcpgc.relay.copy.CopyRelay` for a data connection that outlives
+its client: what the plain side (the client on the LL, the server on the CC) sends goes into the
 data connection as chunks, its EOF as the end marker (see `tcpgc.protocol.chunks`), and
 the chunks that come back go out as plain bytes, the peer's end marker as a half-close.
 When both directions have ended, the plain side is closed and the data connection,
@@ -10,18 +10,17 @@ handshake per client, most of what a new TLS client costs the two nodes.
 
 Anything else (a reset on either side, the data connection closing before its end
 marker, a malformed chunk, `close()`) ends both sides, and the data connection is not
-reused. Back-pressure works as in the buffered relay: a side whose write buffer fills
+reused. Back-pressure works as in `CopyRelay`: a side whose write buffer fills
 stops the reading of the other.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from tcpgc.errors import ProtocolError
 from tcpgc.protocol.chunks import END, MAX_CHUNK, ChunkDecoder, chunk_header
-from tcpgc.relay.copy import Finishing, RelayResult, _Counter
+from tcpgc.relay.result import ByteCounter, ByteTally, Completion, RelayResult, is_reset
 from tcpgc.transport.link import Link
 from tcpgc.transport.link_handlers import Ignoring
 
@@ -30,17 +29,18 @@ from tcpgc.transport.link_handlers import Ignoring
 _MAX_LEFTOVER = 4096
 
 
-class _PlainSide:
+class _PlainSide(ByteTally):
     """Handler of the plain link: what it reads goes to the data link as chunks."""
 
     __slots__ = ("relay",)
 
-    def __init__(self, relay: ChunkedRelay) -> None:
+    def __init__(self, relay: ChunkedCopyRelay, counter: ByteCounter | None) -> None:
+        super().__init__(relay.result, True, counter)
         self.relay = relay
 
     def on_data(self, data: bytes) -> None:
         relay = self.relay
-        relay.moved(len(data), True)
+        self.add(len(data))
         view = memoryview(data)
         for start in range(0, len(view), MAX_CHUNK):
             piece = view[start : start + MAX_CHUNK]
@@ -56,7 +56,7 @@ class _PlainSide:
         relay = self.relay
         if relay.idle:
             return  # we closed it after both ends: the normal way
-        if _is_reset(exc):
+        if is_reset(exc):
             relay.fail("reset", reset=True)
         else:
             relay.fail("closed early" if exc is None else f"error: {exc}", reset=True)
@@ -68,12 +68,13 @@ class _PlainSide:
         self.relay.b.resume_reading()
 
 
-class _DataSide:
+class _DataSide(ByteTally):
     """Handler of the data link: chunks from it go to the plain link as bytes."""
 
     __slots__ = ("relay", "decoder")
 
-    def __init__(self, relay: ChunkedRelay) -> None:
+    def __init__(self, relay: ChunkedCopyRelay, counter: ByteCounter | None) -> None:
+        super().__init__(relay.result, False, counter)
         self.relay = relay
         self.decoder = ChunkDecoder()
 
@@ -93,7 +94,7 @@ class _DataSide:
             return
         plain = relay.a
         for piece in pieces:
-            relay.moved(len(piece), False)
+            self.add(len(piece))
             plain.write(piece)
         if self.decoder.ended:
             relay.leftover = self.decoder.leftover
@@ -114,7 +115,7 @@ class _DataSide:
         relay = self.relay
         if relay.idle:
             return
-        if _is_reset(exc):
+        if is_reset(exc):
             relay.fail("reset", reset=True)
         else:
             relay.fail("data connection lost" if exc is None else f"error: {exc}", reset=True)
@@ -126,31 +127,29 @@ class _DataSide:
         self.relay.a.resume_reading()
 
 
-class ChunkedRelay(Finishing):
+class ChunkedCopyRelay(Completion):
     """Relay plain link `a` <-> chunked data link `b`; `await relay.done` for the result.
     `on_idle(b)` gets the data connection back once both directions ended, with whatever
     followed the end marker buffered in it."""
 
     __slots__ = (
         "a", "b", "result", "on_idle", "sent_end", "got_end", "idle", "ended",
-        "leftover", "_count_a_to_b", "_count_b_to_a",
+        "leftover",
     )  # fmt: skip
 
     def __init__(
         self,
         a: Link,
         b: Link,
-        count_a_to_b: _Counter | None = None,
-        count_b_to_a: _Counter | None = None,
+        count_a_to_b: ByteCounter | None = None,
+        count_b_to_a: ByteCounter | None = None,
         on_idle: Callable[[Link], None] | None = None,
     ) -> None:
         self.a = a
         self.b = b
         self.result = RelayResult()
-        self._init_finishing()
+        self._init_completion()
         self.on_idle = on_idle
-        self._count_a_to_b = count_a_to_b
-        self._count_b_to_a = count_b_to_a
         self.sent_end = False  # a's EOF went into b as the end marker
         self.got_end = False  # b's end marker came, and went to a as EOF
         self.idle = False  # both ended: b is free again
@@ -159,20 +158,8 @@ class ChunkedRelay(Finishing):
         # Held for the life of the client: on lean transports of our own.
         a.move_to_socket()
         b.move_to_socket()
-        a.attach(_PlainSide(self))
-        b.attach(_DataSide(self))
-
-    def moved(self, n: int, a_to_b: bool) -> None:
-        result = self.result
-        result.last_activity = time.monotonic()
-        if a_to_b:
-            result.bytes_a_to_b += n
-            if self._count_a_to_b is not None:
-                self._count_a_to_b.inc(n)
-        else:
-            result.bytes_b_to_a += n
-            if self._count_b_to_a is not None:
-                self._count_b_to_a.inc(n)
+        a.attach(_PlainSide(self, count_a_to_b))
+        b.attach(_DataSide(self, count_b_to_a))
 
     def check_idle(self) -> None:
         if not (self.sent_end and self.got_end) or self.ended:
@@ -210,7 +197,3 @@ class ChunkedRelay(Finishing):
     def close(self) -> None:
         """End both directions now (idle timeout, drain, lost LL)."""
         self.fail("closed", reset=False)
-
-
-def _is_reset(exc: BaseException | None) -> bool:
-    return isinstance(exc, ConnectionResetError | ConnectionAbortedError | BrokenPipeError)

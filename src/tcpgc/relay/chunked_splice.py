@@ -1,7 +1,8 @@
-"""Relaying one client over a reusable plain data connection, with splice(2).
+"""The chunked splice engine: one client over a reusable plain data connection, with
+splice(2) (Linux; loaded only where `tcpgc.relay.splice` can be).
 
 The chunked stream (`tcpgc.protocol.chunks`) is what lets a data connection outlive its
-client. `ChunkedRelay` speaks it by copying bytes through Python, as TLS requires; this
+client. `ChunkedCopyRelay` speaks it by copying bytes through Python, as TLS requires; this
 relay speaks it for plain data connections and still never reads the payload into
 Python: each batch spliced from the plain side into a pipe leaves as a 4-byte header
 (sent with MSG_MORE) and the pipe's contents; on the way back, headers are read with
@@ -10,7 +11,7 @@ past a chunk, and nothing after the end marker, is ever read here. Once both dir
 have ended, the data link gets its socket back, unread bytes and all, and goes to
 `on_idle` to serve the next client.
 
-Failures end both sides with a reset, as in `ChunkedRelay`: a data connection that
+Failures end both sides with a reset, as in `ChunkedCopyRelay`: a data connection that
 closes before its end marker must not look like a complete stream.
 """
 
@@ -22,22 +23,14 @@ import socket
 from collections.abc import Callable
 
 from tcpgc.errors import ProtocolError
-from tcpgc.protocol.chunks import END, HEADER_SIZE, MAX_CHUNK, ChunkDecoder, chunk_header
-from tcpgc.relay.chunked_copy import ChunkedRelay
-from tcpgc.relay.copy import _Counter
-from tcpgc.relay.splice import (
-    _FLAGS,
-    _RESET_ERRORS,
-    AVAILABLE,
-    PIPES,
-    SpliceRelay,
-    _close,
-    _Direction,
-)
+from tcpgc.protocol.chunks import END, HEADER_SIZE, ChunkDecoder, chunk_header, parse_chunk_header
+from tcpgc.relay.result import RESET_ERRNOS, ByteCounter
+from tcpgc.relay.splice import PIPES, SPLICE_FLAGS, SpliceDirection, SpliceRelay, close_socket
 from tcpgc.transport.link import Link
+from tcpgc.transport.socket_handover import hand_over, lend, take_back
 
 
-class _ChunkingDirection(_Direction):
+class _ChunkingDirection(SpliceDirection):
     """plain → data: each batch as a chunk, the plain side's EOF as the end marker."""
 
     chunked = True
@@ -55,7 +48,7 @@ class _ChunkingDirection(_Direction):
         self.relay.direction_done()
 
 
-class _DechunkingDirection(_Direction):
+class _DechunkingDirection(SpliceDirection):
     """data → plain: chunk headers read exactly, payload spliced, the end marker
     delivered as EOF. `remaining` is what the current chunk still owes."""
 
@@ -66,12 +59,12 @@ class _DechunkingDirection(_Direction):
         dst: socket.socket,
         prefix: bytes,
         eof: bool,
-        counter: _Counter | None,
+        counter: ByteCounter | None,
         *,
         remaining: int,
         partial: bytes,
     ) -> None:
-        super().__init__(relay, src, dst, prefix, eof, counter, False)
+        super().__init__(relay, src, dst, prefix, eof, False, counter)
         self.relay: ChunkedSpliceRelay = relay
         self.remaining = remaining
         self.partial = bytearray(partial)  # a header read in part
@@ -89,23 +82,24 @@ class _DechunkingDirection(_Direction):
                 self.relay.stream_broken("data connection closed mid-stream")
                 return
             self.partial += got
-            if len(self.partial) < HEADER_SIZE:
+            try:
+                length = parse_chunk_header(self.partial)
+            except ProtocolError as exc:
+                self.relay.stream_broken(f"error: {exc}")
                 return
-            length = int.from_bytes(self.partial, "big")
+            if length is None:
+                return
             self.partial.clear()
             if length == 0:  # the end marker: stop reading here, the rest is not ours
                 self.eof = True
                 self._read_off()
                 self._flush()
                 return
-            if length > MAX_CHUNK:
-                self.relay.stream_broken(f"error: chunk of {length} bytes (at most {MAX_CHUNK})")
-                return
             self.remaining = length
         if self.pipe is None:
             self.pipe = PIPES.take()
         try:
-            n = os.splice(self.src.fileno(), self.pipe[1], self.remaining, flags=_FLAGS)
+            n = os.splice(self.src.fileno(), self.pipe[1], self.remaining, flags=SPLICE_FLAGS)
         except BlockingIOError:
             self._release_if_empty()
             return
@@ -128,8 +122,8 @@ class ChunkedSpliceRelay(SpliceRelay):
         self,
         a: Link,
         b: Link,
-        count_a_to_b: _Counter | None,
-        count_b_to_a: _Counter | None,
+        count_a_to_b: ByteCounter | None,
+        count_b_to_a: ByteCounter | None,
         on_idle: Callable[[Link], None] | None,
     ) -> None:
         self._init_relay(a, b)
@@ -140,19 +134,19 @@ class ChunkedSpliceRelay(SpliceRelay):
 
     def start(self) -> bool:
         """Take both sockets and start; False, with both links as they were, if either
-        cannot be had (the buffered `ChunkedRelay` can still serve them)."""
-        lent = self.b.lend(self._reclaimed)
+        cannot be had (the `ChunkedCopyRelay` can still serve them)."""
+        lent = lend(self.b, self._reclaimed)
         if lent is None:
             return False
         try:
-            handed = self.a.hand_over()
+            handed = hand_over(self.a)
         except OSError as exc:
-            self.b.take_back(lent[1])
+            take_back(self.b, lent[1])
             if exc.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
             return False  # no descriptor for the duplicate
         if handed is None:
-            self.b.take_back(lent[1])
+            take_back(self.b, lent[1])
             return False
         self._sa, prefix_a, eof_a = handed
         self._sb, framed = lent
@@ -165,7 +159,7 @@ class ChunkedSpliceRelay(SpliceRelay):
             prefix_b, broken = b"", f"error: {exc}"
         if decoder.ended:
             self.leftover = decoder.leftover  # the peer's next message: kept for later
-        out = _ChunkingDirection(self, self._sa, self._sb, prefix_a, eof_a, count_a_to_b, True)
+        out = _ChunkingDirection(self, self._sa, self._sb, prefix_a, eof_a, True, count_a_to_b)
         if prefix_a:  # read before the relay began: within MAX_CHUNK (a link buffers less)
             out.header = chunk_header(len(prefix_a))
         back = _DechunkingDirection(
@@ -190,7 +184,7 @@ class ChunkedSpliceRelay(SpliceRelay):
 
     def failed(self, exc: OSError, reset: bool) -> None:
         # Any failure resets both sides: the data connection cannot be reused after it.
-        reason = "reset" if exc.errno in _RESET_ERRORS else f"error: {exc.strerror or exc}"
+        reason = "reset" if exc.errno in RESET_ERRNOS else f"error: {exc.strerror or exc}"
         self._finish(reason, reset=True)
 
     def direction_done(self) -> None:
@@ -201,7 +195,7 @@ class ChunkedSpliceRelay(SpliceRelay):
             direction.stop()
         self._sa.close()
         link = self.b
-        link.take_back(self.leftover)
+        take_back(link, self.leftover)
         if self.on_idle is not None and not link.is_closed:
             self.on_idle(link)
         else:
@@ -210,24 +204,8 @@ class ChunkedSpliceRelay(SpliceRelay):
 
     def _close_sockets(self, reset: bool) -> None:
         # The data socket belongs to its link: closed through it, which is not reused.
-        _close(self._sa, reset)
+        close_socket(self._sa, reset)
         if reset:
             self.b.reset()
         else:
             self.b.abort()
-
-
-def start_chunked_relay(
-    a: Link,
-    b: Link,
-    count_a_to_b: _Counter | None = None,
-    count_b_to_a: _Counter | None = None,
-    on_idle: Callable[[Link], None] | None = None,
-) -> SpliceRelay | ChunkedRelay:
-    """Relay plain link `a` over data link `b`, which carries the chunked stream: with
-    splice(2) when both are plain TCP on Linux, through Python otherwise (TLS)."""
-    if AVAILABLE and a.can_hand_over() and not os.environ.get("TCPGC_NO_SPLICE"):
-        relay = ChunkedSpliceRelay(a, b, count_a_to_b, count_b_to_a, on_idle)
-        if relay.start():
-            return relay
-    return ChunkedRelay(a, b, count_a_to_b, count_b_to_a, on_idle=on_idle)

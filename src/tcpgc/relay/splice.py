@@ -1,4 +1,7 @@
-"""Zero-copy relay for plain TCP: socket → pipe → socket with splice(2).
+"""The splice engine: a zero-copy relay for plain TCP, socket → pipe → socket with
+splice(2) (Linux). The one module, with `tcpgc.relay.chunked_splice`, that imports
+Linux-only names (`fcntl`, `os.splice`); `tcpgc.relay.factory` loads it only where they
+exist.
 
 The bytes never enter Python: each direction splices from its source socket into a
 pipe and from the pipe into its destination, driven by the event loop's readiness
@@ -14,28 +17,25 @@ server legs); TLS records have to be decrypted in user space anyway.
 from __future__ import annotations
 
 import asyncio
-import errno
 import fcntl
 import os
 import socket
-import struct
-import time
 from collections.abc import Callable
 
 from tcpgc.protocol.chunks import chunk_header
-from tcpgc.relay.chunked_copy import ChunkedRelay
-from tcpgc.relay.copy import Finishing, Relay, RelayResult, _Counter
+from tcpgc.relay.result import RESET_ERRNOS, ByteCounter, ByteTally, Completion, RelayResult
 from tcpgc.transport.link import Link
+from tcpgc.transport.socket_handover import hand_over
+from tcpgc.transport.socket_transport import reset_on_close
 
+#: Whether this system has what the engine needs (Linux; os.splice since Python 3.10).
 AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 
 #: Bytes moved per splice call and the pipe size. Measured on loopback with iperf3:
 #: 64 KiB pipes gave 4.7 Gbit/s, 1 MiB 11-19 Gbit/s, larger no better. A pipe is held
 #: only while its bytes are in flight, so the size costs nothing for idle connections.
 CHUNK = 1024 * 1024
-_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-
-_RESET_ERRORS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT)
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
 def _pipe_max_size() -> int:
@@ -83,8 +83,10 @@ class PipePool:
 PIPES = PipePool()
 
 
-class _Direction:
-    """src → pipe → dst, for one direction of the relay."""
+class SpliceDirection(ByteTally):
+    """src → pipe → dst, for one direction of the relay, counting what it moves. The
+    chunked splice engine (`tcpgc.relay.chunked_splice`) derives its two directions
+    from it."""
 
     #: Each batch goes out as a chunk (`tcpgc.protocol.chunks`): see `tcpgc.relay.chunked_splice`.
     chunked = False
@@ -96,9 +98,11 @@ class _Direction:
         dst: socket.socket,
         prefix: bytes,
         eof: bool,
-        counter: _Counter | None,
         a_to_b: bool,
+        counter: ByteCounter | None,
+        on_first: Callable[[], None] | None = None,
     ) -> None:
+        super().__init__(relay.result, a_to_b, counter, on_first)
         self.relay = relay
         self.src = src
         self.dst = dst
@@ -108,8 +112,6 @@ class _Direction:
         self.in_pipe = 0
         self.eof = eof  # src has ended
         self.done = False  # EOF delivered to dst
-        self.counter = counter
-        self.a_to_b = a_to_b
         self.reading = False
         self.writing = False
 
@@ -149,12 +151,12 @@ class _Direction:
         if self.pipe is None:
             self.pipe = PIPES.take()
         try:
-            n = os.splice(self.src.fileno(), self.pipe[1], CHUNK, flags=_FLAGS)
+            n = os.splice(self.src.fileno(), self.pipe[1], CHUNK, flags=SPLICE_FLAGS)
         except BlockingIOError:
             self._release_if_empty()
             return
         except OSError as exc:
-            self.relay.failed(exc, reset=exc.errno in _RESET_ERRORS)
+            self.relay.failed(exc, reset=exc.errno in RESET_ERRNOS)
             return
         if n == 0:
             self.eof = True
@@ -177,17 +179,17 @@ class _Direction:
                     raise BlockingIOError
             if self.prefix:
                 sent = self.dst.send(self.prefix)
-                self._moved(sent)
+                self.add(sent)
                 self.prefix = self.prefix[sent:]
             while self.in_pipe and not self.prefix:
                 assert self.pipe is not None
-                n = os.splice(self.pipe[0], self.dst.fileno(), self.in_pipe, flags=_FLAGS)
+                n = os.splice(self.pipe[0], self.dst.fileno(), self.in_pipe, flags=SPLICE_FLAGS)
                 self.in_pipe -= n
-                self._moved(n)
+                self.add(n)
         except BlockingIOError:
             pass
         except OSError as exc:
-            self.relay.failed(exc, reset=exc.errno in _RESET_ERRORS)
+            self.relay.failed(exc, reset=exc.errno in RESET_ERRNOS)
             return
         if self.header or self.prefix or self.in_pipe:
             # dst is full: stop reading src until it drains (back-pressure).
@@ -200,18 +202,6 @@ class _Direction:
             self._deliver_eof()
         else:
             self._read_on()
-
-    def _moved(self, n: int) -> None:
-        result = self.relay.result
-        result.last_activity = time.monotonic()
-        if self.a_to_b:
-            result.bytes_a_to_b += n
-        else:
-            if not result.bytes_b_to_a and self.relay.on_first_b_to_a is not None:
-                self.relay.on_first_b_to_a()
-            result.bytes_b_to_a += n
-        if self.counter is not None:
-            self.counter.inc(n)
 
     def _release_if_empty(self) -> None:
         if self.pipe is not None and self.in_pipe == 0:
@@ -239,20 +229,22 @@ class _Direction:
             self.pipe = None
 
 
-class SpliceRelay(Finishing):
-    """Same interface as `tcpgc.relay.copy.Relay`, moving bytes with splice(2)."""
+class SpliceRelay(Completion):
+    """Same interface as `tcpgc.relay.copy.CopyRelay`, moving bytes with splice(2).
+    Both links must be able to hand their socket over (`socket_handover.can_hand_over`)."""
 
     def __init__(
         self,
         a: Link,
         b: Link,
-        count_a_to_b: _Counter | None = None,
-        count_b_to_a: _Counter | None = None,
+        count_a_to_b: ByteCounter | None = None,
+        count_b_to_a: ByteCounter | None = None,
+        on_first_b_to_a: Callable[[], None] | None = None,
     ) -> None:
         self._init_relay(a, b)
-        handed_a = a.hand_over()
+        handed_a = hand_over(a)
         try:
-            handed_b = b.hand_over()
+            handed_b = hand_over(b)
         except BaseException:  # no descriptor for b's duplicate: a's socket is ours now
             if handed_a is not None:
                 handed_a[0].close()
@@ -260,9 +252,11 @@ class SpliceRelay(Finishing):
         assert handed_a is not None and handed_b is not None
         self._sa, prefix_a, eof_a = handed_a
         self._sb, prefix_b, eof_b = handed_b
-        self._directions: tuple[_Direction, ...] = (
-            _Direction(self, self._sa, self._sb, prefix_a, eof_a, count_a_to_b, True),
-            _Direction(self, self._sb, self._sa, prefix_b, eof_b, count_b_to_a, False),
+        self._directions: tuple[SpliceDirection, ...] = (
+            SpliceDirection(self, self._sa, self._sb, prefix_a, eof_a, True, count_a_to_b),
+            SpliceDirection(
+                self, self._sb, self._sa, prefix_b, eof_b, False, count_b_to_a, on_first_b_to_a
+            ),
         )
         for direction in self._directions:
             direction.start()
@@ -272,10 +266,8 @@ class SpliceRelay(Finishing):
         self.b = b
         self.loop = asyncio.get_running_loop()
         self.result = RelayResult()
-        self._init_finishing()
+        self._init_completion()
         self.finished = False
-        #: Called once, when the first bytes from `b` have been moved on.
-        self.on_first_b_to_a: Callable[[], None] | None = None
 
     def direction_done(self) -> None:
         if all(d.done for d in self._directions):
@@ -300,38 +292,13 @@ class SpliceRelay(Finishing):
         self._settle()
 
     def _close_sockets(self, reset: bool) -> None:
-        _close(self._sa, reset)
-        _close(self._sb, reset)
+        close_socket(self._sa, reset)
+        close_socket(self._sb, reset)
 
 
-def _close(sock: socket.socket, reset: bool) -> None:
+def close_socket(sock: socket.socket, reset: bool) -> None:
+    """Close a socket the engine took; with a TCP RST if `reset`, so each peer sees the
+    reset the other side saw."""
     if reset:
-        # Send RST, so each peer sees the reset the other side saw.
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
+        reset_on_close(sock)
     sock.close()
-
-
-def can_splice(a: Link, b: Link) -> bool:
-    return AVAILABLE and a.can_hand_over() and b.can_hand_over()
-
-
-AnyRelay = Relay | SpliceRelay | ChunkedRelay
-
-
-def start_relay(
-    a: Link,
-    b: Link,
-    count_a_to_b: _Counter | None = None,
-    count_b_to_a: _Counter | None = None,
-    on_first_b_to_a: Callable[[], None] | None = None,
-) -> AnyRelay:
-    """The fastest relay the two links allow: splice(2) for plain TCP on Linux, the
-    buffered relay otherwise (TLS, or TCPGC_NO_SPLICE=1 set to compare the two)."""
-    if can_splice(a, b) and not os.environ.get("TCPGC_NO_SPLICE"):
-        relay = SpliceRelay(a, b, count_a_to_b, count_b_to_a)
-        relay.on_first_b_to_a = on_first_b_to_a
-        return relay
-    return Relay(a, b, count_a_to_b, count_b_to_a)

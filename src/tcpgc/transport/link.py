@@ -1,9 +1,6 @@
-"""One TCP connection as the nodes see it: plain, or TLS through `ssl.SSLObject`.
-
-asyncio's own TLS transport cannot half-close (no `write_eof`) and keeps large buffers
-per connection, so TLS is done here over memory BIOs: bytes from the socket go into
-the SSLObject, records it produces go straight to the socket transport. TLS 1.3 lets
-one side send close_notify and keep reading, which is how half-close crosses the tunnel.
+"""One TCP connection as the nodes see it: plain, or TLS over memory BIOs
+(`tcpgc.transport.tls_memory`: bytes from the socket go into it, the records it makes
+go straight to the transport, and half-close works over TLS 1.3).
 
 A `Link` hands what it reads to its `handler`. Until a real handler is attached, a
 buffering one holds the first bytes (and pauses reading beyond a small bound), so a
@@ -15,39 +12,28 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import struct
 from collections.abc import Callable
 from typing import cast
 
 from tcpgc.safe_text import shared
-from tcpgc.transport.handover import WRITE_HIGH_WATER, SocketHandOver
+from tcpgc.transport import socket_handover
 from tcpgc.transport.link_handlers import Buffering, Ignoring, LinkHandler
-from tcpgc.transport.socket_transport import SocketTransport
-
-#: Largest piece fed to a TLS memory BIO at once, which bounds what each BIO keeps
-#: allocated for the rest of the connection (OpenSSL never shrinks it).
-BIO_SLICE = 32 * 1024
-
-_MORE, _ENDED, _FAILED = object(), object(), object()
-
-#: How much decrypted data one SSLObject.read call returns at most.
-TLS_READ_SIZE = 64 * 1024
+from tcpgc.transport.peer_address import endpoint_of, format_peer
+from tcpgc.transport.socket_handover import WRITE_HIGH_WATER
+from tcpgc.transport.socket_transport import SocketTransport, reset_on_close
+from tcpgc.transport.tls_memory import BIO_SLICE, MemoryTls, ReadStatus
 
 
-_NO_BIO = ssl.MemoryBIO()
-
-
-class Link(SocketHandOver):
+class Link(asyncio.Protocol):
     """A TCP connection with an optional TLS layer and a swappable handler."""
 
     # Thousands are alive at once (two per relayed client on each node): no __dict__.
     # Futures and peer strings are made only when asked for: most links never are, and
     # they would cost about a kilobyte per relayed client.
-    # (`transport`, `handler` and `_borrower` are slots of `SocketHandOver`.)
     __slots__ = (
-        "_tls_context", "_server_side", "_server_hostname", "_on_made", "_ssl",
-        "_incoming", "_outgoing", "_ready", "_closed", "is_closed", "_peername", "shed",
-        "got_eof", "sent_eof", "_reading_paused", "__weakref__",
+        "transport", "handler", "borrower", "_tls_context", "_server_side",
+        "_server_hostname", "_on_made", "_tls", "_ready", "_closed", "is_closed",
+        "_peername", "shed", "got_eof", "sent_eof", "_reading_paused", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -62,9 +48,7 @@ class Link(SocketHandOver):
         self._server_side = server_side
         self._server_hostname = server_hostname
         self._on_made = on_made
-        self._ssl: ssl.SSLObject | None = None
-        # Only TLS links need their own memory BIOs; plain ones share a never-used pair.
-        self._incoming = self._outgoing = _NO_BIO
+        self._tls: MemoryTls | None = None  # from connection_made to connection_lost
         self.transport: asyncio.Transport | None = None
         self.handler: LinkHandler = Buffering(self)
         self._ready: asyncio.Future[None] | None = None
@@ -77,7 +61,8 @@ class Link(SocketHandOver):
         self.got_eof = False
         self.sent_eof = False
         self._reading_paused = False
-        self._borrower: Callable[[], None] | None = None  # see `lend`
+        #: Whom to tell before the socket closes, while it is lent (`socket_handover.lend`).
+        self.borrower: Callable[[], None] | None = None
 
     @classmethod
     def on_socket(cls, sock: socket.socket, peername: object) -> Link:
@@ -90,17 +75,13 @@ class Link(SocketHandOver):
         link._peername = peername
         loop = asyncio.get_running_loop()
         link.connection_made(SocketTransport(loop, sock, link, reading_paused=True))
-        link._reading_paused = True
-        link._hold()
+        link.hold_reading()  # the transport reads nothing yet: only the link is told
         return link
 
     def hold_reading(self) -> None:
         """Read nothing until a handler is attached (`attach` resumes reading, before
         it replays what was held, so a pause its handler then asks for stands)."""
         self.pause_reading()
-        self._hold()
-
-    def _hold(self) -> None:
         if isinstance(self.handler, Buffering):
             self.handler.paused = True
 
@@ -122,10 +103,8 @@ class Link(SocketHandOver):
         self._peername = peername
         if self._tls_context is not None:
             self._ready = asyncio.get_running_loop().create_future()
-            self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-            self._ssl = self._tls_context.wrap_bio(
-                self._incoming,
-                self._outgoing,
+            self._tls = MemoryTls(
+                self._tls_context,
                 server_side=self._server_side,
                 server_hostname=self._server_hostname,
             )
@@ -135,7 +114,8 @@ class Link(SocketHandOver):
             on_made(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._ssl is None:
+        tls = self._tls
+        if tls is None:
             self.handler.on_data(data)
             return
         # The memory BIOs are fed a slice at a time: OpenSSL keeps a BIO's largest
@@ -143,26 +123,26 @@ class Link(SocketHandOver):
         # pin 256 KiB per idle connection after any bulk transfer.
         view = memoryview(data)
         plain: list[bytes] = []
-        status = _MORE
+        status = ReadStatus.MORE
         for start in range(0, len(view), BIO_SLICE):
             if self.transport is None or self.transport.is_closing():
                 return
-            self._incoming.write(view[start : start + BIO_SLICE])
+            tls.feed(view[start : start + BIO_SLICE])
             if self._ready is not None:  # handshake under way (or failed)
                 if not self._ready.done():
                     self._handshake()
                 if self._ready is not None:
                     continue
-            status = self._decrypt(plain)
-            if status is not _MORE:
+            status = tls.decrypt(plain)
+            if status is not ReadStatus.MORE:
                 break
         # Handed on as one chunk, so the peer gets one write, not one per 16 KiB record.
         if plain:
             self.handler.on_data(plain[0] if len(plain) == 1 else b"".join(plain))
-        if status is _FAILED:
+        if status is ReadStatus.FAILED:
             self.reset()
             return
-        if status is _ENDED:
+        if status is ReadStatus.ENDED:
             self._got_eof()
         self._flush()  # TLS 1.3 key updates and alerts are written during reads
 
@@ -189,7 +169,7 @@ class Link(SocketHandOver):
         # Drop the TLS state and the transport now rather than at the next cyclic
         # garbage collection: OpenSSL's buffers are tens of KiB per connection, and after
         # a flood of connections they would otherwise linger in the heap.
-        self._ssl = None
+        self._tls = None
         self.transport = None
 
     def pause_writing(self) -> None:
@@ -225,6 +205,16 @@ class Link(SocketHandOver):
         return self.transport is None or self.transport.is_closing()
 
     @property
+    def is_tls(self) -> bool:
+        """The connection carries TLS (until it is lost)."""
+        return self._tls is not None
+
+    @property
+    def reading_paused(self) -> bool:
+        """Reading was paused (`pause_reading`), by flow control or a borrower."""
+        return self._reading_paused
+
+    @property
     def peer(self) -> str:
         """'host:port' of the peer, for logs; '?' before the connection is made."""
         return "?" if self._peername is None else format_peer(self._peername)
@@ -236,29 +226,28 @@ class Link(SocketHandOver):
     @property
     def peer_endpoint(self) -> tuple[str, int]:
         """(host, port) of the peer, for PROXY protocol headers; ("", 0) if unknown."""
-        return _endpoint(self._peername)
+        return endpoint_of(self._peername)
 
     @property
     def local_endpoint(self) -> tuple[str, int]:
         """(host, port) of our end while the connection is open; ("", 0) otherwise."""
         if self.transport is None:
             return "", 0
-        return _endpoint(self.transport.get_extra_info("sockname"))
+        return endpoint_of(self.transport.get_extra_info("sockname"))
 
     # ---- TLS -------------------------------------------------------------------------
 
     def _handshake(self) -> None:
-        assert self._ssl is not None
+        assert self._tls is not None
         try:
-            self._ssl.do_handshake()
-        except ssl.SSLWantReadError:
-            self._flush()
-            return
+            complete = self._tls.handshake()
         except (ssl.SSLError, OSError) as exc:
             self._flush()
             self._fail_handshake(exc)
             return
         self._flush()
+        if not complete:
+            return
         # Its awaiter holds the future: the link need not (a future per idle link).
         ready, self._ready = self._ready, None
         if ready is not None and not ready.done():
@@ -270,39 +259,23 @@ class Link(SocketHandOver):
             self._ready.exception()
         self.abort()
 
-    def _decrypt(self, plain: list[bytes]) -> object:
-        """Append every whole record's plaintext to `plain`; _MORE if more may come."""
-        assert self._ssl is not None
-        while True:
-            try:
-                chunk = self._ssl.read(TLS_READ_SIZE)
-            except ssl.SSLWantReadError:
-                return _MORE
-            except ssl.SSLZeroReturnError:
-                return _ENDED
-            except ssl.SSLError:
-                return _FAILED
-            if not chunk:
-                return _ENDED
-            plain.append(chunk)
-
     def _flush(self) -> None:
-        if (
-            self._outgoing.pending
-            and self.transport is not None
-            and not self.transport.is_closing()
-        ):
-            self.transport.write(self._outgoing.read())
+        """Send the records the TLS layer has made (handshake, alerts, key updates)."""
+        transport = self.transport
+        if self._tls is not None and transport is not None and not transport.is_closing():
+            records = self._tls.take_output()
+            if records:
+                transport.write(records)
 
     @property
     def peer_certificate(self) -> bytes | None:
         """DER of the peer's certificate (TLS only)."""
-        return self._ssl.getpeercert(binary_form=True) if self._ssl is not None else None
+        return self._tls.peer_certificate if self._tls is not None else None
 
     @property
     def tls_context(self) -> ssl.SSLContext | None:
         """The context in use: after SNI selection, the one that was chosen."""
-        return self._ssl.context if self._ssl is not None else None
+        return self._tls.context if self._tls is not None else None
 
     # ---- what handlers call ----------------------------------------------------------
 
@@ -316,16 +289,7 @@ class Link(SocketHandOver):
         previous = self.handler
         self.handler = handler
         if isinstance(previous, Buffering):
-            if previous.paused:
-                # Resumed before the replay: if the replay fills the new handler's
-                # peer, flow control pauses us again, and that pause must stand.
-                self.resume_reading()
-            if previous.data:
-                handler.on_data(bytes(previous.data))
-            if previous.eof:
-                handler.on_eof()
-            if previous.lost is not None:
-                handler.on_lost(previous.lost[0])
+            previous.replay(handler)
 
     @property
     def buffered(self) -> bytes:
@@ -351,36 +315,24 @@ class Link(SocketHandOver):
         (a chunk header does not cost a record and a send of its own)."""
         if self.transport is None or self.transport.is_closing() or self.sent_eof:
             return
-        if self._ssl is None:
+        if self._tls is None:
             # With its prefix in one write: one send, one segment.
             self.transport.write(prefix + data if prefix else data)
             return
-        view = memoryview(data)
-        records: list[bytes] = []
         try:
-            first = 0
-            if prefix:
-                first = BIO_SLICE - len(prefix)
-                self._ssl.write(prefix + view[:first])
-                records.append(self._outgoing.read())
-            for start in range(first, len(view), BIO_SLICE):  # see data_received
-                self._ssl.write(view[start : start + BIO_SLICE])
-                records.append(self._outgoing.read())
+            records = self._tls.encrypt(data, prefix)
         except ssl.SSLError:
             self.reset()
             return
-        self.transport.write(records[0] if len(records) == 1 else b"".join(records))
+        self.transport.write(records)
 
     def write_eof(self) -> None:
         """Half-close: the peer sees the end of our stream, and we keep reading."""
         if self.transport is None or self.sent_eof or self.transport.is_closing():
             return
         self.sent_eof = True
-        if self._ssl is not None:
-            try:
-                self._ssl.unwrap()  # sends close_notify; TLS 1.3 lets us go on reading
-            except (ssl.SSLWantReadError, ssl.SSLError):
-                pass
+        if self._tls is not None:
+            self._tls.close_notify()  # TLS 1.3 lets us go on reading
             self._flush()
         if self.transport.can_write_eof():
             self.transport.write_eof()
@@ -399,46 +351,39 @@ class Link(SocketHandOver):
             self._reading_paused = False
             self.transport.resume_reading()
 
+    def move_to_socket(self) -> bool:
+        """Go on over a `SocketTransport` of our own (see `socket_handover.move_to_socket`)."""
+        return socket_handover.move_to_socket(self)
+
+    def _let_go(self) -> None:
+        # Before the socket closes: a borrower lets go of it first (its callbacks on a
+        # closed descriptor would be stale, and on a reused one, wrong).
+        borrower, self.borrower = self.borrower, None
+        if borrower is not None:
+            borrower()
+
+    # ---- the end ---------------------------------------------------------------------
+
     def close(self) -> None:
         """Close after what we wrote is sent."""
-        if self._borrower is not None:
+        if self.borrower is not None:
             self._let_go()
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
-        if self._borrower is not None:
+        if self.borrower is not None:
             self._let_go()
         if self.transport is not None:
             self.transport.abort()
 
     def reset(self) -> None:
         """Close with a TCP RST, so the peer sees a reset as we did."""
-        if self._borrower is not None:
+        if self.borrower is not None:
             self._let_go()
         if self.transport is None:
             return
         sock = self.transport.get_extra_info("socket")
         if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass
+            reset_on_close(sock)
         self.transport.abort()
-
-
-def format_peer(address: object) -> str:
-    """'1.2.3.4:5' or '[::1]:5' for a socket address tuple."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address)
-
-
-def _endpoint(address: object) -> tuple[str, int]:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host = str(address[0]).split("%", 1)[0]  # no IPv6 zone: it means nothing remotely
-        if host.startswith("::ffff:") and "." in host:
-            host = host[7:]  # an IPv4 client of a dual-stack listener
-        return host, int(address[1])
-    return "", 0

@@ -1,14 +1,11 @@
-"""What a `tcpgc.transport.link.Link` hands its events to: the handler interface, the buffering
-handler every link starts with, and the handlers of links whose socket or transport
-now belongs to someone else."""
+"""What a `tcpgc.transport.link.Link` hands its events to: the handler interface, the
+buffering handler every link starts with, and the handlers of links whose socket or
+transport now belongs to someone else."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from tcpgc.transport.link import Link
+from typing import Protocol
 
 #: What the buffering handler holds before it stops reading: a client's first request
 #: while it waits for an agent, or bytes that followed a frame. Bounded so a waiting
@@ -24,10 +21,17 @@ class LinkHandler(Protocol):
     def on_resume(self) -> None: ...
 
 
+class Pausable(Protocol):
+    """What the buffering handler needs of its link: a way to stop and resume reading."""
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
 class Buffering:
     """Holds events until a real handler is attached."""
 
-    def __init__(self, link: Link, data: bytes = b"", eof: bool = False) -> None:
+    def __init__(self, link: Pausable, data: bytes = b"", eof: bool = False) -> None:
         self.link = link
         self.data = bytearray(data)
         self.eof = eof
@@ -51,6 +55,19 @@ class Buffering:
 
     def on_resume(self) -> None:
         pass
+
+    def replay(self, handler: LinkHandler) -> None:
+        """Hand what was held to `handler`, the link's real handler from now on."""
+        if self.paused:
+            # Resumed before the replay: if the replay fills the new handler's peer,
+            # flow control pauses the link again, and that pause must stand.
+            self.link.resume_reading()
+        if self.data:
+            handler.on_data(bytes(self.data))
+        if self.eof:
+            handler.on_eof()
+        if self.lost is not None:
+            handler.on_lost(self.lost[0])
 
 
 class Ignoring:

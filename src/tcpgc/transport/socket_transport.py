@@ -20,12 +20,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Any
+import struct
+from typing import Any, Protocol, cast
 
 log = logging.getLogger("tcpgc")
 
 #: Largest read, as the loops' own transports do.
 READ_SIZE = 256 * 1024
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Make closing `sock` send a TCP RST (SO_LINGER 0), so its peer sees a reset."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+
+
+class StreamProtocol(Protocol):
+    """What the transport calls: the stream callbacks of `asyncio.Protocol`."""
+
+    def data_received(self, data: bytes) -> None: ...
+    def eof_received(self) -> bool | None: ...
+    def connection_lost(self, exc: Exception | None) -> None: ...
+    def pause_writing(self) -> None: ...
+    def resume_writing(self) -> None: ...
 
 
 class SocketTransport(asyncio.Transport):
@@ -39,7 +58,7 @@ class SocketTransport(asyncio.Transport):
         self,
         loop: asyncio.AbstractEventLoop,
         sock: socket.socket,
-        protocol: asyncio.Protocol,
+        protocol: StreamProtocol,
         *,
         reading_paused: bool = False,
     ) -> None:
@@ -47,7 +66,7 @@ class SocketTransport(asyncio.Transport):
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
-        self._protocol = protocol
+        self._protocol: StreamProtocol = protocol
         self._buffer: bytearray | None = None  # only while the kernel is not keeping up
         self._high = 64 * 1024
         self._low = 16 * 1024
@@ -249,4 +268,4 @@ class SocketTransport(asyncio.Transport):
         self._protocol = protocol
 
     def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._protocol
+        return cast(asyncio.BaseProtocol, self._protocol)
