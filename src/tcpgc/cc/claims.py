@@ -12,9 +12,9 @@ import ssl
 from tcpgc.cc.link_feed import LinkFeed
 from tcpgc.cc.ll_dial import PLAINTEXT_HINT, LLDialer
 from tcpgc.config import Address
-from tcpgc.errors import TcpgcError
+from tcpgc.errors import ProtocolError, TcpgcError
 from tcpgc.protocol.agent_session import AgentControlSession, Event
-from tcpgc.protocol.chunks import HEADER_SIZE, MAX_CHUNK
+from tcpgc.protocol.chunks import HEADER_SIZE, parse_chunk_header
 from tcpgc.protocol.messages import Open
 from tcpgc.protocol.ready_offer import ReadyOffer
 from tcpgc.transport.failures import transport_error
@@ -91,10 +91,11 @@ def take_first_chunk(link: Link) -> bytes:
     """The client's first bytes, if they came whole behind OPEN (as the LL's first
     chunk), taken off the link's buffer; else b"" and the relay will read them."""
     held = link.buffered
-    if len(held) < HEADER_SIZE:
-        return b""
-    length = int.from_bytes(held[:HEADER_SIZE], "big")
-    if not 0 < length <= MAX_CHUNK or len(held) < HEADER_SIZE + length:
+    try:
+        length = parse_chunk_header(held)
+    except ProtocolError:
+        return b""  # not a chunk: the relay reads it, and says what is wrong
+    if not length or len(held) < HEADER_SIZE + length:
         return b""
     link.consume(HEADER_SIZE + length)
     return held[HEADER_SIZE : HEADER_SIZE + length]
