@@ -314,7 +314,7 @@ def test_non_loopback_admin_without_token_exits_before_listening(
 
 
 def test_loopback_detection() -> None:
-    from tcpgc.ops.admin_access import exposure_problem, is_loopback
+    from tcpgc.admin_access import exposure_problem, is_loopback
 
     for host in ("127.0.0.1", "127.8.9.10", "::1", "localhost", "LocalHost.", "::ffff:127.0.0.1"):
         assert is_loopback(host), host
@@ -331,7 +331,7 @@ def test_loopback_detection() -> None:
 
 
 def test_host_allowlist() -> None:
-    from tcpgc.ops.admin_access import HostAllowlist, host_name_problem
+    from tcpgc.admin_access import HostAllowlist, host_name_problem
 
     allow = HostAllowlist(["gw1.example.com", "Tcpgc.Internal."])
     for header in (
@@ -371,7 +371,7 @@ def test_host_allowlist() -> None:
 def test_shedding_spares_the_newest_and_requests_waiting() -> None:
     """The admin endpoint's guard: of two drawn, the older is dropped (so the newest is
     never), and a connection whose request waits to be read only if all others do too."""
-    from tcpgc.ops.admin_access import ConnectionCap
+    from tcpgc.admin_access import ConnectionCap
 
     guard = ConnectionCap(100, 4, rng=random.Random(7), draws=2)
     for key in range(4):

@@ -17,7 +17,7 @@ from tcpgc.cc.opening import Claim, OnIdle
 from tcpgc.cc.ready_pool import ReadyPools
 from tcpgc.config import Address, CCConfig
 from tcpgc.errors import TimedOut
-from tcpgc.ops.metrics import Metrics
+from tcpgc.metrics import Metrics
 from tcpgc.protocol.frame_auth import FrameAuth, frame_auth, offer_context
 from tcpgc.protocol.messages import FrameDecoder, Message, Open, OpenFailed, Pool, Retire, encode
 from tcpgc.task_set import TaskSet

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from tcpgc.addresses import format_endpoint
+from tcpgc.admin_access import exposure_problem
 from tcpgc.cc.node import ConnectNode
 from tcpgc.cli_args import EXIT_USAGE, build_parser, cc_config, ll_config
 from tcpgc.config import DEFAULT_SERVICE, CCConfig, LLConfig, ll_config_from, read_toml
@@ -25,10 +26,9 @@ from tcpgc.identity import (
     rotate,
 )
 from tcpgc.ll.node import ListenNode
-from tcpgc.ops.admin_access import exposure_problem
+from tcpgc.memory_trim import tune_allocator
 from tcpgc.ops.check import read_admin_token, run_check
 from tcpgc.ops.logs import setup_logging
-from tcpgc.ops.memory_trim import tune_allocator
 from tcpgc.runner import Reload, Service, choose_loop, raise_fd_limit, run_on, serve_until_stopped
 
 log = logging.getLogger("tcpgc")

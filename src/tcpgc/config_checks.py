@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from tcpgc.addresses import Address, parse_address
+from tcpgc.admin_access import host_name_problem
 from tcpgc.errors import UsageError
-from tcpgc.ops.admin_access import host_name_problem
 from tcpgc.protocol.messages import is_valid_name
 
 IPNetwork: TypeAlias = IPv4Network | IPv6Network

@@ -28,8 +28,8 @@ from tcpgc.cc.status import cc_status
 from tcpgc.config import Address, CCConfig
 from tcpgc.errors import UsageError
 from tcpgc.identity import JoinToken, agent_context
-from tcpgc.ops.memory_trim import trim_periodically
-from tcpgc.ops.metrics import Metrics
+from tcpgc.memory_trim import trim_periodically
+from tcpgc.metrics import Metrics
 from tcpgc.protocol.messages import AGENT_ID_SIZE
 from tcpgc.task_set import TaskSet
 

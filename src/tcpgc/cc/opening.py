@@ -17,7 +17,7 @@ from typing import Protocol
 from tcpgc.cc.open_limits import OpenLimits, RefusalLog
 from tcpgc.config import Address, CCConfig
 from tcpgc.errors import TcpgcError
-from tcpgc.ops.metrics import Metrics
+from tcpgc.metrics import Metrics
 from tcpgc.protocol.messages import Open
 from tcpgc.relay.factory import start_chunked_relay
 from tcpgc.relay.result import AnyRelay, RelayResult

@@ -20,7 +20,7 @@ from tcpgc.cc.link_feed import LinkFeed
 from tcpgc.cc.opening import Claim, OnIdle
 from tcpgc.config import Address, CCConfig
 from tcpgc.errors import TcpgcError
-from tcpgc.ops.metrics import Metrics
+from tcpgc.metrics import Metrics
 from tcpgc.protocol.agent_session import AgentControlSession
 from tcpgc.protocol.backoff import Backoff
 from tcpgc.protocol.messages import Open

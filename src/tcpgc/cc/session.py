@@ -22,7 +22,7 @@ from tcpgc.cc.ready_pool import ReadyPools
 from tcpgc.config import Address, CCConfig
 from tcpgc.errors import HeartbeatLost, TcpgcError
 from tcpgc.identity import JoinToken
-from tcpgc.ops.metrics import Metrics
+from tcpgc.metrics import Metrics
 from tcpgc.protocol.agent_session import (
     AgentControlSession,
     Event,

@@ -30,8 +30,8 @@ from tcpgc.ll.control import ControlDriver
 from tcpgc.ll.credentials import Credentials
 from tcpgc.ll.pairing import ClientPairing
 from tcpgc.ll.ready import ReadyConnections
-from tcpgc.ops.memory_trim import BurstTrimmer
-from tcpgc.ops.metrics import Metrics
+from tcpgc.memory_trim import BurstTrimmer
+from tcpgc.metrics import Metrics
 from tcpgc.protocol.frame_auth import CONTROL, frame_auth
 from tcpgc.protocol.handshake import LLHandshake, error_code
 from tcpgc.protocol.ll_pairing import Opening, classify_opening, refuse_tls_record

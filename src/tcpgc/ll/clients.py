@@ -15,7 +15,7 @@ from tcpgc.config import Address, ServiceListener
 from tcpgc.ll.agents import AgentSession
 from tcpgc.ll.pairing import ClientPairing
 from tcpgc.ll.ready import ReadyConnections
-from tcpgc.ops.metrics import Metrics
+from tcpgc.metrics import Metrics
 from tcpgc.relay.factory import start_chunked_relay
 from tcpgc.relay.result import AnyRelay, RelayResult
 from tcpgc.task_set import TaskSet

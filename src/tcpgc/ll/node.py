@@ -29,8 +29,8 @@ from tcpgc.ll.credentials import Credentials
 from tcpgc.ll.pairing import ClientPairing
 from tcpgc.ll.ready import ReadyConnections
 from tcpgc.ll.status import ll_status
-from tcpgc.ops.memory_trim import trim_periodically
-from tcpgc.ops.metrics import Metrics
+from tcpgc.memory_trim import trim_periodically
+from tcpgc.metrics import Metrics
 from tcpgc.task_set import TaskSet
 from tcpgc.transport.link import Link
 from tcpgc.transport.listeners import bound, listen, set_reuse_port

@@ -19,7 +19,7 @@ from tcpgc.errors import BadDataConnection, PeerRefused, ProtocolError, Unanswer
 from tcpgc.ll.admission import PendingHandshakes
 from tcpgc.ll.agents import AgentRegistry, AgentSession
 from tcpgc.ll.credentials import Credentials
-from tcpgc.ops.metrics import Metrics
+from tcpgc.metrics import Metrics
 from tcpgc.protocol.chunks import chunk_header
 from tcpgc.protocol.ll_pairing import Answer, PairingTable, classify_answer
 from tcpgc.protocol.messages import CONN_ID_SIZE, Data, Open

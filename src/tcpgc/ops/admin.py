@@ -13,7 +13,7 @@ With a token, every path but /healthz requires ``Authorization: Bearer TOKEN``; 
 status page also takes it as ``/?token=TOKEN`` and sends it on to /status.json in the
 header. The token is compared in constant time and never logged. Without a token, every
 path but /healthz is served only to requests that name the endpoint by one of its own
-names (`tcpgc.ops.admin_access.HostAllowlist`), against DNS rebinding.
+names (`tcpgc.admin_access.HostAllowlist`), against DNS rebinding.
 
 A newcomer is always taken; past a cap, a random open connection is closed instead
 (see `MAX_OPEN`), so connections held idle cannot keep a health check out.
@@ -34,11 +34,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from tcpgc import __version__
 from tcpgc.addresses import Address
+from tcpgc.admin_access import ConnectionCap, HostAllowlist, exposure_problem
 from tcpgc.cc.node import ConnectNode
 from tcpgc.errors import BadRequest, ConnectionClosed, UsageError
 from tcpgc.ll.node import ListenNode
 from tcpgc.ops import status_page
-from tcpgc.ops.admin_access import ConnectionCap, HostAllowlist, exposure_problem
 from tcpgc.ops.admin_http import MAX_LINE, HttpExchange, RequestHead, Response
 from tcpgc.task_set import TaskSet
 

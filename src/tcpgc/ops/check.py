@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tcpgc.admin_access import exposure_problem
 from tcpgc.config import (
     Address,
     LLConfig,
@@ -31,7 +32,6 @@ from tcpgc.config import (
 )
 from tcpgc.errors import UsageError
 from tcpgc.identity import Certificate, check_private, read_token
-from tcpgc.ops.admin_access import exposure_problem
 
 EXIT_USAGE = 2
 
