@@ -11,8 +11,6 @@ import inspect
 import pkgutil
 from pathlib import Path
 
-import pytest
-
 import tcpgc
 from tcpgc.errors import TcpgcError
 
@@ -67,8 +65,7 @@ def test_no_module_over_400_lines() -> None:
     assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 
-def test_no_import_cycle_not_even_under_type_checking() -> None:
-    graph = _graph()
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     state: dict[str, int] = {}  # 1: on the path, 2: done
     path: list[str] = []
 
@@ -86,7 +83,30 @@ def test_no_import_cycle_not_even_under_type_checking() -> None:
 
     for start in sorted(graph):
         if start not in state and (cycle := visit(start)):
-            pytest.fail("import cycle: " + " -> ".join(cycle))
+            return cycle
+    return None
+
+
+def test_no_import_cycle_not_even_under_type_checking() -> None:
+    cycle = _find_cycle(_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_layers_depend_one_way() -> None:
+    """Folders are layers: no two of them (or top-level modules) import each other,
+    through any chain of modules."""
+
+    def layer(name: str) -> str:
+        parts = name.split(".")
+        return ".".join(parts[:2])
+
+    layers: dict[str, set[str]] = {}
+    for name, imported in _graph().items():
+        layers.setdefault(layer(name), set()).update(layer(m) for m in imported)
+    for name, imported in layers.items():
+        imported.discard(name)
+    cycle = _find_cycle(layers)
+    assert cycle is None, "layers that depend on each other: " + " -> ".join(cycle or [])
 
 
 def test_the_session_core_imports_no_io() -> None:
