@@ -31,7 +31,7 @@ import pytest
 
 from support import ThreadedServer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SOCAT = "socat"
 TEN_MB = 10 * 1024 * 1024
 
