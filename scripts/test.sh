@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Install what the tests need, then run them: `bash scripts/test.sh [pytest args]`.
+# Without arguments: the whole suite, every tier; `bash scripts/test.sh -m unit` runs
+# the quick one (tests/README.md lists the tiers).
 # As root on Debian it installs the real peers the tests run (socat, nginx, haproxy,
 # chromium, nftables, iproute2) with apt; the project and its test extras go into
 # ./.venv with pip.

@@ -19,7 +19,7 @@ def run_on(
     """Run `main()` on a fresh loop of that kind, within `timeout` seconds."""
     if loop_name == "uvloop":
         if importlib.util.find_spec("uvloop") is None:
-            pytest.skip("uvloop is not installed (it comes with the 'fast' extra)")
+            pytest.skip("uvloop is not installed (a dependency, but not on Windows or PyPy)")
         import uvloop
 
         uvloop.run(asyncio.wait_for(main(), timeout))

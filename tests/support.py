@@ -139,6 +139,31 @@ def wait_closed_by_peer(sock: socket.socket, timeout: float) -> tuple[bytes, flo
     return bytes(seen), time.monotonic() - start
 
 
+def _proc_net_addr(text: str) -> tuple[str, int]:
+    """``0100007F:1F90`` (a /proc/net/tcp address: 32-bit words in host order) -> host, port."""
+    hex_host, hex_port = text.split(":")
+    words = [int(hex_host[i : i + 8], 16) for i in range(0, len(hex_host), 8)]
+    packed = struct.pack(f"={len(words)}I", *words)
+    family = socket.AF_INET if len(packed) == 4 else socket.AF_INET6
+    return socket.inet_ntop(family, packed), int(hex_port, 16)
+
+
+def established_ports(remote: tuple[str, int]) -> set[int]:
+    """Local ports of the established TCP connections to ``remote`` in this network
+    namespace, as the kernel lists them (Linux): who holds them does not matter."""
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "01" and _proc_net_addr(fields[2]) == remote:  # ESTABLISHED
+                ports.add(_proc_net_addr(fields[1])[1])
+    return ports
+
+
 def bound_unused_port(host: str = "127.0.0.1") -> socket.socket:
     """A socket bound to a free port but not listening: connects to it are refused.
 
@@ -298,6 +323,37 @@ class Process:
                 self._cond.wait(remaining)
         raise AssertionError(
             f"{self.name}: no {stream} line matching {pattern!r} ({reason})\n{self.output()}"
+        )
+
+    def wait_count(
+        self, pattern: str, count: int, timeout: float = 15.0, *, since: int = 0
+    ) -> list[re.Match[str]]:
+        """The first ``count`` stderr lines (from ``since``) matching ``pattern``, once
+        there are that many; ``AssertionError`` as :meth:`wait_for` if not in time."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        found: list[re.Match[str]] = []
+        index = since
+        with self._cond:
+            while True:
+                while index < len(self.stderr_lines) and len(found) < count:
+                    m = regex.search(self.stderr_lines[index])
+                    index += 1
+                    if m is not None:
+                        found.append(m)
+                if len(found) >= count:
+                    return found
+                if self._open_streams == 0:
+                    reason = "process ended"
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    reason = f"timed out after {timeout}s"
+                    break
+                self._cond.wait(remaining)
+        raise AssertionError(
+            f"{self.name}: {len(found)} of {count} stderr lines matching {pattern!r} "
+            f"({reason})\n{self.output()}"
         )
 
     def find_all(self, pattern: str, *, since: int = 0) -> list[re.Match[str]]:

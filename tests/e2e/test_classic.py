@@ -2,8 +2,9 @@
 
 Every node is a real process on 127.0.0.1: `python -m tcpgc ... --classic` and `socat`
 with the seed's exact option strings (only the port numbers and 127.0.0.1 substituted).
-Readiness is a log line, never a sleep; the only sleeps are measurement windows (how many
-server connections appear while nothing happens), and every wait is bounded.
+Readiness is a log line, never a sleep. That nothing happens while no client waits is
+shown by polls that a CC logs as refused, which come after what must not happen; the
+only sleeps left measure a rate or a cap that no log line reports. Every wait is bounded.
 
 What socat itself limits, and what these tests therefore do not ask of a mixed pair:
 - the seed's socat CC dials once per `interval=2` and sleeps 2 s after every success
@@ -31,9 +32,13 @@ import pytest
 
 from support import ThreadedServer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SOCAT = "socat"
 TEN_MB = 10 * 1024 * 1024
+#: A poll of the seed's socat CC that found the agent port closed (socat -d -d -d).
+SOCAT_POLL_REFUSED = r"connect\(.*\): Connection refused"
+#: The classic tcpgc CC found the agent port closed (said once per run of refusals).
+TCPGC_POLL_REFUSED = r"refused, no client waiting"
 
 pytestmark = pytest.mark.skipif(
     subprocess.run(["which", SOCAT], capture_output=True).returncode != 0,
@@ -562,18 +567,19 @@ def test_socat_cc_is_not_drawn_into_idle_connections(
 ) -> None:
     """Must show 2: the seed's socat CC polls every 2 s and forks a server connection
     for every LL connection it gets through. With tcpgc's classic LL the agent port is
-    closed while no client waits, so over 5 s of quiet the server sees no connection,
-    and after one client exactly that one."""
+    closed while no client waits, so over two polls the server sees no connection, and
+    after one client exactly that one, the next poll being refused again."""
     server = servers(echo)
     pair = pairs("tcpgc-ll+socat-cc", server.port)
-    time.sleep(5)  # a measurement window: nothing may happen in it
+    eventually(lambda: pair.cc.count(SOCAT_POLL_REFUSED) >= 2, 10, "two polls of the socat CC")
     assert server.accepted == 0
     assert len(pair.cc.group()) == 1, "socat CC forked children with no client"
     assert echo_once(pair.clients, b"one client")
     assert server.accepted == 1
-    time.sleep(5)
+    polls = pair.cc.count(SOCAT_POLL_REFUSED)
+    eventually(lambda: pair.cc.count(SOCAT_POLL_REFUSED) > polls, 10, "the next poll, refused")
     assert server.accepted == 1, f"{server.accepted} server connections for one client"
-    assert len(pair.cc.group()) == 1
+    eventually(lambda: len(pair.cc.group()) == 1, 5, "the socat CC's child for the client gone")
 
 
 def test_control_socat_cc_storms_an_always_open_port(servers: Callable[..., Server]) -> None:
@@ -596,13 +602,17 @@ def test_tcpgc_cc_is_quiet_while_no_client_waits(
 ) -> None:
     server = servers(echo)
     pair = pairs(kind, server.port, interval=0.2)
-    time.sleep(3)
+    pair.cc.wait_for(TCPGC_POLL_REFUSED)  # it polls; nobody waits
     assert server.accepted == 0
+    refusals = pair.cc.count(TCPGC_POLL_REFUSED)
     assert echo_once(pair.clients, b"one client")
-    time.sleep(3)
     # The CC dials again only once the LL has spoken on the connection it got, by
     # which time the LL (socat or tcpgc) has closed its agent port: no stray connection
-    # slips into the backlog just before the close.
+    # slips into the backlog just before the close. That dial, refused, is said anew
+    # (a connection ended the run of refusals), after any stray one would have been.
+    eventually(
+        lambda: pair.cc.count(TCPGC_POLL_REFUSED) > refusals, 10, "a refused poll after the client"
+    )
     assert server.accepted == 1, server.accepted
 
 

@@ -237,7 +237,11 @@ def test_random_early_drop_keeps_agents_in(harness: Harness) -> None:
 
     async def attack_and_join() -> list[AsyncOutcome]:
         tasks = [asyncio.create_task(flood.one(i, "stalled", b"")) for i in range(24)]
-        await asyncio.sleep(0.3)  # let the stalled connections in first
+        # The stalled connections in first: the table is full once the LL has shed
+        # what it cannot hold (24 connections against a table of 8).
+        await asyncio.to_thread(
+            env.ll.wait_count, r"handshake failed from \S+: shed, too many", 24 - 8, 10, since=mark
+        )
         # A second agent arrives while the table is full of attackers: it must get in.
         await asyncio.to_thread(env.start_cc, name="cc-late")
         for _ in range(10):
@@ -700,7 +704,14 @@ def test_load_garbage_and_slowloris_while_serving(harness: Harness) -> None:
         attack = asyncio.gather(
             *(slowloris(i) for i in range(50)), *(garbage(i) for i in range(500))
         )
-        await asyncio.sleep(0.1)  # the slowloris connections are in; garbage is flowing
+        # The slowloris connections are in (connected, first bytes sent) before the
+        # legitimate clients start; garbage is flowing meanwhile.
+        deadline = time.monotonic() + 20
+        slow = [o for o in flood.outcomes if o.kind.startswith("slow-")]
+        while len(slow) < 50 or any(o.local == "?" and o.error is None for o in slow):
+            assert time.monotonic() < deadline, "the slowloris connections did not connect"
+            await asyncio.sleep(0.01)
+            slow = [o for o in flood.outcomes if o.kind.startswith("slow-")]
         results = await legit_all()
         return results, await attack
 

@@ -44,8 +44,7 @@ from support import (
 
 pytestmark = pytest.mark.netns
 
-HERE = Path(__file__).parent
-TOOLS = str(HERE / "reliability_tools.py")
+TOOLS = str(Path(__file__).resolve().parents[1] / "reliability_tools.py")
 # A private /30 used only between this file's two namespaces.
 SUBNET = "10.201.84"
 OUTSIDE_IP = f"{SUBNET}.1"

@@ -20,6 +20,7 @@ from support import (
     Tunnel,
     connect,
     echo_roundtrip,
+    established_ports,
     recv_exactly,
     recv_until_eof,
     sink_source_exchange,
@@ -62,6 +63,19 @@ def wait_pool_full(tunnel: Tunnel, size: int = 4) -> None:
     deadline = time.monotonic() + 10
     while total(scrape(admin_url(tunnel.cc)), "tcpgc_pool_size") < size:
         assert time.monotonic() < deadline, "the ready pool did not fill"
+        time.sleep(0.05)
+
+
+def wait_pool_renewed(tunnel: Tunnel, size: int, timeout: float = 10.0) -> None:
+    """Until every connection the agent holds to the LL now, but its control connection,
+    has been closed, and `size` new ones (its ready pool) are up besides the control."""
+    before = established_ports(tunnel.agent_addr)
+    deadline = time.monotonic() + timeout
+    while True:
+        now = established_ports(tunnel.agent_addr)
+        if len(now & before) <= 1 and len(now - before) >= size:
+            return
+        assert time.monotonic() < deadline, f"pool not renewed: {before} then {now}"
         time.sleep(0.05)
 
 
@@ -170,7 +184,9 @@ def test_reset_client_is_not_reused_and_does_not_disturb_the_next(
     assert server.resets == 5
     # The six clean clients gave their connection back, the five reset ones did not.
     assert _wait_reused(tunnel, 6) == 6
-    time.sleep(0.5)
+    # The agent logs each connection done after deciding whether to reuse it: once all
+    # eleven are logged, no reuse can still be counted.
+    tunnel.cc.wait_count(r"service '\S+' connection done after", 11, 10)
     assert _reused(tunnel) == 6
 
 
@@ -186,7 +202,7 @@ def test_clients_that_speak_first_after_the_pool_was_renewed(
         harness.echo_server().addr_str, ll_args=list(mode), cc_args=[*mode, "-c", str(config)]
     )
     for i in range(4):
-        time.sleep(1.2)  # every ready connection is renewed meanwhile
+        wait_pool_renewed(tunnel, size=2)  # every ready connection is renewed meanwhile
         with connect(tunnel.client_addr, timeout=10) as sock:
             sock.sendall(b"first %d" % i)  # right away: rides with the OPEN
             assert recv_exactly(sock, 7) == b"first %d" % i

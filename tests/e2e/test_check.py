@@ -104,7 +104,7 @@ def test_check_reports_toml_syntax_errors_with_their_line(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("role", ["ll", "cc"])
 def test_example_configs_are_valid(role: str) -> None:
-    path = Path(__file__).parent.parent / "contrib" / f"{role}.toml"
+    path = Path(__file__).resolve().parents[2] / "contrib" / f"{role}.toml"
     result = run_tcpgc("check", "-c", str(path), "--role", role)
     assert result.returncode == 0, result.stderr
 
