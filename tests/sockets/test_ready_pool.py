@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from session_tools import join
 from tcpgc.cc.opening import Claim, OnIdle
 from tcpgc.cc.ready_pool import ReadyPools
 from tcpgc.config import Address, CCConfig
@@ -22,7 +23,6 @@ from tcpgc.protocol.frame_auth import FrameAuth, frame_auth, offer_context
 from tcpgc.protocol.messages import FrameDecoder, Message, Open, OpenFailed, Pool, Retire, encode
 from tcpgc.task_set import TaskSet
 from tcpgc.transport.link import Link
-from test_agent_session import join
 
 LL = Address("127.0.0.1", 1)  # only a key: the fake dial ignores it
 OPEN = Open(b"\x07" * 16, "web")
