@@ -44,29 +44,39 @@ _HOST_NAME = re.compile(
 
 def parse_address(text: object, what: str) -> Address:
     """'host:port', '[v6]:port' or ':port' (all interfaces). The host must be an IP
-    address or a well-formed host name: '10.0.0.300' is refused here, not at start."""
+    address or a well-formed host name: '10.0.0.300' is refused here, not at start.
+    Raises UsageError naming `what` and the problem."""
+    parsed = address_or_problem(text)
+    if isinstance(parsed, str):
+        raise UsageError(f"{what}: {parsed}")
+    return parsed
+
+
+def address_or_problem(text: object) -> Address | str:
+    """The address `text` names, or what is wrong with it (for a config file's list of
+    problems, which names the key itself)."""
     if not isinstance(text, str):
-        raise UsageError(f"{what}: expected a 'HOST:PORT' string, got {type(text).__name__}")
+        return f"expected a 'HOST:PORT' string, got {type(text).__name__}"
     host, sep, port_text = text.rpartition(":")
     bracketed = host.startswith("[") and host.endswith("]")
     if bracketed:
         host = host[1:-1]
     elif ":" in host:
-        raise UsageError(f"{what}: {text!r} is ambiguous: write IPv6 addresses as [ADDR]:PORT")
+        return f"{text!r} is ambiguous: write IPv6 addresses as [ADDR]:PORT"
     if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise UsageError(f"{what}: {text!r} is not HOST:PORT with a port from 0 to 65535")
+        return f"{text!r} is not HOST:PORT with a port from 0 to 65535"
     if bracketed:
         try:
             IPv6Address(host)
         except ValueError:
-            raise UsageError(f"{what}: {host!r} in {text!r} is not an IPv6 address") from None
+            return f"{host!r} in {text!r} is not an IPv6 address"
     elif re.fullmatch(r"[0-9.]+", host):
         try:
             IPv4Address(host)
         except ValueError:
-            raise UsageError(f"{what}: {host!r} in {text!r} is not an IPv4 address") from None
+            return f"{host!r} in {text!r} is not an IPv4 address"
     elif host and not _HOST_NAME.fullmatch(host):
-        raise UsageError(f"{what}: {host!r} in {text!r} is not an IP address or a host name")
+        return f"{host!r} in {text!r} is not an IP address or a host name"
     # An empty host (":PORT") means every interface of both families.
     return Address(host, int(port_text))
 

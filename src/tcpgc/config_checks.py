@@ -9,7 +9,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from tcpgc.addresses import Address, parse_address
+from tcpgc.addresses import Address, address_or_problem
 from tcpgc.admin_access import host_name_problem
 from tcpgc.errors import UsageError
 from tcpgc.protocol.messages import is_valid_name
@@ -41,11 +41,11 @@ class ConfigProblems:
             raise UsageError("\n".join(self.items))
 
     def address(self, data: dict[str, Any], key: str, label: str) -> Address | None:
-        try:
-            return parse_address(data[key], label)
-        except UsageError as exc:
-            self.add(label, str(exc).split(": ", 1)[1])
+        parsed = address_or_problem(data[key])
+        if isinstance(parsed, str):
+            self.add(label, parsed)
             return None
+        return parsed
 
     def number(
         self,
