@@ -89,6 +89,9 @@ class ReadyPools:
                         raise
                     except TcpgcError as exc:
                         log.warning("cannot open a ready connection to %s: %s", address, exc)
+                        # As configured now: a reload may have changed them.
+                        backoff.low = self.config.reconnect_min
+                        backoff.high = self.config.reconnect_max
                         await asyncio.sleep(backoff.delay)
                         backoff.failed()
                         continue
@@ -153,9 +156,11 @@ class ReadyPools:
         idle seconds (RETIRE, then closed) so no middlebox forgets it silently."""
         feed: LinkFeed[OfferEvent] = LinkFeed(link, offer.receive_data, offer.data_to_send)
         try:
-            events = await feed.events(offer.next_deadline())
-            if not events:
-                events = offer.handle_timer(asyncio.get_running_loop().time())
+            deadline = offer.next_deadline()
+            events = await feed.events(deadline)
+            if not events and deadline is not None:
+                # A loop timer may fire a hair before its time: the deadline has passed.
+                events = offer.handle_timer(max(asyncio.get_running_loop().time(), deadline))
                 feed.flush()
         except asyncio.CancelledError:
             link.close()  # the session ended

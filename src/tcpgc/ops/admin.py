@@ -41,6 +41,7 @@ from tcpgc.ll.node import ListenNode
 from tcpgc.ops import status_page
 from tcpgc.ops.admin_http import MAX_LINE, HttpExchange, RequestHead, Response
 from tcpgc.task_set import TaskSet
+from tcpgc.transport.peer_address import format_peer
 
 log = logging.getLogger("tcpgc.admin")
 
@@ -315,7 +316,7 @@ async def _read_request(reader: asyncio.StreamReader, exchange: HttpExchange) ->
 
 def _peer(writer: asyncio.StreamWriter) -> str:
     peer = writer.get_extra_info("peername")
-    return str(Address(str(peer[0]), peer[1])) if peer else "unknown"
+    return format_peer(peer) if peer else "unknown"
 
 
 def _request_waiting(key: object) -> bool:

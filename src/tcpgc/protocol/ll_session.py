@@ -110,8 +110,9 @@ class LLControlSession:
             while self.ended is None and (message := self._decoder.next_message()) is not None:
                 self._silence_deadline = now + MISSED_HEARTBEATS * self.heartbeat
                 self._handle(message)
+            # The loop's last next_message() at the end of the stream raised if it
+            # ended mid-frame.
             if self.ended is None and not data:
-                self._decoder.next_message()  # raises if the stream ended mid-frame
                 self._end(f"agent {self.agent_id} at {self.peer} disconnected", warning=False)
         except ProtocolError as exc:
             self._end(f"agent {self.agent_id} at {self.peer} sent a bad message: {exc}")

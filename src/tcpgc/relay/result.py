@@ -118,34 +118,23 @@ class Completion:
 
 class ByteTally:
     """The byte accounting of one direction of a relay: its share of the result, the
-    time of the last activity (for idle timeouts) and its metric. `on_first`, if set,
-    is called once, before the direction's first bytes are counted.
+    time of the last activity (for idle timeouts) and its metric.
 
     Each engine's per-direction object (the copy engines' link handlers, the splice
     engines' directions) derives from it, so counting costs no object of its own:
     thousands of relays are held at once."""
 
-    __slots__ = ("result", "a_to_b", "counter", "on_first")
+    __slots__ = ("result", "a_to_b", "counter")
 
-    def __init__(
-        self,
-        result: RelayResult,
-        a_to_b: bool,
-        counter: ByteCounter | None,
-        on_first: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, result: RelayResult, a_to_b: bool, counter: ByteCounter | None) -> None:
         self.result = result
         self.a_to_b = a_to_b
         self.counter = counter
-        self.on_first = on_first
 
     def add(self, n: int) -> None:
         """Count `n` bytes moved on."""
         result = self.result
         result.last_activity = time.monotonic()
-        if self.on_first is not None:
-            on_first, self.on_first = self.on_first, None
-            on_first()
         if self.a_to_b:
             result.bytes_a_to_b += n
         else:

@@ -102,7 +102,10 @@ class SpliceDirection(ByteTally):
         counter: ByteCounter | None,
         on_first: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__(relay.result, a_to_b, counter, on_first)
+        super().__init__(relay.result, a_to_b, counter)
+        #: Called once, before this direction's first bytes are counted (classic mode's
+        #: agent learns so that its LL has paired it with a client).
+        self.on_first = on_first
         self.relay = relay
         self.src = src
         self.dst = dst
@@ -114,6 +117,12 @@ class SpliceDirection(ByteTally):
         self.done = False  # EOF delivered to dst
         self.reading = False
         self.writing = False
+
+    def add(self, n: int) -> None:
+        if self.on_first is not None:
+            on_first, self.on_first = self.on_first, None
+            on_first()
+        super().add(n)
 
     def start(self) -> None:
         if self.header or self.prefix or self.eof:

@@ -63,8 +63,6 @@ def handshake_tls_error(exc: ssl.SSLError | OSError, *, we_speak_tls: bool) -> T
         return TlsFailed(
             "peer does not speak TLS (an agent with --insecure-plaintext, or not a tcpgc agent)"
         )
-    if isinstance(exc, TcpgcError):
-        return exc
     if isinstance(exc, ssl.SSLError):
         return TlsFailed(f"TLS failed: {exc}")  # OpenSSL's words: what operators search
     if not we_speak_tls:

@@ -261,11 +261,12 @@ class Link(asyncio.Protocol):
 
     def _flush(self) -> None:
         """Send the records the TLS layer has made (handshake, alerts, key updates)."""
+        if self._tls is None:
+            return
+        records = self._tls.take_output()  # after most reads: nothing, found cheaply
         transport = self.transport
-        if self._tls is not None and transport is not None and not transport.is_closing():
-            records = self._tls.take_output()
-            if records:
-                transport.write(records)
+        if records and transport is not None and not transport.is_closing():
+            transport.write(records)
 
     @property
     def peer_certificate(self) -> bytes | None:

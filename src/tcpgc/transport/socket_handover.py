@@ -85,17 +85,8 @@ def can_lend(link: HandOverHost) -> bool:
     """Whether `lend` may succeed: plain TCP, open, nothing left to write, still
     buffering, the peer's stream not ended. It still fails if the link cannot move
     onto a socket of its own (see `move_to_socket`)."""
-    transport = link.transport
     handler = link.handler
-    return not (
-        link.is_tls
-        or transport is None
-        or transport.is_closing()
-        or transport.get_write_buffer_size()
-        or not isinstance(handler, Buffering)
-        or handler.eof
-        or handler.lost is not None
-    )
+    return can_hand_over(link) and isinstance(handler, Buffering) and not handler.eof
 
 
 def lend(link: HandOverHost, on_reclaim: Callable[[], None]) -> tuple[socket.socket, bytes] | None:
