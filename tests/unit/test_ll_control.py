@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from tcpgc.ll.control import ControlDriver
 from tcpgc.protocol.ll_session import Event, LLControlSession, OpenRefused, SessionEnded
 from tcpgc.protocol.messages import FrameDecoder, Message, Open, OpenFailed, Ping, Pong, encode
@@ -129,3 +131,25 @@ def test_no_new_timer_for_every_message() -> None:
         driver.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_deadline_already_past_on_uvloop() -> None:
+    """uvloop's `call_at` for a time already past returns a plain Handle (no `when()`):
+    the driver must still re-arm and fire, as it does when a flood delays the loop."""
+    uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed here")
+
+    async def scenario() -> None:
+        link = StandInLink()
+        session = LLControlSession(
+            agent_id="a1", peer="192.0.2.1:9", heartbeat=HEARTBEAT,
+            now=asyncio.get_running_loop().time() - 10,  # every deadline already past
+        )  # fmt: skip
+        events: list[Event] = []
+        driver = ControlDriver(link, session, events.append)  # type: ignore[arg-type]
+        driver.on_data(encode(Ping(1)))  # re-arms against the timer set for the past
+        assert Pong(1) in link.sent()
+        await _until(lambda: bool(events))
+        [ended] = events
+        assert isinstance(ended, SessionEnded) and ended.by_heartbeat
+
+    uvloop.run(scenario())

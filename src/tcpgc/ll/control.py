@@ -27,7 +27,10 @@ class ControlDriver:
         self.session = session
         self._on_event = on_event
         self._loop = asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        #: When `_timer` is due. Kept here: uvloop's `call_at` for a time already past
+        #: returns a plain Handle, which has no `when()`.
+        self._timer_at = 0.0
         link.attach(self)  # replays what was read past the handshake
         self._after()
 
@@ -72,16 +75,17 @@ class ControlDriver:
         deadline = self.session.next_deadline()
         if deadline is None:
             self.stop()
-        elif self._timer is None or deadline < self._timer.when():
+        elif self._timer is None or deadline < self._timer_at:
             # A timer due earlier than needed stays: it wakes the session, which does
             # nothing yet and asks again. No new timer for every message read.
             self.stop()
             self._timer = self._loop.call_at(deadline, self._fire)
+            self._timer_at = deadline
 
     def _fire(self) -> None:
         assert self._timer is not None
         # The loop may run a timer up to its clock resolution early: it is due.
-        now = max(self._loop.time(), self._timer.when())
+        now = max(self._loop.time(), self._timer_at)
         self._timer = None
         self.session.handle_timer(now)
         self._after()
