@@ -176,13 +176,6 @@ def wait_streaming(streamers: Iterable[Streamer], timeout: float = 20.0) -> None
         assert s.error is None, f"stream failed before the test acted: {s.error}"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (for programs that cannot bind port 0)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def wait_port(addr: tuple[str, int], timeout: float = 10.0) -> None:
     """Return once a TCP connect to ``addr`` succeeds (for programs that log nothing)."""
     deadline = time.monotonic() + timeout

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import random
 import re
 import signal
 import socket
@@ -162,6 +163,36 @@ def established_ports(remote: tuple[str, int]) -> set[int]:
             if fields[3] == "01" and _proc_net_addr(fields[2]) == remote:  # ESTABLISHED
                 ports.add(_proc_net_addr(fields[1])[1])
     return ports
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free now, for programs that cannot bind port 0 themselves.
+
+    Chosen outside the kernel's ephemeral range: a port bound to 0 and released comes
+    from that range, and any outgoing connect() on the machine may take it as its source
+    port before the program binds it (seen as "Address already in use" from socat's
+    late-binding fork children, and as TCP self-connects).
+    """
+    low, high = _ephemeral_range()
+    span = (10000, low - 1) if low > 12000 else (high + 1, 65535)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(500):
+        port = random.randint(*span)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port found in {span[0]}-{span[1]}")
 
 
 def bound_unused_port(host: str = "127.0.0.1") -> socket.socket:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from support import ThreadedServer
+from support import ThreadedServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SOCAT = "socat"
@@ -171,12 +171,6 @@ def eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
         time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- servers -------------------------------------------------------------------------

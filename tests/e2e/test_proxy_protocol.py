@@ -23,6 +23,7 @@ from support import (
     READY_TIMEOUT,
     Harness,
     format_addr,
+    free_port,
     parse_addr,
     recv_until_eof,
     service_re,
@@ -194,13 +195,6 @@ http {{
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
@@ -225,7 +219,7 @@ def nginx(tmp_path: Path) -> Iterator[tuple[int, Path]]:
         pytest.skip("nginx is not installed (apt-get install -y nginx)")
     tmp = tmp_path / "nginx"
     tmp.mkdir()
-    port = _free_port()
+    port = free_port()
     conf = tmp / "nginx.conf"
     conf.write_text(NGINX_CONF.format(tmp=tmp, port=port))
     error_log = tmp / "error.log"
