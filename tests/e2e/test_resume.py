@@ -158,9 +158,7 @@ def test_several_cuts_in_a_row_and_many_streams(
     leg = make_leg(harness, tmp_path, relays, plaintext=False)
     ll_mark = leg.ll.mark()
     # 1 MiB each in 8 KiB pieces every 20 ms: about 3 s, cut three times on the way.
-    streams = [
-        EchoStream(leg.client, 1024 * 1024, piece=8 * 1024, pause=0.02) for _ in range(20)
-    ]
+    streams = [EchoStream(leg.client, 1024 * 1024, piece=8 * 1024, pause=0.02) for _ in range(20)]
     for cut in range(3):
         wait_until(
             lambda c=cut: all(len(s.received) > (c + 1) * 200 * 1024 for s in streams),
