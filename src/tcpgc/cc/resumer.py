@@ -138,6 +138,7 @@ class CCResumes:
         """One resume over a new data connection; True once the stream is settled
         (resumed, or given up), False to try again."""
         epoch, received = relay.epoch + 1, relay.inbound.offset
+        relay.epoch = epoch  # used, whatever comes of it: a retry takes the next one
         async with asyncio.timeout(self.config.connect_timeout):
             link, binding = await self._dialer.dial(ll, handshake.binding)
             try:

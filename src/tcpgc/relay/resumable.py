@@ -154,7 +154,7 @@ class ResumableRelay(Completion):
         self.window = window
         self.stream_id = stream_id
         self.key = key  # the stream's key (`handshake.stream_key`): proves its resumes
-        self.epoch = 0  # resumes so far
+        self.epoch = 0  # the highest resume number used (the LL accepts only higher ones)
         self.label = label  # how logs name the stream
         self.waiting_since: float | None = None
         self.ended = False
@@ -308,7 +308,6 @@ class ResumableRelay(Completion):
             self.b = None
             old.handler = Ignoring()
             old.reset()
-        self.epoch += 1
         self.inbound.reset_partial()
         self.waiting_since = None
         self._connect(link)
