@@ -40,17 +40,9 @@ from support import (
 )
 from tcpgc.identity import JoinToken, agent_context, pin_server_name
 from tcpgc.protocol.frame_auth import CONTROL, frame_auth
+from tcpgc.protocol.frame_decoder import FrameDecoder
 from tcpgc.protocol.handshake import AgentHandshake, State, data_proof
-from tcpgc.protocol.messages import (
-    MAX_VERSION,
-    Data,
-    FrameDecoder,
-    Message,
-    Open,
-    Ping,
-    Pong,
-    encode,
-)
+from tcpgc.protocol.messages import MAX_VERSION, Data, Message, Open, Ping, Pong, encode
 
 #: What legitimate clients send. If any attacker ever receives it, a client's stream
 #: leaked to someone who is not its agent.

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from tcpgc.protocol.agent_session import AgentControlSession
 from tcpgc.protocol.frame_auth import CONTROL, FrameAuth, frame_auth
+from tcpgc.protocol.frame_decoder import FrameDecoder
 from tcpgc.protocol.handshake import AgentHandshake, LLHandshake, key_id
-from tcpgc.protocol.messages import FrameDecoder, Message, Open, encode
+from tcpgc.protocol.messages import Message, Open, encode
 
 SECRET = b"s" * 32
 CERT = b"\x42" * 32

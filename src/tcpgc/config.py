@@ -22,6 +22,13 @@ from tcpgc.errors import UsageError
 from tcpgc.protocol.messages import MAX_SERVICES
 
 DEFAULT_SERVICE = "default"
+#: A stream's retention per direction: enough for a 300 Mbit/s link at 100 ms of round
+#: trip (or 1 Gbit/s at 30 ms) without slowing it, and a small share of the memory a
+#: node holds for thousands of streams (an idle stream keeps nothing).
+DEFAULT_RESUME_BUFFER = 4 * 1024 * 1024
+DEFAULT_RESUME_MEMORY = 256 * 1024 * 1024
+#: The smallest `resume_buffer`: a receiver acknowledges every 128 KiB.
+MIN_RESUME_BUFFER = 512 * 1024
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,8 @@ class ServiceListener:
     max_clients: int = 0
     #: A connection with no byte either way for this many seconds is closed. 0: never.
     idle_timeout: float = 0.0
+    #: This service's own resume window (None: the LL's `resume_window`).
+    resume_window: float | None = None
 
     def admits(self, host: str) -> str | None:
         """None if a client from `host` may connect, else why not."""
@@ -97,6 +106,21 @@ class LLConfig:
     tls_client_ca: Path | None = None
     #: TLS off on the LL-CC leg (authentication stays on). Both nodes must agree.
     insecure_plaintext: bool = False
+    #: How long a stream waits for its agent to resume it after a break of the leg, in
+    #: seconds (0: streams are not resumable). See docs/resume.md.
+    resume_window: float = 60.0
+    #: Bytes each direction of a stream keeps until they are acknowledged.
+    resume_buffer: int = DEFAULT_RESUME_BUFFER
+    #: Bytes all streams waiting for a resume may keep in all; past it, the oldest is
+    #: given up.
+    resume_memory: int = DEFAULT_RESUME_MEMORY
+
+    def window_of(self, service: str) -> float:
+        """The resume window of `service`'s streams."""
+        listener = self.services.get(service)
+        if listener is not None and listener.resume_window is not None:
+            return listener.resume_window
+        return self.resume_window
 
     def require_complete(self) -> None:
         """Raise UsageError unless the LL has an agent address and a service: a file
@@ -150,6 +174,11 @@ class CCConfig:
     #: two sockets: the defaults keep 18,000 descriptors of a 20,000 limit in use.
     max_connections_per_ll: int = 9000
     max_connections_per_service: int = 9000
+    #: Bytes each direction of a stream keeps until they are acknowledged, and bytes
+    #: all streams waiting for a resume may keep in all (see docs/resume.md). The
+    #: window is the LL's: it comes with each OPEN.
+    resume_buffer: int = DEFAULT_RESUME_BUFFER
+    resume_memory: int = DEFAULT_RESUME_MEMORY
 
     def require_complete(self) -> None:
         """Raise UsageError unless the agent has an LL to serve and a service: a file
@@ -182,6 +211,9 @@ _LL_KEYS = {
     "tls_key",
     "tls_client_ca",
     "insecure_plaintext",
+    "resume_window",
+    "resume_buffer",
+    "resume_memory",
 }
 _CC_KEYS = {
     "admin",
@@ -202,8 +234,10 @@ _CC_KEYS = {
     "tls_cert",
     "tls_key",
     "insecure_plaintext",
+    "resume_buffer",
+    "resume_memory",
 }
-_LL_SERVICE_KEYS = {"clients", "allow", "deny", "max_clients", "idle_timeout"}
+_LL_SERVICE_KEYS = {"clients", "allow", "deny", "max_clients", "idle_timeout", "resume_window"}
 _CC_SERVICE_KEYS = {"server", "proxy_protocol"}
 
 
@@ -232,6 +266,11 @@ def ll_config_from(data: dict[str, Any], source: str) -> LLConfig:
             deny=p.networks(body, "deny", f"{where}.deny"),
             max_clients=p.integer(body, "max_clients", 0, f"{where}.max_clients"),
             idle_timeout=p.number(body, "idle_timeout", 0.0, 0.0, f"{where}.idle_timeout"),
+            resume_window=(
+                p.number(body, "resume_window", 0.0, 0.0, f"{where}.resume_window")
+                if "resume_window" in body
+                else None
+            ),
         )
         if listen is not None:
             services[name] = service
@@ -257,6 +296,9 @@ def ll_config_from(data: dict[str, Any], source: str) -> LLConfig:
         admin=p.address(data, "admin", "admin") if "admin" in data else None,
         admin_token_file=p.path(data, "admin_token_file"),
         admin_hosts=p.host_names(data, "admin_hosts"),
+        resume_window=p.number(data, "resume_window", LLConfig.resume_window, 0.0),
+        resume_buffer=_resume_buffer(p, data),
+        resume_memory=p.integer(data, "resume_memory", DEFAULT_RESUME_MEMORY),
     )
     if (config.tls_cert is None) != (config.tls_key is None):
         p.add("tls_cert", "tls_cert and tls_key go together")
@@ -266,6 +308,14 @@ def ll_config_from(data: dict[str, Any], source: str) -> LLConfig:
         p.add(second, f"same port as {first}: both cannot listen ('address already in use')")
     p.check()
     return config
+
+
+def _resume_buffer(p: ConfigProblems, data: dict[str, Any]) -> int:
+    value = p.integer(data, "resume_buffer", DEFAULT_RESUME_BUFFER)
+    if value < MIN_RESUME_BUFFER:
+        p.add("resume_buffer", f"expected bytes >= {MIN_RESUME_BUFFER} (512 KiB), got {value}")
+        return DEFAULT_RESUME_BUFFER
+    return value
 
 
 def ll_listeners(config: LLConfig) -> list[tuple[str, Address]]:
@@ -332,6 +382,8 @@ def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
             data, "max_connections_per_service", CCConfig.max_connections_per_service
         ),
         insecure_plaintext=p.flag(data, "insecure_plaintext"),
+        resume_buffer=_resume_buffer(p, data),
+        resume_memory=p.integer(data, "resume_memory", DEFAULT_RESUME_MEMORY),
     )
     config.token_file = p.path(data, "token_file")
     config.admin = p.address(data, "admin", "admin") if "admin" in data else None

@@ -59,6 +59,12 @@ class BadDataConnection(ProtocolError):
     reason = "bad_data_id"
 
 
+class ResumeRefused(ProtocolError):
+    """A RESUME the LL does not accept: `reason` says why (unknown stream, bad proof)."""
+
+    reason = "proof"
+
+
 class WrongTransport(ProtocolError):
     """The peer speaks TLS to a plaintext node (or the reverse)."""
 

@@ -50,6 +50,7 @@ class Metrics:
             self.agents = self.clients_accepted = self.clients_refused = _UNCOUNTED
             self.clients_active = self.bytes = self.handshake_failures = _UNCOUNTED
             self.data_wait = self.pool_size = self.reused = _UNCOUNTED
+            self.resumed = self.replayed = self.resumes_failed = self.waiting = _UNCOUNTED
             return
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -90,6 +91,22 @@ class Metrics:
             ["service"],
             buckets=WAIT_BUCKETS,
             registry=r,
+        )
+        self.resumed = Counter(
+            "tcpgc_streams_resumed", "Streams resumed after a break of the leg", ["service"],
+            registry=r,
+        )  # fmt: skip
+        self.replayed = Counter(
+            "tcpgc_resume_replayed_bytes", "Bytes sent again on resuming streams", registry=r
+        )
+        self.resumes_failed = Counter(
+            "tcpgc_resumes_failed",
+            "Streams given up or resumes refused (window, memory, proof, unknown, closed)",
+            ["reason"],
+            registry=r,
+        )
+        self.waiting = Gauge(
+            "tcpgc_streams_waiting", "Streams waiting for a resume after a break", registry=r
         )
         if role != "cc":
             # The agent holds the ready connections: on the LL both would read 0 forever.

@@ -39,16 +39,9 @@ from support import (
     run_tcpgc,
 )
 from tcpgc.identity import agent_context, pin_server_name
+from tcpgc.protocol.frame_decoder import FrameDecoder
 from tcpgc.protocol.handshake import AgentHandshake, State
-from tcpgc.protocol.messages import (
-    Error,
-    ErrorCode,
-    FrameDecoder,
-    Message,
-    OpenFailed,
-    Ping,
-    encode,
-)
+from tcpgc.protocol.messages import Error, ErrorCode, Message, OpenFailed, Ping, encode
 
 MIB = 1024 * 1024
 

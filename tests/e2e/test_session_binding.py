@@ -52,6 +52,7 @@ from support import (
     recv_exactly,
     service_re,
 )
+from tcpgc.protocol.frame_decoder import FrameDecoder
 from tcpgc.protocol.handshake import key_id
 from tcpgc.protocol.messages import (
     HEADER,
@@ -61,7 +62,6 @@ from tcpgc.protocol.messages import (
     PROOF_SIZE,
     Data,
     Error,
-    FrameDecoder,
     Hello,
     MessageType,
     Open,

@@ -20,7 +20,8 @@ from tcpgc.config import Address, CCConfig
 from tcpgc.errors import TimedOut
 from tcpgc.metrics import Metrics
 from tcpgc.protocol.frame_auth import FrameAuth, frame_auth, offer_context
-from tcpgc.protocol.messages import FrameDecoder, Message, Open, OpenFailed, Pool, Retire, encode
+from tcpgc.protocol.frame_decoder import FrameDecoder
+from tcpgc.protocol.messages import Message, Open, OpenFailed, Pool, Retire, encode
 from tcpgc.task_set import TaskSet
 from tcpgc.transport.link import Link
 

@@ -32,12 +32,12 @@ from tcpgc.protocol.agent_session import (
 )
 from tcpgc.protocol.backoff import Backoff, full_jitter
 from tcpgc.protocol.frame_auth import FrameAuth, frame_auth, offer_context
+from tcpgc.protocol.frame_decoder import FrameDecoder
 from tcpgc.protocol.handshake import AgentHandshake, data_proof, pool_proof
 from tcpgc.protocol.messages import (
     Data,
     Error,
     ErrorCode,
-    FrameDecoder,
     Message,
     OpenFailed,
     Ping,

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from tcpgc.errors import AuthenticationError, ProtocolError
 from tcpgc.protocol.frame_auth import CONTROL, TAG_SIZE, FrameAuth, frame_auth, offer_context
+from tcpgc.protocol.frame_decoder import FrameDecoder
 from tcpgc.protocol.handshake import (
     AgentHandshake,
     LLHandshake,
@@ -23,7 +24,6 @@ from tcpgc.protocol.messages import (
     HEADER,
     Error,
     ErrorCode,
-    FrameDecoder,
     Message,
     Open,
     OpenFailed,

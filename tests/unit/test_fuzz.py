@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tcpgc.errors import PeerRefused, ProtocolError
+from tcpgc.protocol.frame_decoder import FrameDecoder
 from tcpgc.protocol.handshake import AgentHandshake, LLHandshake, State, key_id
 from tcpgc.protocol.messages import (
     AGENT_ID_SIZE,
@@ -29,7 +30,6 @@ from tcpgc.protocol.messages import (
     Challenge,
     Data,
     Error,
-    FrameDecoder,
     Hello,
     Message,
     MessageType,

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from tcpgc.errors import AuthenticationError, PeerRefused, ProtocolError
+from tcpgc.protocol.frame_decoder import FrameDecoder
 from tcpgc.protocol.handshake import (
     AgentHandshake,
     LLHandshake,
@@ -25,7 +26,6 @@ from tcpgc.protocol.messages import (
     Challenge,
     Error,
     ErrorCode,
-    FrameDecoder,
     Hello,
     Message,
     Ping,

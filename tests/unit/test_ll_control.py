@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from tcpgc.ll.control import ControlDriver
+from tcpgc.protocol.frame_decoder import FrameDecoder
 from tcpgc.protocol.ll_session import Event, LLControlSession, OpenRefused, SessionEnded
-from tcpgc.protocol.messages import FrameDecoder, Message, Open, OpenFailed, Ping, Pong, encode
+from tcpgc.protocol.messages import Message, Open, OpenFailed, Ping, Pong, encode
 
 HEARTBEAT = 0.05
 

@@ -10,6 +10,7 @@ import pytest
 
 from tcpgc.errors import BadDataConnection, ProtocolError, WrongTransport
 from tcpgc.protocol.frame_auth import CONTROL, FrameAuth, frame_auth, offer_context
+from tcpgc.protocol.frame_decoder import FrameDecoder
 from tcpgc.protocol.handshake import data_proof, error_code, pool_proof
 from tcpgc.protocol.ll_pairing import (
     MAX_READY,
@@ -36,7 +37,6 @@ from tcpgc.protocol.messages import (
     Data,
     Error,
     ErrorCode,
-    FrameDecoder,
     Hello,
     Message,
     Open,

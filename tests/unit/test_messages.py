@@ -7,6 +7,7 @@ import struct
 import pytest
 
 from tcpgc.errors import ProtocolError
+from tcpgc.protocol.frame_decoder import FrameDecoder
 from tcpgc.protocol.messages import (
     AGENT_ID_SIZE,
     CONN_ID_SIZE,
@@ -24,7 +25,6 @@ from tcpgc.protocol.messages import (
     Data,
     Error,
     ErrorCode,
-    FrameDecoder,
     Hello,
     Message,
     MessageType,
@@ -34,6 +34,8 @@ from tcpgc.protocol.messages import (
     Pong,
     Pool,
     Ready,
+    Resume,
+    Resumed,
     Retire,
     decode,
     encode,
@@ -64,6 +66,8 @@ SAMPLES: list[Message] = [
     Open(CONN_ID, "ssh"),
     Open(CONN_ID, "web", "192.0.2.7", 40000, "2001:db8::1", 443),
     Open(CONN_ID, "web", "", 0, "127.0.0.1", 65535),
+    Open(CONN_ID, "web", "", 0, "", 0, 60000),
+    Open(CONN_ID, "web", "", 0, "", 0, 0xFFFFFFFF),
     OpenFailed(CONN_ID, "connection refused"),
     OpenFailed(CONN_ID, ""),
     Ping(0),
@@ -73,6 +77,10 @@ SAMPLES: list[Message] = [
     Pool(AGENT_ID, 1, PROOF),
     Pool(AGENT_ID, 0xFFFFFFFFFFFFFFFF, PROOF),
     Retire(),
+    Resume(3, CONN_ID, 1, 0, PROOF),
+    Resume(3, CONN_ID, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF, PROOF),
+    Resumed(0, PROOF),
+    Resumed(123456789, PROOF),
 ]
 
 

@@ -43,6 +43,10 @@ class NewDataConnection:
         self._dialer = dialer
         self._timeout = timeout
 
+    @property
+    def session_key(self) -> bytes:
+        return self._session.handshake.session_key
+
     def refuse(self, reason: str) -> None:
         self._session.refuse(self._conn_id, reason)
         self._feed.flush()
@@ -70,6 +74,10 @@ class ReadyConnection:
         self._link = link
         self._offer = offer
         self._conn_id = request.conn_id
+
+    @property
+    def session_key(self) -> bytes:
+        return self._offer.session_key
 
     def refuse(self, reason: str) -> None:
         self._offer.refuse(self._conn_id, reason)

@@ -23,6 +23,7 @@ from tcpgc.cc.ll_dial import LLDialer
 from tcpgc.cc.open_limits import RefusalLog
 from tcpgc.cc.opening import Opener
 from tcpgc.cc.ready_pool import ReadyPools
+from tcpgc.cc.resumer import CCResumes
 from tcpgc.cc.session import SessionKeeper
 from tcpgc.cc.status import cc_status
 from tcpgc.config import Address, CCConfig
@@ -58,7 +59,8 @@ class ConnectNode:
         #: Set while the session to each LL (by address) is up.
         self.connected: dict[str, asyncio.Event] = {str(a): asyncio.Event() for a in config.ll}
         self._dialer = LLDialer(token, tls, ca_verified=config.tls_ca is not None)
-        self._opener = Opener(config, self.metrics, self._refusals)
+        self.resumes = CCResumes(config, self._dialer, self.metrics, self._tasks, self.connected)
+        self._opener = Opener(config, self.metrics, self._refusals, self.resumes)
         self._pools = ReadyPools(
             config, self.metrics, self._tasks, self._dialer.dial, self._opener.serve
         )
@@ -69,6 +71,7 @@ class ConnectNode:
             dialer=self._dialer,
             opener=self._opener,
             pools=self._pools,
+            resumes=self.resumes,
             metrics=self.metrics,
             tasks=self._tasks,
             connected=self.connected,
@@ -112,6 +115,7 @@ class ConnectNode:
         self._dialer.token, self._dialer.tls = token, tls
         self._dialer.ca_verified = config.tls_ca is not None
         self._opener.reconfigure(config)
+        self.resumes.reconfigure(config)
         self._pools.config = config
         self._keeper.config, self._keeper.token = config, token
         for address in list(self._sessions):

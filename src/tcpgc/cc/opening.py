@@ -15,12 +15,14 @@ from functools import partial
 from typing import Protocol
 
 from tcpgc.cc.open_limits import OpenLimits, RefusalLog
+from tcpgc.cc.resumer import CCResumes
 from tcpgc.config import Address, CCConfig
 from tcpgc.errors import TcpgcError
 from tcpgc.metrics import Metrics
 from tcpgc.protocol.messages import Open
 from tcpgc.relay.factory import start_chunked_relay
 from tcpgc.relay.result import AnyRelay, RelayResult
+from tcpgc.relay.resumable import ResumableRelay
 from tcpgc.transport.dial import dial
 from tcpgc.transport.failures import transport_error
 from tcpgc.transport.link import Link
@@ -35,6 +37,10 @@ OnIdle = Callable[[Link], None]
 class Claim(Protocol):
     """How the client of one OPEN is taken from the LL, or refused."""
 
+    @property
+    def session_key(self) -> bytes:
+        """The key of the session the OPEN came in (resumable streams derive theirs)."""
+
     def refuse(self, reason: str) -> None:
         """Tell the LL this client will not be served (OPEN_FAILED)."""
 
@@ -48,8 +54,11 @@ class Opener:
     """Serves OPENs and keeps the clients being relayed, per LL. `config` may be
     replaced (on reload): the next OPEN uses it."""
 
-    def __init__(self, config: CCConfig, metrics: Metrics, refusals: RefusalLog) -> None:
+    def __init__(
+        self, config: CCConfig, metrics: Metrics, refusals: RefusalLog, resumes: CCResumes
+    ) -> None:
         self.config = config
+        self.resumes = resumes
         self.metrics = metrics
         self.limits = OpenLimits(config.max_connections_per_ll, config.max_connections_per_service)
         self._refusals = refusals
@@ -70,13 +79,13 @@ class Opener:
         return self._opening + sum(len(relays) for relays in self.relays.values())
 
     def close_relays(self, ll: Address, ended: str) -> int:
-        """End every client relayed through `ll` now; how many there were."""
-        relays = self.relays.get(ll, {})
-        count = len(relays)
-        for relay in list(relays):
+        """End every client relayed through `ll` now, but resumable streams, which wait
+        for a resume; how many were ended."""
+        relays = [r for r in self.relays.get(ll, {}) if not isinstance(r, ResumableRelay)]
+        for relay in relays:
             relay.result.ended = ended
             relay.close()
-        return count
+        return len(relays)
 
     def close_all(self) -> None:
         for relays in self.relays.values():
@@ -116,6 +125,8 @@ class Opener:
         self, ll: Address, relays: dict[AnyRelay, Open], relay: AnyRelay, _: RelayResult
     ) -> None:
         request = relays.pop(relay)
+        if isinstance(relay, ResumableRelay):
+            self.resumes.forget(relay)
         self.limits.release(ll, request.service)
         self.metrics.child(self.metrics.clients_active, request.service).dec()
         self._check_idle()
@@ -191,7 +202,13 @@ class Opener:
             self.metrics.child(counted, request.service, "in"),
         )
         # The data connection carries the client chunked, and is reused after it.
-        relay = start_chunked_relay(server_link, data_link, *counters, on_idle=on_idle)
+        relay: AnyRelay
+        if request.resume_window_ms:
+            relay = self.resumes.start(
+                ll, request, server_link, data_link, early, claim.session_key, counters, on_idle
+            )
+        else:
+            relay = start_chunked_relay(server_link, data_link, *counters, on_idle=on_idle)
         if early:
             relay.result.bytes_b_to_a += len(early)
             counters[1].inc(len(early))

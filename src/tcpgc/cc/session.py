@@ -19,6 +19,7 @@ from tcpgc.cc.link_feed import LinkFeed
 from tcpgc.cc.ll_dial import PLAINTEXT_HINT, LLDialer
 from tcpgc.cc.opening import Opener
 from tcpgc.cc.ready_pool import ReadyPools
+from tcpgc.cc.resumer import CCResumes
 from tcpgc.config import Address, CCConfig
 from tcpgc.errors import HeartbeatLost, TcpgcError
 from tcpgc.identity import JoinToken
@@ -59,6 +60,7 @@ class SessionKeeper:
         dialer: LLDialer,
         opener: Opener,
         pools: ReadyPools,
+        resumes: CCResumes,
         metrics: Metrics,
         tasks: TaskSet,
         connected: dict[str, asyncio.Event],
@@ -69,6 +71,9 @@ class SessionKeeper:
         self._dialer = dialer
         self._opener = opener
         self._pools = pools
+        self._resumes = resumes
+        #: LLs whose session came up in the current try (a break then retries at once).
+        self._joined: set[Address] = set()
         self._metrics = metrics
         self._tasks = tasks
         #: Set while the session to each LL (by address) is up.
@@ -80,6 +85,7 @@ class SessionKeeper:
         backoff = Backoff(self.config.reconnect_min, self.config.reconnect_max)
         while True:
             started = time.monotonic()
+            self._joined.discard(address)
             try:
                 await self._run(address)
             except (TcpgcError, OSError, ssl.SSLError, TimeoutError) as exc:
@@ -91,6 +97,10 @@ class SessionKeeper:
             if time.monotonic() - started > STABLE_SESSION:
                 backoff.reset()
             wait = backoff.full_jitter(random.random())
+            if address in self._joined:
+                # A session that was up broke: its streams wait to be resumed, so the
+                # first try is at once (a network blip is over as often as not).
+                wait = 0.0
             log.info("reconnecting to %s in %.1f s", address, wait)
             await asyncio.sleep(wait)
 
@@ -117,6 +127,8 @@ class SessionKeeper:
                 ", ".join(missing),
                 ", ".join(handshake.ll_services),
             )
+        self._joined.add(address)
+        self._resumes.sessions[str(address)] = handshake
         self._connected[str(address)].set()
         self._count_agents()
         pool = None
@@ -125,6 +137,9 @@ class SessionKeeper:
         try:
             await self._serve(address, session, feed, pending)
         except HeartbeatLost:
+            waiting = self._resumes.ll_lost(address, "LL lost")
+            if waiting:
+                log.warning("%d connections through LL %s wait to be resumed", waiting, address)
             count = self._opener.close_relays(address, "LL lost")
             if count:
                 # The data connections most likely died with the link: end them now
@@ -137,6 +152,8 @@ class SessionKeeper:
                 await asyncio.gather(pool, return_exceptions=True)
             link.abort()
             self._connected[str(address)].clear()
+            if self._resumes.sessions.get(str(address)) is handshake:
+                del self._resumes.sessions[str(address)]
             self._count_agents()
 
     def _count_agents(self) -> None:

@@ -19,6 +19,7 @@ from tcpgc.config import LLConfig
 from tcpgc.errors import (
     ConnectionClosed,
     ProtocolError,
+    ResumeRefused,
     Shed,
     TcpgcError,
     TimedOut,
@@ -30,13 +31,16 @@ from tcpgc.ll.control import ControlDriver
 from tcpgc.ll.credentials import Credentials
 from tcpgc.ll.pairing import ClientPairing
 from tcpgc.ll.ready import ReadyConnections
+from tcpgc.ll.resumes import LLResumes
 from tcpgc.memory_trim import BurstTrimmer
 from tcpgc.metrics import Metrics
 from tcpgc.protocol.frame_auth import CONTROL, frame_auth
+from tcpgc.protocol.frame_decoder import FrameDecoder
 from tcpgc.protocol.handshake import LLHandshake, error_code
 from tcpgc.protocol.ll_pairing import Opening, classify_opening, refuse_tls_record
 from tcpgc.protocol.ll_session import Event, LLControlSession, OpenRefused, SessionEnded
-from tcpgc.protocol.messages import Data, Error, ErrorCode, FrameDecoder, Hello, Pool
+from tcpgc.protocol.messages import Data, Error, ErrorCode, Hello, Pool, Resume
+from tcpgc.relay.resumable import ResumableRelay
 from tcpgc.task_set import TaskSet
 from tcpgc.transport.failures import handshake_tls_error
 from tcpgc.transport.frame_channel import FrameChannel
@@ -57,6 +61,7 @@ class AgentPort:
         credentials: Credentials,
         pairing: ClientPairing,
         ready: ReadyConnections,
+        resumes: LLResumes,
         pending: PendingHandshakes,
         metrics: Metrics,
         tasks: TaskSet,
@@ -66,6 +71,7 @@ class AgentPort:
         self._credentials = credentials
         self._pairing = pairing
         self._ready = ready
+        self._resumes = resumes
         self._pending = pending
         self._metrics = metrics
         self._tasks = tasks
@@ -137,6 +143,9 @@ class AgentPort:
                 elif opening is Opening.READY:
                     assert isinstance(first, Pool)
                     self._ready.park(first, channel)
+                elif opening is Opening.RESUME:
+                    assert isinstance(first, Resume)
+                    self._resume(first, channel)
                 elif opening is Opening.CONTROL:
                     assert isinstance(first, Hello)
                     return await self._handshake(first, channel)
@@ -175,6 +184,17 @@ class AgentPort:
             self._failed(link, internal)
             link.abort()
         return None
+
+    def _resume(self, message: Resume, channel: FrameChannel) -> None:
+        try:
+            self._resumes.resume(message, channel)
+        except ResumeRefused as exc:
+            log.warning("resume refused from %s: %s", channel.link.peer, exc)
+            self.trimmer.failed()
+            code = {"unknown": ErrorCode.UNKNOWN_STREAM, "proof": ErrorCode.AUTHENTICATION}
+            answer = code.get(exc.reason, ErrorCode.UNAVAILABLE)
+            channel.send(Error(answer, f"resume refused: {exc}"))
+            channel.link.close()
 
     def _failed(self, link: Link, exc: TcpgcError) -> None:
         """One log line and one count per bad connection on the agent port."""
@@ -259,11 +279,21 @@ class AgentPort:
             self._pairing.agent_gone(session)
         if end.by_heartbeat and session.relays:
             # The link died silently: its data connections likely did too, and TCP
-            # alone could take many minutes to notice. End them now.
-            log.warning(
-                "closing %d connections carried by agent %s", len(session.relays), session.agent_id
-            )
-            for relay in list(session.relays):
+            # alone could take many minutes to notice. Resumable streams wait for the
+            # agent to come back; the others end now.
+            waiting = self._resumes.agent_lost(session)
+            closing = [r for r in session.relays if not isinstance(r, ResumableRelay)]
+            if waiting:
+                log.warning(
+                    "%d connections carried by agent %s wait for it to resume them",
+                    waiting,
+                    session.agent_id,
+                )
+            if closing:
+                log.warning(
+                    "closing %d connections carried by agent %s", len(closing), session.agent_id
+                )
+            for relay in closing:
                 relay.result.ended = "agent lost"
                 relay.close()
 

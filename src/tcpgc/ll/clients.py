@@ -15,9 +15,11 @@ from tcpgc.config import Address, ServiceListener
 from tcpgc.ll.agents import AgentSession
 from tcpgc.ll.pairing import ClientPairing
 from tcpgc.ll.ready import ReadyConnections
+from tcpgc.ll.resumes import LLResumes
 from tcpgc.metrics import Metrics
 from tcpgc.relay.factory import start_chunked_relay
 from tcpgc.relay.result import AnyRelay, RelayResult
+from tcpgc.relay.resumable import ResumableRelay
 from tcpgc.task_set import TaskSet
 from tcpgc.transport.link import Link
 
@@ -46,11 +48,13 @@ class Clients:
         *,
         pairing: ClientPairing,
         ready: ReadyConnections,
+        resumes: LLResumes,
         metrics: Metrics,
         tasks: TaskSet,
     ) -> None:
         self._services = services
         self._pairing = pairing
+        self._resumes = resumes
         self._ready = ready
         self._metrics = metrics
         self._tasks = tasks
@@ -104,15 +108,29 @@ class Clients:
             self.none_left.set()
 
     def _relay(
-        self, service: Service, link: Link, data_link: Link, agent: AgentSession, early: int
+        self,
+        service: Service,
+        link: Link,
+        data_link: Link,
+        agent: AgentSession,
+        early: int,
+        stream_id: bytes,
     ) -> None:
         m = self._metrics
         counters = (m.child(m.bytes, service.name, "in"), m.child(m.bytes, service.name, "out"))
+        sent_early = link.buffered[:early]
         link.consume(early)  # the agent has them: they went behind OPEN
         # The data connection carries the client chunked, and is reused after it.
-        relay = start_chunked_relay(
-            link, data_link, *counters, on_idle=self._ready.data_connection_idle
-        )
+        relay: AnyRelay
+        if self._resumes.config.window_of(service.name) > 0:
+            relay = self._resumes.start(
+                service.name, link, data_link, agent, stream_id, sent_early, counters,
+                self._ready.data_connection_idle,
+            )  # fmt: skip
+        else:
+            relay = start_chunked_relay(
+                link, data_link, *counters, on_idle=self._ready.data_connection_idle
+            )
         if early:
             relay.result.bytes_a_to_b += early
             counters[0].inc(early)
@@ -128,6 +146,8 @@ class Clients:
         self._metrics.child(self._metrics.clients_active, service.name).dec()
         service.relays.discard(relay)
         agent.relays.discard(relay)
+        if isinstance(relay, ResumableRelay):
+            self._resumes.forget(relay)
         self._gone(service)
         result = relay.result
         log.info(

@@ -28,6 +28,7 @@ from tcpgc.ll.clients import Clients, Service
 from tcpgc.ll.credentials import Credentials
 from tcpgc.ll.pairing import ClientPairing
 from tcpgc.ll.ready import ReadyConnections
+from tcpgc.ll.resumes import LLResumes
 from tcpgc.ll.status import ll_status
 from tcpgc.memory_trim import trim_periodically
 from tcpgc.metrics import Metrics
@@ -60,10 +61,12 @@ class ListenNode:
             config, self.agents, self.credentials, self._pending, self.metrics
         )
         self.ready = ReadyConnections(config, self.agents, self.credentials, self._tasks)
+        self.resumes = LLResumes(config, self.agents, self.credentials, self.metrics)
         self.clients = Clients(
             self.services,
             pairing=self.pairing,
             ready=self.ready,
+            resumes=self.resumes,
             metrics=self.metrics,
             tasks=self._tasks,
         )
@@ -73,6 +76,7 @@ class ListenNode:
             credentials=self.credentials,
             pairing=self.pairing,
             ready=self.ready,
+            resumes=self.resumes,
             pending=self._pending,
             metrics=self.metrics,
             tasks=self._tasks,
@@ -204,6 +208,7 @@ class ListenNode:
         self._pending.max_total = config.max_pending
         self._pending.max_per_source = config.max_pending_per_source
         self.config = self.pairing.config = self.ready.config = self.agent_port.config = config
+        self.resumes.reconfigure(config)
         log.info("config reloaded: services %s", ", ".join(self.services))
 
     async def drain(self, deadline: float) -> None:

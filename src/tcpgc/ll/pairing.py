@@ -33,6 +33,10 @@ log = logging.getLogger("tcpgc.ll")
 EARLY_BYTES = 16 * 1024
 
 
+#: A client's data connection, its agent, the first bytes sent behind OPEN, the id.
+Paired = tuple[Link, AgentSession, int, bytes]
+
+
 @dataclass(frozen=True)
 class _Claim:
     """A waiting client: its link, and the future its data connection is handed in."""
@@ -92,10 +96,11 @@ class ClientPairing:
 
     # ---- one client ----------------------------------------------------------------------
 
-    async def pair(self, service: str, link: Link) -> tuple[Link, AgentSession, int] | None:
+    async def pair(self, service: str, link: Link) -> Paired | None:
         """Find an agent that claims this client; try the next agent if one cannot.
-        Returns its data connection, the agent, and how many of the client's first bytes
-        went to it behind OPEN; None (the client closed, and counted) if none did."""
+        Returns its data connection, the agent, how many of the client's first bytes
+        went to it behind OPEN, and the stream's id; None (the client closed, and
+        counted) if none did."""
         loop = asyncio.get_running_loop()
         arrived = loop.time()
         deadline = arrived + self.config.client_wait
@@ -115,7 +120,10 @@ class ClientPairing:
                 joined.cancel()
                 continue
             conn_id = secrets.token_bytes(CONN_ID_SIZE)
-            open_message = Open(conn_id, service, *link.peer_endpoint, *link.local_endpoint)
+            window_ms = int(self.config.window_of(service) * 1000)
+            open_message = Open(
+                conn_id, service, *link.peer_endpoint, *link.local_endpoint, window_ms
+            )
             try:
                 ready = await self._offer_ready(agent, open_message, link, remaining)
             except PeerRefused as exc:
@@ -127,7 +135,7 @@ class ClientPairing:
                 break
             if ready is not None:
                 self._observe_wait(service, loop.time() - arrived)
-                return ready[0], agent, ready[1]
+                return ready[0], agent, ready[1], conn_id
             if closed.done() or (remaining := deadline - loop.time()) <= 0:
                 break
             if not agent.alive or agent.control is None:  # lost while we offered
@@ -152,7 +160,7 @@ class ClientPairing:
                 if claimed.done():
                     data_link = claimed.result()
                     self._observe_wait(service, loop.time() - arrived)
-                    return data_link, agent, 0
+                    return data_link, agent, 0, conn_id
                 if not closed.done():
                     reason = f"agent {agent.agent_id} did not take it in time"
             except PeerRefused as exc:

@@ -22,12 +22,12 @@ from typing import TypeAlias
 
 from tcpgc.errors import HeartbeatLost, PeerRefused, ProtocolError, TcpgcError
 from tcpgc.protocol.frame_auth import CONTROL, frame_auth
+from tcpgc.protocol.frame_decoder import FrameDecoder
 from tcpgc.protocol.handshake import AgentHandshake, State, data_proof
 from tcpgc.protocol.messages import (
     MAX_VERSION,
     Data,
     Error,
-    FrameDecoder,
     Message,
     Open,
     OpenFailed,

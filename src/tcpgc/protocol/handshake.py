@@ -75,6 +75,37 @@ def data_proof(session_key: bytes, conn_id: bytes, binding: bytes) -> bytes:
     return _mac(session_key, _DATA_LABEL, conn_id, binding)
 
 
+_STREAM_LABEL = b"tcpgc stream\x00"
+_RESUME_LABEL = b"tcpgc resume\x00"
+_RESUMED_LABEL = b"tcpgc resumed\x00"
+_RESUME_SESSION_LABEL = b"tcpgc resume session\x00"
+
+
+def stream_key(session_key: bytes, stream_id: bytes) -> bytes:
+    """The key a stream's resumes are proven with: derived from the session the stream
+    began in, so only that session's agent can resume it, even after its session ended.
+    Never sent; each node derives it when the stream starts."""
+    return _mac(session_key, _STREAM_LABEL, stream_id)
+
+
+def resume_proof(
+    key: bytes, session_key: bytes, stream_id: bytes, epoch: int, received: int, binding: bytes
+) -> bytes:
+    """What RESUME presents: the stream's key, the agent's *current* session (its key),
+    the stream, which resume this is (`epoch`: each is accepted once), the offset the
+    agent asks the replay from, and the certificate seen on this connection. A recorded
+    RESUME is refused: its epoch is used up, and a later session has another key."""
+    current = _mac(session_key, _RESUME_SESSION_LABEL)
+    numbers = epoch.to_bytes(4, "big") + received.to_bytes(8, "big")
+    return _mac(key, _RESUME_LABEL, current, stream_id, numbers, binding)
+
+
+def resumed_proof(key: bytes, stream_id: bytes, epoch: int, received: int) -> bytes:
+    """What RESUMED presents: that the LL holding the stream's key answered this resume."""
+    numbers = epoch.to_bytes(4, "big") + received.to_bytes(8, "big")
+    return _mac(key, _RESUMED_LABEL, stream_id, numbers)
+
+
 class State(Enum):
     START = auto()
     WAIT_CHALLENGE = auto()

@@ -31,6 +31,7 @@ from tcpgc.protocol.messages import (
     Message,
     OpenFailed,
     Pool,
+    Resume,
     Retire,
 )
 from tcpgc.protocol.replay_window import ReplayWindow
@@ -247,6 +248,7 @@ class Opening(Enum):
     CONTROL = auto()  # HELLO: an agent's handshake
     CLAIM = auto()  # DATA: a data connection claiming a waiting client
     READY = auto()  # POOL: a ready data connection offered for future clients
+    RESUME = auto()  # RESUME: a data connection taking over a stream after a break
     CLOSED = auto()  # closed before any frame
 
 
@@ -258,6 +260,8 @@ def classify_opening(first: Message | None) -> Opening:
         return Opening.CLAIM
     if isinstance(first, Pool):
         return Opening.READY
+    if isinstance(first, Resume):
+        return Opening.RESUME
     if first is None:
         return Opening.CLOSED
     raise ProtocolError(f"unexpected {first.TYPE.name} as first message")

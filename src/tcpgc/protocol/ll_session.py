@@ -22,17 +22,8 @@ from typing import TypeAlias
 
 from tcpgc.errors import ProtocolError
 from tcpgc.protocol.frame_auth import FrameAuth
-from tcpgc.protocol.messages import (
-    Error,
-    ErrorCode,
-    FrameDecoder,
-    Message,
-    Open,
-    OpenFailed,
-    Ping,
-    Pong,
-    encode,
-)
+from tcpgc.protocol.frame_decoder import FrameDecoder
+from tcpgc.protocol.messages import Error, ErrorCode, Message, Open, OpenFailed, Ping, Pong, encode
 from tcpgc.safe_text import printable
 
 #: Heartbeats without any message from the agent before its session is dropped: one

@@ -8,7 +8,6 @@ is whole, so it can be fed any split of the byte stream, down to one byte at a t
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar, TypeAlias, get_args
@@ -31,14 +30,15 @@ from tcpgc.protocol.fields import (
 )
 from tcpgc.protocol.fields import is_valid_name as is_valid_name
 from tcpgc.protocol.fields import services_blob as services_blob
-from tcpgc.protocol.frame_auth import TAG_SIZE, FrameAuth
+from tcpgc.protocol.frame_auth import FrameAuth
 
 #: Protocol versions this implementation speaks. A peer offering a disjoint range is
 #: refused with a message naming both ranges. Version 2 binds data connections to their
 #: session (DATA carries a proof; POOL's covers the certificate) and authenticates every
-#: plaintext frame; version 1 peers are refused.
-MIN_VERSION = 2
-MAX_VERSION = 2
+#: plaintext frame. Version 3 makes streams resumable (OPEN carries the resume window;
+#: RESUME, RESUMED and the stream's ACK records); version 1 and 2 peers are refused.
+MIN_VERSION = 3
+MAX_VERSION = 3
 
 HEADER = struct.Struct("!BH")
 
@@ -61,6 +61,8 @@ class MessageType(IntEnum):
     DATA = 10
     POOL = 11
     RETIRE = 12
+    RESUME = 13
+    RESUMED = 14
 
 
 class ErrorCode(IntEnum):
@@ -68,6 +70,7 @@ class ErrorCode(IntEnum):
     AUTHENTICATION = 2
     BAD_MESSAGE = 3
     UNAVAILABLE = 4
+    UNKNOWN_STREAM = 5
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,9 @@ class Error:
 class Open:
     """LL → agent: a client of `service` waits; claim it with a data connection.
     Carries the client's address and the address it connected to, so the agent can
-    tell the server who the client is (PROXY protocol). Empty host: unknown."""
+    tell the server who the client is (PROXY protocol). Empty host: unknown.
+    `resume_window_ms`: how long the stream may wait for a resume after a break of
+    the leg (0: it is not resumable, and closes with its data connection)."""
 
     TYPE: ClassVar[MessageType] = MessageType.OPEN
     conn_id: bytes
@@ -170,6 +175,7 @@ class Open:
     client_port: int = 0
     local_host: str = ""
     local_port: int = 0
+    resume_window_ms: int = 0
 
     def payload(self) -> bytes:
         return (
@@ -177,6 +183,7 @@ class Open:
             + name_field(self.service)
             + endpoint_field(self.client_host, self.client_port)
             + endpoint_field(self.local_host, self.local_port)
+            + struct.pack("!I", self.resume_window_ms)
         )
 
     @classmethod
@@ -184,7 +191,8 @@ class Open:
         conn_id, service = r.take(CONN_ID_SIZE), r.name()
         client_host, client_port = r.endpoint()
         local_host, local_port = r.endpoint()
-        return cls(conn_id, service, client_host, client_port, local_host, local_port)
+        window = r.u32()
+        return cls(conn_id, service, client_host, client_port, local_host, local_port, window)
 
 
 @dataclass(frozen=True)
@@ -288,6 +296,49 @@ class Retire:
         return cls()
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Agent → LL, first frame of a data connection that takes over stream `stream_id`
+    after a break: the `epoch`-th resume of it, what the agent has received of it
+    (`received`, the end marker counting one), and a proof (`handshake.resume_proof`)
+    under the stream's key, bound to the agent's current session and to the LL
+    certificate seen on this connection."""
+
+    TYPE: ClassVar[MessageType] = MessageType.RESUME
+    version: int
+    stream_id: bytes
+    epoch: int
+    received: int
+    proof: bytes
+
+    def payload(self) -> bytes:
+        head = MAGIC + bytes([self.version]) + self.stream_id
+        return head + struct.pack("!IQ", self.epoch, self.received) + self.proof
+
+    @classmethod
+    def parse(cls, r: FieldReader) -> Resume:
+        r.magic()
+        version, stream_id = r.u8(), r.take(CONN_ID_SIZE)
+        return cls(version, stream_id, r.u32(), r.u64(), r.take(PROOF_SIZE))
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """LL → agent, the answer to RESUME: what the LL has received of the stream, and a
+    proof under the stream's key that the LL holding it answered. The stream follows."""
+
+    TYPE: ClassVar[MessageType] = MessageType.RESUMED
+    received: int
+    proof: bytes
+
+    def payload(self) -> bytes:
+        return struct.pack("!Q", self.received) + self.proof
+
+    @classmethod
+    def parse(cls, r: FieldReader) -> Resumed:
+        return cls(r.u64(), r.take(PROOF_SIZE))
+
+
 Message: TypeAlias = (
     Hello
     | Challenge
@@ -301,10 +352,12 @@ Message: TypeAlias = (
     | Data
     | Pool
     | Retire
+    | Resume
+    | Resumed
 )
 
 #: Every message class by its type byte.
-_PARSERS: dict[MessageType, type[Message]] = {cls.TYPE: cls for cls in get_args(Message)}
+PARSERS: dict[MessageType, type[Message]] = {cls.TYPE: cls for cls in get_args(Message)}
 
 
 def encode(message: Message, auth: FrameAuth | None = None) -> bytes:
@@ -326,64 +379,6 @@ def decode(kind: int, payload: bytes) -> Message:
     except ValueError:
         raise ProtocolError(f"unknown message type {kind}") from None
     reader = FieldReader(mtype.name, payload)
-    message = _PARSERS[mtype].parse(reader)
+    message = PARSERS[mtype].parse(reader)
     reader.end()
     return message
-
-
-class FrameDecoder:
-    """Bytes in, messages out. Feed with `receive_data`; b"" marks the end of the stream.
-    Once `auth` is set, every later frame must carry its MAC (plaintext connections).
-    `first_type` vets the first frame's type byte (see `ll_pairing.refuse_tls_record`)."""
-
-    def __init__(
-        self, max_payload: int = MAX_PAYLOAD, *, first_type: Callable[[int], None] | None = None
-    ) -> None:
-        self._buffer = bytearray()
-        self._max_payload = max_payload
-        self._eof = False
-        self.auth: FrameAuth | None = None
-        #: Called with the first frame's type byte before anything else is checked: it
-        #: may raise a ProtocolError of its own (an LL tells a TLS ClientHello this way).
-        self._first_type = first_type
-
-    def receive_data(self, data: bytes) -> None:
-        if not data:
-            self._eof = True
-        self._buffer += data
-
-    def next_message(self) -> Message | None:
-        """The next whole message, or None if more bytes are needed."""
-        if len(self._buffer) < HEADER.size:
-            self._check_eof()
-            return None
-        kind, length = HEADER.unpack_from(self._buffer)
-        if self._first_type is not None:
-            check, self._first_type = self._first_type, None
-            check(kind)
-        if length > self._max_payload + (TAG_SIZE if self.auth is not None else 0):
-            raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self._max_payload}")
-        if kind not in _PARSERS:
-            raise ProtocolError(f"unknown message type {kind}")
-        end = HEADER.size + length
-        if len(self._buffer) < end:
-            self._check_eof()
-            return None
-        payload = bytes(self._buffer[HEADER.size : end])
-        del self._buffer[:end]
-        if self.auth is not None:
-            payload = self.auth.open(kind, payload)
-        return decode(kind, payload)
-
-    def _check_eof(self) -> None:
-        if self._eof and self._buffer:
-            raise ProtocolError(
-                f"connection closed in the middle of a frame ({len(self._buffer)} bytes)",
-                reason="closed",
-            )
-
-    def leftover(self) -> bytes:
-        """Bytes received after the last message: the start of a relayed stream."""
-        out = bytes(self._buffer)
-        self._buffer.clear()
-        return out

@@ -19,17 +19,9 @@ from typing import TypeAlias
 
 from tcpgc.errors import ProtocolError
 from tcpgc.protocol.frame_auth import frame_auth, offer_context
+from tcpgc.protocol.frame_decoder import FrameDecoder
 from tcpgc.protocol.handshake import AgentHandshake, data_proof, pool_proof
-from tcpgc.protocol.messages import (
-    MAX_VERSION,
-    Data,
-    FrameDecoder,
-    Open,
-    OpenFailed,
-    Pool,
-    Retire,
-    encode,
-)
+from tcpgc.protocol.messages import MAX_VERSION, Data, Open, OpenFailed, Pool, Retire, encode
 
 
 @dataclass(frozen=True)
@@ -76,6 +68,11 @@ class ReadyOffer:
             self._decoder.auth = frame_auth(key, offer_context(counter), agent=True)
         self._deadline = now + ttl
         self.state = OfferState.WAITING
+
+    @property
+    def session_key(self) -> bytes:
+        """The key of the session this offer belongs to."""
+        return self._handshake.session_key
 
     def receive_data(self, data: bytes) -> list[OfferEvent]:
         """Feed bytes read on the connection (b"": the LL closed it). At most one event:

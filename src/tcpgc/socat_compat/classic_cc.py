@@ -85,7 +85,8 @@ class ClassicConnectNode:
     async def close(self) -> None:
         for relay in list(self._relays):
             relay.a.abort()
-            relay.b.abort()
+            if relay.b is not None:
+                relay.b.abort()
         await self._tasks.close()
 
     async def __aenter__(self) -> ClassicConnectNode:

@@ -114,7 +114,8 @@ class ClassicListenNode:
         self._waiting.clear()
         for relay in list(self._relays):
             relay.a.abort()
-            relay.b.abort()
+            if relay.b is not None:
+                relay.b.abort()
         await self._tasks.close()
 
     async def __aenter__(self) -> ClassicListenNode:

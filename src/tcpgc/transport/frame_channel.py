@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 
 from tcpgc.protocol.frame_auth import FrameAuth
-from tcpgc.protocol.messages import MAX_PAYLOAD, FrameDecoder, Message, encode
+from tcpgc.protocol.frame_decoder import FrameDecoder
+from tcpgc.protocol.messages import MAX_PAYLOAD, Message, encode
 from tcpgc.transport.link import Link
 
 

@@ -1,0 +1,358 @@
+"""The resumable engine: one client over a data connection that may be replaced.
+
+`ResumableRelay` relays a plain link (the client on the LL, the server on the agent)
+over the resumable stream of `tcpgc.protocol.resumable`: chunks as in
+`ChunkedCopyRelay`, plus acknowledgements, so that what is not acknowledged yet can be
+sent again. When the data connection breaks (closed, reset, or given up by its node when
+the agent's session died), the relay does not end: it stops reading the plain side,
+keeps it open, and waits (`waiting_since`) for its node to `attach` a new data
+connection within the stream's window, or to `expire` it. The plain side never sees the
+break, only a pause.
+
+It moves bytes through Python, as TLS requires; the retention is the bytes objects the
+plain side's reads produced (no copy). Back-pressure as in the other engines, plus one
+more: a sender whose retention reaches `limit` stops reading its source until the
+receiver acknowledges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from tcpgc.errors import ProtocolError
+from tcpgc.protocol.chunks import END
+from tcpgc.protocol.resumable import RecordDecoder, Retention, ack_record, chunk_records
+from tcpgc.relay.result import ByteCounter, ByteTally, Completion, RelayResult, is_reset
+from tcpgc.task_set import NO_CONTEXT
+from tcpgc.transport.link import Link
+from tcpgc.transport.link_handlers import Ignoring
+
+#: Acknowledge at once after this many bytes delivered; fewer are acknowledged after
+#: ACK_DELAY (or with the next bytes the other way), so an idle stream retains nothing.
+ACK_EVERY = 128 * 1024
+ACK_DELAY = 0.2
+#: What may follow the stream's end before the connection's next frame is read.
+_MAX_LEFTOVER = 4096
+
+_WAITING, _FULL, _WRITE = "waiting", "full", "write"
+
+
+class _PlainSide(ByteTally):
+    __slots__ = ("relay",)
+
+    def __init__(self, relay: ResumableRelay, counter: ByteCounter | None) -> None:
+        super().__init__(relay.result, True, counter)
+        self.relay = relay
+
+    def on_data(self, data: bytes) -> None:
+        self.add(len(data))
+        self.relay.send(data)
+
+    def on_eof(self) -> None:
+        self.relay.send_end()
+
+    def on_lost(self, exc: BaseException | None) -> None:
+        relay = self.relay
+        if relay.ended:
+            return
+        relay.fail("reset" if is_reset(exc) else f"error: {exc}" if exc else "closed early")
+
+    def on_pause(self) -> None:
+        self.relay.plain_blocked(True)
+
+    def on_resume(self) -> None:
+        self.relay.plain_blocked(False)
+
+
+class _DataSide(ByteTally):
+    """Handler of one data connection of the stream: events of a replaced one are stale."""
+
+    __slots__ = ("relay", "link")
+
+    def __init__(self, relay: ResumableRelay, link: Link, counter: ByteCounter | None) -> None:
+        super().__init__(relay.result, False, counter)
+        self.relay = relay
+        self.link = link
+
+    def on_data(self, data: bytes) -> None:
+        if self.relay.b is self.link:
+            self.relay.received(data, self)
+
+    def on_eof(self) -> None:
+        self.relay.broken(self.link, "data connection closed mid-stream")
+
+    def on_lost(self, exc: BaseException | None) -> None:
+        why = "data connection reset" if is_reset(exc) else f"data connection lost: {exc}"
+        self.relay.broken(self.link, why if exc else "data connection lost")
+
+    def on_pause(self) -> None:
+        if self.relay.b is self.link:
+            self.relay.hold(_WRITE)
+
+    def on_resume(self) -> None:
+        if self.relay.b is self.link:
+            self.relay.release(_WRITE)
+
+
+class ResumableRelay(Completion):
+    """Relay plain link `a` <-> data link `b` (None while waiting for a new one).
+
+    `retention` and `decoder` start where the stream starts (the client's first bytes
+    may have gone with OPEN already). `on_broken(relay, reason)` is told when the data
+    connection is lost and the relay starts waiting; `on_idle(b)` gets the data
+    connection back once both directions ended."""
+
+    __slots__ = (
+        "a", "b", "result", "out", "inbound", "limit", "window", "stream_id", "key",
+        "epoch", "label", "waiting_since", "ended", "on_broken", "on_idle", "_holds",
+        "_a_blocked", "_acked_sent", "_ack_timer", "_eof_sent", "_counter_in",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        a: Link,
+        b: Link,
+        *,
+        retention: Retention,
+        decoder: RecordDecoder,
+        limit: int,
+        window: float,
+        stream_id: bytes,
+        key: bytes,
+        label: str,
+        counters: tuple[ByteCounter | None, ByteCounter | None] = (None, None),
+        on_broken: Callable[[ResumableRelay, str], None],
+        on_idle: Callable[[Link], None] | None = None,
+    ) -> None:
+        self.a = a
+        self.b: Link | None = None
+        self.result = RelayResult()
+        self._init_completion()
+        self.out = retention
+        self.inbound = decoder
+        self.limit = limit
+        self.window = window
+        self.stream_id = stream_id
+        self.key = key  # the stream's key (`handshake.stream_key`): proves its resumes
+        self.epoch = 0  # resumes so far
+        self.label = label  # how logs name the stream
+        self.waiting_since: float | None = None
+        self.ended = False
+        self.on_broken = on_broken
+        self.on_idle = on_idle
+        self._holds: set[str] = set()
+        self._a_blocked = False
+        self._acked_sent = decoder.offset  # what we told the peer we have
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._eof_sent = False
+        self._counter_in = counters[1]
+        a.move_to_socket()
+        b.move_to_socket()
+        self.b = b  # before the plain side's held bytes are replayed into `send`
+        a.attach(_PlainSide(self, counters[0]))
+        self._connect(b)
+        if decoder.offset:
+            self._ack_now()  # the first bytes came with OPEN
+        if retention.kept >= limit:
+            self.hold(_FULL)
+
+    # ---- bytes -------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Bytes from the plain side: kept, and sent if a data connection is there."""
+        out = self.out
+        out.keep(data)
+        if self.b is not None:
+            self._write(data)
+        if out.kept >= self.limit:
+            self.hold(_FULL)
+
+    def _write(self, data: bytes | memoryview) -> None:
+        link = self.b
+        assert link is not None
+        records = chunk_records(data)
+        prefix = self._pending_ack()
+        for i in range(0, len(records), 2):
+            link.write(records[i + 1], prefix=prefix + bytes(records[i]))
+            prefix = b""
+
+    def send_end(self) -> None:
+        self.out.end()
+        self.inbound.done_at = self.out.end_offset
+        if self.b is not None:
+            self.b.write(END, prefix=self._pending_ack())
+
+    def received(self, data: bytes, side: _DataSide) -> None:
+        inbound = self.inbound
+        try:
+            pieces = inbound.feed(data)
+            for piece in pieces:
+                side.add(len(piece))
+                self.a.write(piece)
+            if inbound.acked > self.out.acked:
+                self.out.ack(inbound.acked)
+                if self.out.kept < self.limit:
+                    self.release(_FULL)
+        except ProtocolError as exc:
+            self.fail(f"error: {exc}")
+            return
+        if inbound.ended and not self._eof_sent:
+            self._eof_sent = True
+            self.a.write_eof()
+        behind = inbound.offset - self._acked_sent
+        if inbound.ended and behind or behind >= ACK_EVERY:
+            self._ack_now()
+        elif behind and self._ack_timer is None:
+            loop = asyncio.get_running_loop()
+            self._ack_timer = loop.call_later(ACK_DELAY, self._ack_due, context=NO_CONTEXT)
+        if inbound.finished:
+            self._idle()
+
+    def _pending_ack(self) -> bytes:
+        offset = self.inbound.offset
+        if offset == self._acked_sent:
+            return b""
+        self._acked_sent = offset
+        return ack_record(offset)
+
+    def _ack_now(self) -> None:
+        if self.b is not None:
+            ack = self._pending_ack()
+            if ack:
+                self.b.write(ack)
+
+    def _ack_due(self) -> None:
+        self._ack_timer = None
+        if not self.ended:
+            self._ack_now()
+
+    # ---- pauses ------------------------------------------------------------------
+
+    def hold(self, reason: str) -> None:
+        if not self._holds:
+            self.a.pause_reading()
+        self._holds.add(reason)
+
+    def release(self, reason: str) -> None:
+        if reason in self._holds:
+            self._holds.discard(reason)
+            if not self._holds and not self.ended:
+                self.a.resume_reading()
+
+    def plain_blocked(self, blocked: bool) -> None:
+        """The plain side's write buffer filled (or drained): stop (or go on) reading
+        the data connection."""
+        self._a_blocked = blocked
+        if self.b is not None:
+            (self.b.pause_reading if blocked else self.b.resume_reading)()
+
+    # ---- the data connection -------------------------------------------------------
+
+    def _connect(self, link: Link) -> None:
+        self.b = link
+        link.move_to_socket()
+        if self._a_blocked:
+            link.pause_reading()
+        link.attach(_DataSide(self, link, self._counter_in))
+
+    def broken(self, link: Link, reason: str) -> None:
+        """`link`, this stream's data connection, is gone: wait for another one."""
+        if self.ended or link is not self.b:
+            return
+        self.b = None
+        link.handler = Ignoring()
+        link.abort()
+        self._cancel_ack_timer()
+        if self.window <= 0:
+            self.fail(reason)
+            return
+        self.inbound.reset_partial()
+        self.waiting_since = time.monotonic()
+        self.hold(_WAITING)
+        self.release(_WRITE)
+        self.on_broken(self, reason)
+
+    def attach(self, link: Link, peer_received: int) -> int:
+        """Go on over `link` from `peer_received`, what the peer has of our direction:
+        send again what it lacks. Returns the bytes sent again. Raises ProtocolError
+        (nothing changed) if that offset is not one we can go on from."""
+        old = self.b
+        kept, end_again = self.out.replay(peer_received)
+        if old is not None:  # the peer knows better: the old connection is dead
+            self.b = None
+            old.handler = Ignoring()
+            old.abort()
+        self.epoch += 1
+        self.inbound.reset_partial()
+        self.waiting_since = None
+        self._connect(link)
+        replayed = 0
+        for data in kept:
+            self._write(data)
+            replayed += len(data)
+        if end_again:
+            link.write(END)
+        self._ack_now()
+        self.release(_WAITING)
+        if self.out.kept < self.limit:
+            self.release(_FULL)
+        return replayed
+
+    # ---- the end -----------------------------------------------------------------
+
+    def _idle(self) -> None:
+        self.ended = True
+        self._cancel_ack_timer()
+        leftover = self.inbound.leftover
+        self.a.handler = Ignoring()
+        self.a.close()
+        link = self.b
+        self.b = None
+        if link is None:
+            self._settle()
+            return
+        if len(leftover) > _MAX_LEFTOVER:
+            link.reset()
+        else:
+            link.resume_reading()
+            link.detach(leftover, eof=link.got_eof)
+            if self.on_idle is not None and not link.got_eof and not link.is_closed:
+                self.on_idle(link)
+            else:
+                link.close()
+        self._settle()
+
+    def fail(self, reason: str, *, reset: bool = True) -> None:
+        """End both sides now, with a reset unless `reset` is False; the data
+        connection, if any, is not reused."""
+        if self.ended:
+            return
+        self.ended = True
+        self._cancel_ack_timer()
+        if self.result.ended == "closed":
+            self.result.ended = reason
+        link, self.b = self.b, None
+        if reset:
+            self.a.reset()
+            if link is not None:
+                link.reset()
+        else:
+            self.a.close()
+            if link is not None:
+                link.abort()
+        self._settle()
+
+    def expire(self, reason: str) -> None:
+        """Give up waiting (window passed, memory cap, node stopping)."""
+        self.fail(reason)
+
+    def close(self) -> None:
+        """End both directions now (idle timeout, drain)."""
+        self.fail("closed", reset=False)
+
+    def _cancel_ack_timer(self) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
