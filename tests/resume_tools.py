@@ -352,9 +352,23 @@ class Interactive:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
             raise AssertionError(f"{self.name} still running {timeout} s after its end") from None
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Kill the program if it still runs, and release its pipes."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+        for t in self._readers:
+            t.join(5)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass  # stdin of a program gone: its buffered line cannot be flushed
 
 
 def _serve(server: ThreadedServer, what: str) -> int:

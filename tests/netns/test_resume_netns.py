@@ -420,9 +420,7 @@ def test_ssh_session_survives_a_ten_second_partition(net: Net) -> None:
         assert session.proc.poll() is None, "ssh ended"
         assert session.close(10) == 0
     finally:
-        if session.proc.poll() is None:
-            session.proc.kill()
-            session.proc.wait(5)
+        session.stop()
         print(session.output())
     logins = daemon.find_all(r"Accepted publickey for root")
     assert len(logins) == 1, [m.string for m in logins]
