@@ -1,7 +1,8 @@
 """An attacker on the path of a plaintext (`--insecure-plaintext`) leg sees the RESUME
 frames an agent sends when it takes its streams over after a break. Neither one of
-them replayed, nor one forged for a stream id read off the wire, may take a stream:
-both are refused with one log line, counted, and the real stream flows on intact.
+them replayed, nor one forged for a stream id read off the wire, may take a stream,
+whether the stream is flowing or waiting for its agent: both are refused with one log
+line, counted, and the real stream goes on intact.
 
 The path is a recording TCP relay in the test between the agent and the LL's agent
 port; closing its connections is the break. Everything runs on 127.0.0.1.
@@ -13,8 +14,11 @@ import os
 import re
 import socket
 import struct
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,6 +31,7 @@ from resume_tools import (
     RE_CC_RESUMED,
     RE_LL_NOT_RESUMED,
     RE_LL_RESUMED,
+    RE_LL_WAITS,
     RESUME_HEAD,
     RESUME_TYPE,
 )
@@ -35,6 +40,7 @@ from support import (
     RE_LL_AGENT_JOINED,
     READY_TIMEOUT,
     Harness,
+    Node,
     format_addr,
     node_toml,
     parse_addr,
@@ -42,31 +48,134 @@ from support import (
 )
 
 RE_ADMIN = r"admin endpoint on http://(?P<addr>\S+)/"
+HELLO_TYPE = 1
 POOL_TYPE = 11
 RESUMED_TYPE = 14
 #: The reasons the LL may give a refused resume (the metric's label).
 FAILURE_REASONS = {"window", "memory", "proof", "unknown", "closed"}
+CHUNK = 4096
 
 
 class CuttableRelay(RecordingProxy):
-    """The recording relay, plus `cut()`: end every connection relayed so far (both
-    sides see it closed), while still taking new ones."""
+    """The recording relay, plus `cut()`: end the connections relayed so far (both
+    sides see them closed), all of them or only the data connections (those that did
+    not open with HELLO); and `hold_data()` / `release_data()`: in between, a new data
+    connection is held, unanswered, and relayed only on release (a slow path)."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
-        self._cut: list[socket.socket] = []
+        self.legs: list[tuple[bytearray, socket.socket]] = []
+        self._data_open = threading.Event()
+        self._data_open.set()
         super().__init__(upstream)
 
-    def cut(self) -> int:
-        with self._lock:
-            socks, self._socks = self._socks, []
-            self._cut += socks
-        shut_both(*socks)
-        return len(socks)
+    def hold_data(self) -> None:
+        self._data_open.clear()
 
-    def stop(self) -> None:
-        super().stop()
-        for sock in self._cut:
-            sock.close()
+    def release_data(self) -> None:
+        self._data_open.set()
+
+    def handle(self, conn: socket.socket) -> None:
+        if not self._data_open.is_set():
+            conn.settimeout(5)
+            try:
+                first = conn.recv(1, socket.MSG_PEEK)
+            except OSError:
+                first = b""
+            conn.settimeout(None)
+            if first != bytes([HELLO_TYPE]):
+                self._data_open.wait(30)
+        with self._lock:
+            self.legs.append((bytearray(), conn))
+            record = self.legs[-1][0]
+            self.captured.append(record)
+            self.replies.append(bytearray())
+            reply = self.replies[-1]
+        try:
+            up = socket.create_connection(self.upstream, timeout=10)
+        except OSError:
+            shut_both(conn)
+            return
+        up.settimeout(None)
+        if not self._keep(up):
+            return
+        self._spawn(self.pump, up, conn, reply)
+        self.pump(conn, up, record)
+
+    def cut(self, *, data_only: bool = False) -> int:
+        """Close the legs relayed so far (only data connections if `data_only`);
+        returns how many."""
+        with self._lock:
+            legs = [
+                conn
+                for record, conn in self.legs
+                if not data_only or record[:1] != bytes([HELLO_TYPE])
+            ]
+        shut_both(*legs)  # each pump then shuts its other side down too
+        return len(legs)
+
+
+@dataclass
+class Leg:
+    """A plaintext tunnel whose agent reaches the LL through `relay`, and one client
+    streaming through it to an echo server."""
+
+    ll: Node
+    cc: Node
+    ll_agent: tuple[str, int]
+    admin: str
+    relay: CuttableRelay
+    streamer: Streamer
+
+
+@pytest.fixture
+def leg(harness: Harness, tmp_path: Path) -> Iterator[Leg]:
+    echo = harness.echo_server()
+    state = harness.state_dir()
+    token = harness.token(state)
+    ll_toml = tmp_path / "ll.toml"
+    ll_toml.write_text(
+        node_toml(
+            {
+                "cc": "127.0.0.1:0",
+                "state_dir": str(state),
+                "heartbeat": 0.5,
+                "resume_window": 30,
+                "insecure_plaintext": True,
+                "admin": "127.0.0.1:0",
+                "client_wait": 5,
+            },
+            {"default": {"clients": "127.0.0.1:0"}},
+        )
+    )
+    ll, ll_agent = harness.start_ll("-c", str(ll_toml))
+    client = parse_addr(ll.wait_for(service_re("default"), READY_TIMEOUT)["addr"])
+    admin = "http://" + ll.wait_for(RE_ADMIN, READY_TIMEOUT)["addr"]
+    relay = CuttableRelay(ll_agent)
+    streamer = Streamer(client, chunk=CHUNK, pause=0.02, timeout=30)
+    try:
+        cc_toml = tmp_path / "cc.toml"
+        cc_toml.write_text(
+            node_toml(
+                {
+                    "ll": relay.addr_str,
+                    "insecure_plaintext": True,
+                    "reconnect_min": 0.1,
+                    "reconnect_max": 0.5,
+                    "connect_timeout": 5.0,
+                },
+                {"default": {"server": echo.addr_str}},
+            )
+        )
+        cc = harness.start_cc("-c", str(cc_toml), token=token)
+        cc.wait_for(RE_CC_JOINED, READY_TIMEOUT)
+        ll.wait_for(RE_LL_AGENT_JOINED, READY_TIMEOUT)
+        streamer.start()
+        wait_streaming([streamer])
+        yield Leg(ll, cc, ll_agent, admin, relay, streamer)
+    finally:
+        streamer.finish()
+        relay.release_data()
+        relay.stop()
 
 
 def failures(admin: str) -> dict[str, float]:
@@ -102,115 +211,106 @@ def resume_frames(captured: list[tuple[bytes, bytes]]) -> list[bytes]:
     return found
 
 
-def try_resume(ll_agent: tuple[str, int], frame: bytes) -> tuple[str, bytes, float | None]:
-    """Send ``frame`` as the first frame of a new connection to the LL's agent port;
-    (our address as the LL logs it, what came back, seconds until the LL closed it)."""
-    with socket.create_connection(ll_agent, timeout=10) as sock:
+def break_and_record(leg: Leg) -> list[bytes]:
+    """Cut every connection of the leg; once the stream has resumed through the relay,
+    the RESUME frames that crossed it (the agent may have tried before the LL had its
+    new session, and tried again: the last one took the stream)."""
+    ll_mark, cc_mark = leg.ll.mark(), leg.cc.mark()
+    before = len(leg.relay.snapshot())
+    assert leg.relay.cut() > 0
+    assert leg.ll.wait_for(RE_LL_RESUMED, 15, since=ll_mark)["svc"] == "default"
+    leg.cc.wait_for(RE_CC_RESUMED, 5, since=cc_mark)
+    seen = resume_frames(leg.relay.snapshot()[before:])
+    assert seen, "no RESUME frame crossed the relay"
+    for frame in seen:
+        assert frame[3:6] == b"TGC" and len(frame) >= 3 + RESUME_HEAD.size + PROOF_SIZE
+    return seen
+
+
+def forge(recorded: bytes, epoch: int) -> bytes:
+    """A RESUME for the recorded frame's stream id with `epoch` and a made-up proof."""
+    magic, version, stream_id, _, received = RESUME_HEAD.unpack_from(recorded, 3)
+    head = RESUME_HEAD.pack(magic, version, stream_id, epoch, received)
+    payload = head + os.urandom(len(recorded) - 3 - len(head))
+    return struct.pack("!BH", RESUME_TYPE, len(payload)) + payload
+
+
+def refused(leg: Leg, frame: bytes) -> str:
+    """Send `frame` as the first frame of a new connection of the attacker's own to the
+    LL's agent port: the LL must close it without RESUMED and log one refusal; returns
+    the reason it logs."""
+    mark = leg.ll.mark()
+    with socket.create_connection(leg.ll_agent, timeout=10) as sock:
         local = format_addr(*sock.getsockname()[:2])
         sock.sendall(frame)
-        seen, closed_after = read_until_closed(sock, 5.0)
-    return local, seen, closed_after
+        answer, closed_after = read_until_closed(sock, 5.0)
+    assert closed_after is not None, "the LL kept the connection of a bad RESUME open"
+    assert all(f[0] != RESUMED_TYPE for f in split_frames(answer)), "the LL answered RESUMED"
+    line = rf"resume refused from {re.escape(local)}: (?P<why>.+)"
+    return leg.ll.wait_for(line, 5, since=mark)["why"]
+
+
+def flows_on_intact(leg: Leg, resumes: int, since: int) -> None:
+    """The real stream carries more, ends cleanly with every echo right, and was
+    resumed `resumes` times since `since` (no attacker's try took it over)."""
+    s = leg.streamer
+    flowed = s.sent
+    deadline = time.monotonic() + 10
+    while s.sent < flowed + 20 * CHUNK:
+        assert s.error is None, s.error
+        assert time.monotonic() < deadline, "the stream stopped after the attacks"
+        time.sleep(0.05)
+    s.finish()
+    assert s.ended.wait(10)
+    assert s.ok, s.error
+    assert len(leg.ll.find_all(RE_LL_RESUMED, since=since)) == resumes
+    assert not leg.ll.find_all(RE_LL_NOT_RESUMED, since=since)
 
 
 @pytest.mark.timeout(60)
-def test_resume_frames_seen_on_the_path_cannot_be_replayed_or_forged(
-    harness: Harness, tmp_path: Path
-) -> None:
-    echo = harness.echo_server()
-    state = harness.state_dir()
-    token = harness.token(state)
-    ll_toml = tmp_path / "ll.toml"
-    ll_toml.write_text(
-        node_toml(
-            {
-                "cc": "127.0.0.1:0",
-                "state_dir": str(state),
-                "heartbeat": 0.5,
-                "resume_window": 30,
-                "insecure_plaintext": True,
-                "admin": "127.0.0.1:0",
-                "client_wait": 5,
-            },
-            {"default": {"clients": "127.0.0.1:0"}},
-        )
-    )
-    ll, ll_agent = harness.start_ll("-c", str(ll_toml))
-    client = parse_addr(ll.wait_for(service_re("default"), READY_TIMEOUT)["addr"])
-    admin = "http://" + ll.wait_for(RE_ADMIN, READY_TIMEOUT)["addr"]
+def test_resume_frames_seen_on_the_path_cannot_be_replayed_or_forged(leg: Leg) -> None:
+    start = leg.ll.mark()
+    seen = break_and_record(leg)
+    _, _, _, epoch, _ = RESUME_HEAD.unpack_from(seen[-1], 3)
+    assert epoch == 1
 
-    relay = CuttableRelay(ll_agent)
-    streamer = Streamer(client, chunk=4096, pause=0.02, timeout=30)
-    try:
-        cc_toml = tmp_path / "cc.toml"
-        cc_toml.write_text(
-            node_toml(
-                {
-                    "ll": relay.addr_str,
-                    "insecure_plaintext": True,
-                    "reconnect_min": 0.1,
-                    "reconnect_max": 0.5,
-                    "connect_timeout": 5.0,
-                },
-                {"default": {"server": echo.addr_str}},
-            )
-        )
-        cc = harness.start_cc("-c", str(cc_toml), token=token)
-        cc.wait_for(RE_CC_JOINED, READY_TIMEOUT)
-        ll.wait_for(RE_LL_AGENT_JOINED, READY_TIMEOUT)
-        streamer.start()
-        wait_streaming([streamer])
+    # Replayed as they were, each on a connection of the attacker's own.
+    counted = failures(leg.admin)
+    for frame in seen:
+        refused(leg, frame)
+    after_replay = failures(leg.admin)
+    replay_counted = grown(counted, after_replay)
+    assert sum(replay_counted.values()) == len(seen), replay_counted
+    assert set(replay_counted) <= FAILURE_REASONS, replay_counted
 
-        # The break: every connection of the leg closed under both nodes.
-        ll_mark, cc_mark = ll.mark(), cc.mark()
-        before_cut = len(relay.snapshot())
-        assert relay.cut() > 0
-        resumed = ll.wait_for(RE_LL_RESUMED, 15, since=ll_mark)
-        assert resumed["svc"] == "default"
-        cc.wait_for(RE_CC_RESUMED, 5, since=cc_mark)
-        seen = resume_frames(relay.snapshot()[before_cut:])
-        assert seen, "no RESUME frame crossed the relay"
-        # The agent may have tried before the LL had its new session, and tried again.
-        recorded = seen[-1]
-        magic, version, stream_id, epoch, received = RESUME_HEAD.unpack_from(recorded, 3)
-        assert magic == b"TGC" and epoch >= 1, recorded.hex()
+    # Forged: the stream id read off the wire, the next epoch, a made-up proof.
+    refused(leg, forge(seen[-1], epoch + 1))
+    assert grown(after_replay, failures(leg.admin)) == {"proof": 1.0}
+    flows_on_intact(leg, 1, start)
 
-        # Replayed as they were, each on a connection of the attacker's own.
-        counted = failures(admin)
-        for frame in seen:
-            mark = ll.mark()
-            local, answer, closed_after = try_resume(ll_agent, frame)
-            assert closed_after is not None, "the LL kept a replayed RESUME's connection open"
-            assert all(f[0] != RESUMED_TYPE for f in split_frames(answer)), "replay answered"
-            ll.wait_for(rf"resume refused from {re.escape(local)}: (?P<why>.+)", 5, since=mark)
-        after_replay = failures(admin)
-        replay_counted = grown(counted, after_replay)
-        assert sum(replay_counted.values()) == len(seen), replay_counted
-        assert set(replay_counted) <= FAILURE_REASONS, replay_counted
 
-        # Forged: the stream id read off the wire, the next epoch, a made-up proof.
-        head = RESUME_HEAD.pack(magic, version, stream_id, epoch + 1, received)
-        payload = head + os.urandom(len(recorded) - 3 - len(head))
-        forged = struct.pack("!BH", RESUME_TYPE, len(payload)) + payload
-        assert len(forged) == len(recorded) and len(payload) >= RESUME_HEAD.size + PROOF_SIZE
-        mark = ll.mark()
-        local, answer, closed_after = try_resume(ll_agent, forged)
-        assert closed_after is not None, "the LL kept a forged RESUME's connection open"
-        assert all(f[0] != RESUMED_TYPE for f in split_frames(answer)), "forgery answered"
-        ll.wait_for(rf"resume refused from {re.escape(local)}: (?P<why>.+)", 5, since=mark)
-        assert grown(after_replay, failures(admin)) == {"proof": 1.0}
+@pytest.mark.timeout(60)
+def test_resumes_forged_while_the_stream_waits_do_not_take_it(leg: Leg) -> None:
+    """The attacker's best moment: the stream's data connection is gone and the agent's
+    new one is held up on the path (its session is up), so the LL waits for a RESUME.
+    The attacker's ones are refused and the agent's, once through, takes the stream on
+    from where it was."""
+    start = leg.ll.mark()
+    recorded = break_and_record(leg)[-1]
 
-        # The real stream went on through all of it, and ends intact.
-        flowed = streamer.sent
-        deadline = time.monotonic() + 10
-        while streamer.sent < flowed + 20 * 4096:
-            assert streamer.error is None, streamer.error
-            assert time.monotonic() < deadline, "the stream stopped after the attacks"
-            time.sleep(0.05)
-        streamer.finish()
-        assert streamer.ended.wait(10)
-        assert streamer.ok, streamer.error
-        assert len(ll.find_all(RE_LL_RESUMED, since=ll_mark)) == 1
-        assert not ll.find_all(RE_LL_NOT_RESUMED, since=ll_mark)
-    finally:
-        streamer.finish()
-        relay.stop()
+    ll_mark, cc_mark = leg.ll.mark(), leg.cc.mark()
+    leg.relay.hold_data()
+    assert leg.relay.cut(data_only=True) > 0
+    assert leg.ll.wait_for(RE_LL_WAITS, 5, since=ll_mark)["svc"] == "default"
+    counted = failures(leg.admin)
+    refused(leg, recorded)  # epoch 1 again
+    refused(leg, forge(recorded, 2))  # the epoch the agent will use
+    refused(leg, forge(recorded, 3))
+    assert grown(counted, failures(leg.admin)) == {"proof": 3.0}
+    assert not leg.ll.find_all(RE_LL_RESUMED, since=ll_mark), "a forged RESUME took the stream"
+    assert not leg.ll.find_all(RE_LL_NOT_RESUMED, since=ll_mark), "the stream was given up"
+
+    leg.relay.release_data()
+    leg.ll.wait_for(RE_LL_RESUMED, 10, since=ll_mark)
+    leg.cc.wait_for(RE_CC_RESUMED, 5, since=cc_mark)
+    flows_on_intact(leg, 2, start)
