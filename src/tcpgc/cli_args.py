@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a client may wait for an agent (default 10)",
     )
     ll.add_argument(
+        "--resume-window",
+        type=float,
+        metavar="SECONDS",
+        help="how long a stream waits for its agent to resume it after a break of the "
+        "leg (default 60; 0: streams are not resumable)",
+    )
+    ll.add_argument(
         "--classic",
         action="store_true",
         help="speak the seed's raw socat protocol (no authentication, no TLS): "
@@ -173,6 +180,10 @@ def ll_config(args: argparse.Namespace) -> LLConfig:
         if args.client_wait <= 0:
             raise UsageError("--client-wait must be a positive number of seconds")
         config.client_wait = args.client_wait
+    if args.resume_window is not None:
+        if args.resume_window < 0:
+            raise UsageError("--resume-window must be 0 (off) or a number of seconds")
+        config.resume_window = args.resume_window
     if args.insecure_plaintext:
         config.insecure_plaintext = True
     config.require_complete()

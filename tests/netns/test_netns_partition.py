@@ -82,7 +82,7 @@ class Tunnel:
     control_port: int  # the CC's source port of its control connection
 
 
-def tunnel(net: Net, heartbeat: float, connect_timeout: float = 2.0) -> Tunnel:
+def tunnel(net: Net, heartbeat: float, connect_timeout: float = 2.0, **ll_extra: object) -> Tunnel:
     """LL outside (agents on the veth, clients on its loopback); CC and echo inside."""
     state = net.tmp / "ll-state"
     token = make_token(state)
@@ -93,6 +93,7 @@ def tunnel(net: Net, heartbeat: float, connect_timeout: float = 2.0) -> Tunnel:
         state_dir=state,
         heartbeat=heartbeat,
         client_wait=5,
+        **ll_extra,
     )
     ll = net.tcpgc(net.outside, "ll", "-c", str(ll_toml), name="ll (outside)")
     agent = parse_addr(ll.wait_for(RE_LL_AGENT_PORT, READY_TIMEOUT)["addr"])
@@ -119,8 +120,10 @@ def tunnel(net: Net, heartbeat: float, connect_timeout: float = 2.0) -> Tunnel:
 
 
 def test_partition_is_detected_by_heartbeats_on_both_sides_and_healed(net: Net) -> None:
+    """With streams that cannot resume (`resume_window = 0`): they end when the
+    partition is noticed (test_resume_netns.py has the resumable ones)."""
     heartbeat = 1.0
-    t = tunnel(net, heartbeat)
+    t = tunnel(net, heartbeat, resume_window=0)
     hold = net.spawn(
         net.outside, [sys.executable, TOOLS, "hold", *map(str, t.client)], "client (outside)"
     )

@@ -165,6 +165,8 @@ class CCResumes:
         link.abort()
         if isinstance(answer, Error) and answer.code == ErrorCode.UNAVAILABLE:
             return False  # the LL does not know our new session yet: again
+        if self.sessions.get(str(ll)) is not handshake:
+            return False  # proven with a session that was replaced meanwhile: again
         if relay.inbound.ended and relay.out.ended:
             # Both ends had crossed; only the LL's acknowledgement of ours was lost with
             # the connection, and the LL is done with the stream: so are we.

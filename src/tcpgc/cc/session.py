@@ -137,6 +137,9 @@ class SessionKeeper:
         try:
             await self._serve(address, session, feed, pending)
         except HeartbeatLost:
+            # A reset, not a FIN, should it get through: to the LL a FIN means this
+            # agent let go, and it would give up the streams that wait for us.
+            link.reset()
             waiting = self._resumes.ll_lost(address, "LL lost")
             if waiting:
                 log.warning("%d connections through LL %s wait to be resumed", waiting, address)

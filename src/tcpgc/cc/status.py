@@ -9,6 +9,7 @@ from tcpgc.addresses import format_endpoint
 from tcpgc.config import Address
 from tcpgc.protocol.messages import Open
 from tcpgc.relay.result import AnyRelay
+from tcpgc.relay.resumable import waiting_for
 
 
 def cc_status(
@@ -39,6 +40,7 @@ def cc_status(
                 "bytes_in": relay.result.bytes_b_to_a,
                 "bytes_out": relay.result.bytes_a_to_b,
                 "seconds": round(now - relay.result.started, 1),
+                "waiting": waiting_for(relay, now),
             }
             for ll, ll_relays in relays.items()
             for relay, request in ll_relays.items()

@@ -271,12 +271,18 @@ class AgentPort:
         try:
             end = await ended
         finally:
+            found = self._agents.find(session.raw_id)
+            replaced = found is not None and found is not session
             driver.stop()
             self._pending.session_ended(session.peer_host, time.monotonic())
             self._agents.remove(session)
             self._metrics.agents.set(len(self._agents))
             session.close()  # with its ready connections, and those offered to clients
             self._pairing.agent_gone(session)
+        if not (end.by_heartbeat or driver.broken or replaced):
+            # The agent closed its control connection itself (it stopped, or its
+            # process ended): the streams waiting for it will not be resumed.
+            self._resumes.agent_let_go(session)
         if end.by_heartbeat and session.relays:
             # The link died silently: its data connections likely did too, and TCP
             # alone could take many minutes to notice. Resumable streams wait for the

@@ -31,6 +31,9 @@ class ControlDriver:
         #: When `_timer` is due. Kept here: uvloop's `call_at` for a time already past
         #: returns a plain Handle, which has no `when()`.
         self._timer_at = 0.0
+        #: The link was reset or failed (rather than closed by the agent): see
+        #: `LLResumes.agent_let_go`.
+        self.broken = False
         link.attach(self)  # replays what was read past the handshake
         self._after()
 
@@ -44,6 +47,8 @@ class ControlDriver:
         self._after()
 
     def on_lost(self, exc: BaseException | None) -> None:
+        if exc is not None and not self.link.got_eof:
+            self.broken = True  # reset or failed: the network, not the agent letting go
         self.on_eof()
 
     def on_pause(self) -> None:

@@ -96,6 +96,14 @@ class LLResumes:
                 count += 1
         return count
 
+    def agent_let_go(self, session: AgentSession) -> None:
+        """`session`'s agent closed its control connection: give up its streams that
+        wait (those still running end when their own data connections close)."""
+        for relay in list(session.relays):
+            if isinstance(relay, ResumableRelay) and relay.waiting_since is not None:
+                why = f"not resumed: agent {session.agent_id} closed its session"
+                self.table.give_up(relay, why, "closed")
+
     def resume(self, message: Resume, channel: FrameChannel) -> None:
         """A data connection whose first frame is RESUME: check it, answer RESUMED and
         hand the connection to its stream; raise ResumeRefused (logged and counted by

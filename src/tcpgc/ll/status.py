@@ -9,6 +9,7 @@ from typing import Any
 from tcpgc.config import Address
 from tcpgc.ll.agents import AgentRegistry
 from tcpgc.ll.clients import Service
+from tcpgc.relay.resumable import waiting_for
 
 
 def ll_status(
@@ -49,6 +50,7 @@ def ll_status(
                 "bytes_in": relay.result.bytes_a_to_b,
                 "bytes_out": relay.result.bytes_b_to_a,
                 "seconds": round(now - relay.result.started, 1),
+                "waiting": waiting_for(relay, now),
             }
             for service in services.values()
             for relay in service.relays

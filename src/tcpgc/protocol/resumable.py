@@ -14,6 +14,11 @@ Records, each direction::
     chunk  length (u32, 1..MAX_CHUNK) | bytes
     end    0 (u32)
     ack    0xFFFFFFFF (u32) | offset (u64)
+    reset  0xFFFFFFFE (u32): the sender's side was reset; so must the receiver's be
+
+A reset travels as a record, not as a TCP reset of the data connection: a reset (or
+silence) of the data connection is what a broken network looks like, after which the
+stream waits to be resumed.
 
 A stream is over, and its data connection free for the next client, once a node has
 received the peer's end marker and the peer has acknowledged its own: the records after
@@ -28,8 +33,10 @@ from tcpgc.errors import ProtocolError
 from tcpgc.protocol.chunks import END, HEADER_SIZE, MAX_CHUNK, chunk_header
 
 ACK_MARK = 0xFFFFFFFF
+RESET_MARK = 0xFFFFFFFE
 _ACK = struct.Struct("!IQ")
 ACK_SIZE = _ACK.size
+RESET_RECORD = RESET_MARK.to_bytes(HEADER_SIZE, "big")
 
 
 def ack_record(offset: int) -> bytes:
@@ -123,7 +130,7 @@ class RecordDecoder:
 
     __slots__ = (
         "_header", "_remaining", "received", "ended", "acked", "done_at", "finished",
-        "leftover",
+        "leftover", "aborted",
     )  # fmt: skip
 
     def __init__(self, received: int = 0) -> None:
@@ -135,6 +142,7 @@ class RecordDecoder:
         self.done_at: int | None = None
         self.finished = False
         self.leftover = b""
+        self.aborted = False  # the peer reset its side
 
     @property
     def offset(self) -> int:
@@ -172,6 +180,10 @@ class RecordDecoder:
                     continue  # the offset follows
                 self.acked = max(self.acked, _ACK.unpack(header)[1])
                 header.clear()
+            elif mark == RESET_MARK:
+                header.clear()
+                self.aborted = True
+                break
             elif mark > MAX_CHUNK:
                 raise ProtocolError(f"chunk of {mark} bytes (at most {MAX_CHUNK})")
             elif self.ended:
@@ -198,6 +210,7 @@ class RecordDecoder:
 __all__ = [
     "ACK_SIZE",
     "END",
+    "RESET_RECORD",
     "Retention",
     "RecordDecoder",
     "ack_record",

@@ -23,7 +23,13 @@ from collections.abc import Callable
 
 from tcpgc.errors import ProtocolError
 from tcpgc.protocol.chunks import END
-from tcpgc.protocol.resumable import RecordDecoder, Retention, ack_record, chunk_records
+from tcpgc.protocol.resumable import (
+    RESET_RECORD,
+    RecordDecoder,
+    Retention,
+    ack_record,
+    chunk_records,
+)
 from tcpgc.relay.result import ByteCounter, ByteTally, Completion, RelayResult, is_reset
 from tcpgc.task_set import NO_CONTEXT
 from tcpgc.transport.link import Link
@@ -57,7 +63,7 @@ class _PlainSide(ByteTally):
         relay = self.relay
         if relay.ended:
             return
-        relay.fail("reset" if is_reset(exc) else f"error: {exc}" if exc else "closed early")
+        relay.abort("reset" if is_reset(exc) else f"error: {exc}" if exc else "closed early")
 
     def on_pause(self) -> None:
         self.relay.plain_blocked(True)
@@ -81,7 +87,11 @@ class _DataSide(ByteTally):
             self.relay.received(data, self)
 
     def on_eof(self) -> None:
-        self.relay.broken(self.link, "data connection closed mid-stream")
+        # A FIN comes from the peer's own system, never from the network in between:
+        # the peer node let go of the stream (its process ended), so it cannot resume.
+        relay = self.relay
+        if relay.b is self.link:
+            relay.fail("data connection closed mid-stream")
 
     def on_lost(self, exc: BaseException | None) -> None:
         why = "data connection reset" if is_reset(exc) else f"data connection lost: {exc}"
@@ -94,6 +104,13 @@ class _DataSide(ByteTally):
     def on_resume(self) -> None:
         if self.relay.b is self.link:
             self.relay.release(_WRITE)
+
+
+def waiting_for(relay: object, now: float) -> float | None:
+    """How long `relay` has waited for a resume (rounded for a status page), or None
+    if it is not waiting (or cannot)."""
+    since = getattr(relay, "waiting_since", None)
+    return None if since is None else round(now - since, 1)
 
 
 class ResumableRelay(Completion):
@@ -198,6 +215,9 @@ class ResumableRelay(Completion):
         except ProtocolError as exc:
             self.fail(f"error: {exc}")
             return
+        if inbound.aborted:
+            self.fail("reset")
+            return
         if inbound.ended and not self._eof_sent:
             self._eof_sent = True
             self.a.write_eof()
@@ -263,7 +283,7 @@ class ResumableRelay(Completion):
             return
         self.b = None
         link.handler = Ignoring()
-        link.abort()
+        link.reset()  # a reset, not a FIN: the peer, if it hears it, waits for a resume
         self._cancel_ack_timer()
         if self.window <= 0:
             self.fail(reason)
@@ -283,7 +303,7 @@ class ResumableRelay(Completion):
         if old is not None:  # the peer knows better: the old connection is dead
             self.b = None
             old.handler = Ignoring()
-            old.abort()
+            old.reset()
         self.epoch += 1
         self.inbound.reset_partial()
         self.waiting_since = None
@@ -323,6 +343,18 @@ class ResumableRelay(Completion):
             else:
                 link.close()
         self._settle()
+
+    def abort(self, reason: str) -> None:
+        """The plain side was reset or broke: tell the peer, whose side is reset too,
+        and end. The data connection is not reused."""
+        if self.ended:
+            return
+        link = self.b
+        if link is not None:
+            link.write(RESET_RECORD)
+            link.close()  # after the record: a FIN, which ends the stream there too
+            self.b = None
+        self.fail(reason)
 
     def fail(self, reason: str, *, reset: bool = True) -> None:
         """End both sides now, with a reset unless `reset` is False; the data
