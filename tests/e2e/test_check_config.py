@@ -211,3 +211,18 @@ def test_bind_error_names_the_config_key(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert "(cc)" in result.stderr and "--cc" not in result.stderr, result.stderr
     assert os.path.exists(tmp_path / "s")
+
+
+def test_resume_keys_are_checked(tmp_path: Path) -> None:
+    path = tmp_path / "ll.toml"
+    lines = _check(
+        path,
+        'cc = "127.0.0.1:0"\nresume_window = -1\nresume_buffer = 1000\n'
+        'resume_memory = "lots"\n'
+        '[services.web]\nclients = "127.0.0.1:0"\nresume_window = "long"\n',
+    )
+    assert ">= 0.0" in _reported(lines, path, 2, "resume_window")
+    assert "512 KiB" in _reported(lines, path, 3, "resume_buffer")
+    _reported(lines, path, 4, "resume_memory")
+    _reported(lines, path, 7, "services.web.resume_window")
+    assert len(lines) == 4, lines

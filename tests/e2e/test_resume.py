@@ -27,6 +27,7 @@ from support import (
     EchoServer,
     Harness,
     Node,
+    ThreadedServer,
     format_addr,
     parse_addr,
     service_re,
@@ -209,3 +210,49 @@ def test_a_stream_not_resumed_within_its_window_is_reset_on_both_sides(
 def open_connections(server: EchoServer) -> int:
     with server._lock:
         return len(server._conns)
+
+
+class TwoPartServer(ThreadedServer):
+    """Sends `first` bytes, waits for `go`, sends `second` bytes and closes."""
+
+    def __init__(self, first: bytes, second: bytes) -> None:
+        super().__init__()
+        self.first, self.second = first, second
+        self.go = threading.Event()
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.sendall(self.first)
+        if self.go.wait(30):
+            conn.sendall(self.second)
+
+
+def test_the_end_of_a_download_sent_while_the_leg_is_down_arrives_after_it(
+    harness: Harness, tmp_path: Path, relays: list[CuttableRelay]
+) -> None:
+    leg = make_leg(harness, tmp_path, relays, plaintext=False)
+    first, second = os.urandom(2 * 1024 * 1024), os.urandom(1024 * 1024)
+    server = TwoPartServer(first, second).start()
+    harness.adopt(server)
+    # The same LL and agent, a second agent config pointing at the two-part server.
+    leg.cc.stop()
+    cc_toml = cc_config(
+        tmp_path / "cc2.toml", ll=[leg.relay.addr_str], services={"default": server.addr_str},
+        reconnect_min=0.1, reconnect_max=0.5, connect_timeout=2.0,
+    )  # fmt: skip
+    mark = leg.ll.mark()
+    cc = harness.start_cc("-c", str(cc_toml), token=harness.token(harness.state_dir()))
+    cc.wait_for(RE_CC_JOINED, READY_TIMEOUT)
+    leg.ll.wait_for(RE_LL_AGENT_JOINED, READY_TIMEOUT, since=mark)
+    with socket.create_connection(leg.client, timeout=30) as sock:
+        got = bytearray()
+        while len(got) < len(first):
+            got += sock.recv(1 << 16)
+        leg.relay.refuse = True
+        leg.relay.cut()
+        server.go.set()  # the rest, and the server's close, while the leg is down
+        time.sleep(1.0)  # the leg stays down for a while: nothing to wait for but time
+        leg.relay.refuse = False
+        while data := sock.recv(1 << 16):
+            got += data
+    assert bytes(got) == first + second
+    leg.ll.wait_for(RE_LL_RESUMED, 10, since=mark)

@@ -161,6 +161,7 @@ class ConnectNode:
         # then the control connection closes), then everything else.
         for address in list(self._sessions):
             await self._stop_session(address)
+        self.resumes.table.give_up_all("not resumed: the agent is stopping")
         self._opener.close_all()
         await self._tasks.close()
         self._refusals.close()

@@ -38,6 +38,9 @@ log = logging.getLogger("tcpgc.cc")
 #: session is up but the try fails.
 RETRY_FIRST = 0.05
 RETRY_CAP = 2.0
+#: Resumes in flight at once: after a break every stream comes back at the same moment,
+#: and an LL sheds more unauthenticated connections from one address than this.
+CONCURRENT_RESUMES = 16
 
 
 class CCResumes:
@@ -59,6 +62,7 @@ class CCResumes:
         #: The handshake of the session up now with each LL (by address).
         self.sessions: dict[str, AgentHandshake] = {}
         self._where: dict[ResumableRelay, tuple[Address, str]] = {}
+        self._in_flight = asyncio.Semaphore(CONCURRENT_RESUMES)
 
     def reconfigure(self, config: CCConfig) -> None:
         self.config = config
@@ -118,8 +122,11 @@ class CCResumes:
                 await asyncio.sleep(delay)
                 continue
             try:
-                if await self._try(ll, service, relay, handshake):
-                    return
+                async with self._in_flight:
+                    if relay.ended or relay.b is not None:
+                        return
+                    if await self._try(ll, service, relay, handshake):
+                        return
             except (TcpgcError, OSError, ssl.SSLError, TimeoutError) as exc:
                 log.info("%s: resume failed, trying again: %s", relay.label, transport_error(exc))
             await asyncio.sleep(delay)
@@ -131,6 +138,7 @@ class CCResumes:
         """One resume over a new data connection; True once the stream is settled
         (resumed, or given up), False to try again."""
         epoch, received = relay.epoch + 1, relay.inbound.offset
+        relay.epoch = epoch  # used, whatever comes of it: a retry takes the next one
         async with asyncio.timeout(self.config.connect_timeout):
             link, binding = await self._dialer.dial(ll, handshake.binding)
             try:

@@ -149,6 +149,13 @@ class SessionKeeper:
                 # rather than when TCP gives up, many minutes later.
                 log.warning("closing %d connections through LL %s", count, address)
             raise
+        except (TcpgcError, OSError):
+            # Ended otherwise (a reset, an error): the data connections may have died
+            # with it, silently if idle. The streams go on over new ones (and the LL
+            # is sent a reset, not a FIN, which would tell it we let go of them).
+            link.reset()
+            self._resumes.ll_lost(address, f"session to LL {address} ended")
+            raise
         finally:
             if pool is not None:
                 pool.cancel()

@@ -228,6 +228,7 @@ class ListenNode:
         await self.close()
 
     async def close(self) -> None:
+        self.resumes.give_up_all()  # with a reset: those streams cannot go on
         self.agent_port.trimmer.cancel()
         if self._agent_server is not None:
             self._agent_server.close()

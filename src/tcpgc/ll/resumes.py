@@ -124,11 +124,14 @@ class LLResumes:
         )  # fmt: skip
         if message.version != MAX_VERSION or not hmac.compare_digest(expected, message.proof):
             self._refuse("proof", "bad proof")
-        if message.epoch != relay.epoch + 1:
-            self._refuse("proof", f"resume {message.epoch} of a stream resumed {relay.epoch} times")
+        if message.epoch <= relay.epoch:
+            # Used already: a recorded RESUME played again. (An agent whose RESUMED was
+            # lost tries again with a higher number.)
+            self._refuse("proof", f"resume number {message.epoch} already used")
         pause = self.table.pause_of(relay)
         received = relay.inbound.offset
         proof = resumed_proof(relay.key, message.stream_id, message.epoch, received)
+        relay.epoch = message.epoch
         channel.send(Resumed(received, proof))
         channel.detach()
         try:

@@ -67,7 +67,7 @@ class Retention:
         self.ended = False  # the end marker was sent
         # A list, not a deque: an idle stream's empty list costs a tenth of an empty
         # deque, and thousands of streams are held at once.
-        self._kept: list[bytes] = [kept] if kept else []
+        self._kept: list[bytes | memoryview] = [kept] if kept else []
         self.kept = len(kept)  # bytes retained
 
     @property
@@ -107,11 +107,11 @@ class Retention:
                 drop -= len(head)
                 self.kept -= len(head)
             else:
-                kept[0] = head[drop:]
+                kept[0] = memoryview(head)[drop:]  # a view: no copy of the rest
                 self.kept -= drop
                 drop = 0
 
-    def replay(self, received: int) -> tuple[list[bytes], bool]:
+    def replay(self, received: int) -> tuple[list[bytes | memoryview], bool]:
         """What to send again to a receiver that has `received`: the bytes after it,
         and whether the end marker goes again too. Raises ProtocolError if `received` is
         outside what is retained (before the acknowledged offset or past the sent one)."""

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 from tcpgc.errors import ProtocolError
-from tcpgc.protocol.chunks import END
+from tcpgc.protocol.chunks import END, MAX_CHUNK, chunk_header
 from tcpgc.protocol.resumable import (
     RESET_RECORD,
     RecordDecoder,
@@ -42,7 +42,8 @@ ACK_DELAY = 0.2
 #: What may follow the stream's end before the connection's next frame is read.
 _MAX_LEFTOVER = 4096
 
-_WAITING, _FULL, _WRITE = "waiting", "full", "write"
+#: Why the plain side is not read (bits: a set would cost 200 bytes per stream).
+_WAITING, _FULL, _WRITE = 1, 2, 4
 
 
 class _PlainSide(ByteTally):
@@ -153,13 +154,13 @@ class ResumableRelay(Completion):
         self.window = window
         self.stream_id = stream_id
         self.key = key  # the stream's key (`handshake.stream_key`): proves its resumes
-        self.epoch = 0  # resumes so far
+        self.epoch = 0  # the highest resume number used (the LL accepts only higher ones)
         self.label = label  # how logs name the stream
         self.waiting_since: float | None = None
         self.ended = False
         self.on_broken = on_broken
         self.on_idle = on_idle
-        self._holds: set[str] = set()
+        self._holds = 0
         self._a_blocked = False
         self._acked_sent = decoder.offset  # what we told the peer we have
         self._ack_timer: asyncio.TimerHandle | None = None
@@ -189,6 +190,9 @@ class ResumableRelay(Completion):
     def _write(self, data: bytes | memoryview) -> None:
         link = self.b
         assert link is not None
+        if len(data) <= MAX_CHUNK:  # a read is at most 256 KiB: one chunk, one write
+            link.write(data, prefix=self._pending_ack() + chunk_header(len(data)))
+            return
         records = chunk_records(data)
         prefix = self._pending_ack()
         for i in range(0, len(records), 2):
@@ -250,14 +254,14 @@ class ResumableRelay(Completion):
 
     # ---- pauses ------------------------------------------------------------------
 
-    def hold(self, reason: str) -> None:
+    def hold(self, reason: int) -> None:
         if not self._holds:
             self.a.pause_reading()
-        self._holds.add(reason)
+        self._holds |= reason
 
-    def release(self, reason: str) -> None:
-        if reason in self._holds:
-            self._holds.discard(reason)
+    def release(self, reason: int) -> None:
+        if self._holds & reason:
+            self._holds &= ~reason
             if not self._holds and not self.ended:
                 self.a.resume_reading()
 
@@ -304,7 +308,6 @@ class ResumableRelay(Completion):
             self.b = None
             old.handler = Ignoring()
             old.reset()
-        self.epoch += 1
         self.inbound.reset_partial()
         self.waiting_since = None
         self._connect(link)
