@@ -136,7 +136,9 @@ class CCResumes:
         self, ll: Address, service: str, relay: ResumableRelay, handshake: AgentHandshake
     ) -> bool:
         """One resume over a new data connection; True once the stream is settled
-        (resumed, or given up), False to try again."""
+        (resumed, or given up), False to try again. A connection given up is reset,
+        never closed: a FIN would tell the LL, had it taken the stream over on it, that
+        the agent let go of the stream."""
         epoch, received = relay.epoch + 1, relay.inbound.offset
         relay.epoch = epoch  # used, whatever comes of it: a retry takes the next one
         async with asyncio.timeout(self.config.connect_timeout):
@@ -149,15 +151,15 @@ class CCResumes:
                 channel.send(Resume(MAX_VERSION, relay.stream_id, epoch, received, proof))
                 answer = await channel.recv()
             except BaseException:
-                link.abort()
+                link.reset()
                 raise
         if relay.ended or relay.b is not None:
-            link.abort()
+            link.reset()
             return True
         if isinstance(answer, Resumed):
             expected = resumed_proof(relay.key, relay.stream_id, epoch, answer.received)
             if not hmac.compare_digest(expected, answer.proof):
-                link.abort()
+                link.reset()
                 self.table.give_up(relay, "not resumed: the LL's answer has a bad proof", "proof")
                 return True
             pause = self.table.pause_of(relay)
@@ -165,12 +167,12 @@ class CCResumes:
             try:
                 replayed = relay.attach(link, answer.received)
             except ProtocolError as exc:
-                link.abort()
+                link.reset()
                 self.table.give_up(relay, f"cannot be resumed: {exc}", "proof")
                 return True
             self.table.resumed(relay, service, pause, replayed)
             return True
-        link.abort()
+        link.reset()
         if isinstance(answer, Error) and answer.code == ErrorCode.UNAVAILABLE:
             return False  # the LL does not know our new session yet: again
         if self.sessions.get(str(ll)) is not handshake:
