@@ -41,6 +41,8 @@ log = logging.getLogger("tcpgc.cc")
 
 #: A session that lasted this long resets the reconnect backoff.
 STABLE_SESSION = 30.0
+#: The longest wait between two dials of an LL while streams wait to be resumed.
+WAITING_RETRY = 1.0
 
 #: The control connection of a joined session: its link, its core, its feed, and the
 #: events that came with READY.
@@ -97,6 +99,10 @@ class SessionKeeper:
             if time.monotonic() - started > STABLE_SESSION:
                 backoff.reset()
             wait = backoff.full_jitter(random.random())
+            if self._resumes.table.waiting():
+                # Streams wait to be resumed, each second costs them: try at least
+                # every second until the window passes (then the backoff of today).
+                wait = min(wait, WAITING_RETRY)
             if address in self._joined:
                 # A session that was up broke: its streams wait to be resumed, so the
                 # first try is at once (a network blip is over as often as not).
