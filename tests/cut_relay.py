@@ -49,6 +49,8 @@ class CuttableRelay:
                 _reset(down)
                 continue
             up.settimeout(None)
+            for sock in (down, up):  # as the nodes do: no Nagle delay on small records
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._live += [down, up]
                 self._all.append(up)

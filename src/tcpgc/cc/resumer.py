@@ -173,7 +173,9 @@ class CCResumes:
             self.table.resumed(relay, service, pause, replayed)
             return True
         link.reset()
-        if isinstance(answer, Error) and answer.code == ErrorCode.UNAVAILABLE:
+        if not isinstance(answer, Error):
+            return False  # closed unanswered (shed among many, say): again
+        if answer.code == ErrorCode.UNAVAILABLE:
             return False  # the LL does not know our new session yet: again
         if self.sessions.get(str(ll)) is not handshake:
             return False  # proven with a session that was replaced meanwhile: again
@@ -182,8 +184,7 @@ class CCResumes:
             # the connection, and the LL is done with the stream: so are we.
             relay.fail("closed", reset=False)
             return True
-        why = printable(answer.message) if isinstance(answer, Error) else "the LL closed it"
-        self.table.give_up(relay, f"not resumed: {why}", "unknown")
+        self.table.give_up(relay, f"not resumed: {printable(answer.message)}", "unknown")
         return True
 
     def ll_lost(self, ll: Address, reason: str) -> int:

@@ -143,6 +143,7 @@ class SessionKeeper:
         try:
             await self._serve(address, session, feed, pending)
         except HeartbeatLost:
+            self._session_down(address, handshake)
             # A reset, not a FIN, should it get through: to the LL a FIN means this
             # agent let go, and it would give up the streams that wait for us.
             link.reset()
@@ -160,6 +161,7 @@ class SessionKeeper:
             # with it, silently if idle. The streams go on over new ones (and the LL
             # is sent a reset, not a FIN, which would tell it we let go of them).
             link.reset()
+            self._session_down(address, handshake)
             self._resumes.ll_lost(address, f"session to LL {address} ended")
             raise
         finally:
@@ -167,10 +169,14 @@ class SessionKeeper:
                 pool.cancel()
                 await asyncio.gather(pool, return_exceptions=True)
             link.abort()
-            self._connected[str(address)].clear()
-            if self._resumes.sessions.get(str(address)) is handshake:
-                del self._resumes.sessions[str(address)]
+            self._session_down(address, handshake)
             self._count_agents()
+
+    def _session_down(self, address: Address, handshake: AgentHandshake) -> None:
+        """Before the streams through `address` try to resume: not with this session."""
+        self._connected[str(address)].clear()
+        if self._resumes.sessions.get(str(address)) is handshake:
+            del self._resumes.sessions[str(address)]
 
     def _count_agents(self) -> None:
         self._metrics.agents.set(sum(e.is_set() for e in self._connected.values()))

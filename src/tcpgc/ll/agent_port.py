@@ -189,7 +189,11 @@ class AgentPort:
         try:
             self._resumes.resume(message, channel)
         except ResumeRefused as exc:
-            log.warning("resume refused from %s: %s", channel.link.peer, exc)
+            # Refused for want of the agent's new session: it tries again, as expected
+            # right after a break. Anything else is worth a warning.
+            (log.info if exc.reason == "session" else log.warning)(
+                "resume refused from %s: %s", channel.link.peer, exc
+            )
             self.trimmer.failed()
             code = {"unknown": ErrorCode.UNKNOWN_STREAM, "proof": ErrorCode.AUTHENTICATION}
             answer = code.get(exc.reason, ErrorCode.UNAVAILABLE)

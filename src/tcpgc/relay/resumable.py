@@ -39,6 +39,9 @@ from tcpgc.transport.link_handlers import Ignoring
 #: ACK_DELAY (or with the next bytes the other way), so an idle stream retains nothing.
 ACK_EVERY = 128 * 1024
 ACK_DELAY = 0.2
+#: How long a data connection whose stream was reset is kept reading, at most, while
+#: the peer takes in the RESET record and resets it.
+DRAIN_AFTER_RESET = 5.0
 #: What may follow the stream's end before the connection's next frame is read.
 _MAX_LEFTOVER = 4096
 
@@ -354,9 +357,15 @@ class ResumableRelay(Completion):
             return
         link = self.b
         if link is not None:
-            link.write(RESET_RECORD)
-            link.close()  # after the record: a FIN, which ends the stream there too
+            # The record, then a FIN; and we go on reading (and dropping) what the peer
+            # still sends: closing now, with its bytes unread, would send a reset, and
+            # a reset can overtake the record and make the peer wait for a resume.
             self.b = None
+            link.write(RESET_RECORD)
+            link.write_eof()
+            link.handler = Ignoring()
+            link.resume_reading()
+            asyncio.get_running_loop().call_later(DRAIN_AFTER_RESET, link.abort)
         self.fail(reason)
 
     def fail(self, reason: str, *, reset: bool = True) -> None:
