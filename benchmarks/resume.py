@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _load  # noqa: E402
 import run  # noqa: E402
-from _procs import fd_kinds, memory, run_script, stop_all, wait_quiet  # noqa: E402
+from _procs import cpu_seconds, fd_kinds, memory, run_script, stop_all, wait_quiet  # noqa: E402
 from _systems import LOCAL, ROOT, Tcpgc, TcpgcPlain, TcpgcTLS, tcpgc_loop  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -143,13 +143,22 @@ def throughput(p: dict[str, Any], workdir: Path) -> dict[str, Any]:
                 for setting in order:
                     for figure in figures:
                         streams = 4 if figure == "iperf_4" else 1
+                        nodes = systems[setting].nodes
+                        cpu0, t0 = {n: cpu_seconds([q.pid]) for n, q in nodes.items()}, time.time()
                         res = _load.iperf3(addrs[setting], p["iperf_seconds"], streams)
+                        wall = time.time() - t0
+                        # the nodes' CPU over the whole iperf3 run (100 % = one core)
+                        cpu = {n: (cpu_seconds([q.pid]) - cpu0[n]) / wall * 100
+                               for n, q in nodes.items()}  # fmt: skip
                         gbit = res.get("gbit_s")
                         print(f"  {base.key:5} round {round_ + 1} {setting:3} {figure}: "
-                              + (f"{gbit:.2f} Gbit/s" if gbit else f"error {res.get('error')}"),
+                              + (f"{gbit:.2f} Gbit/s" if gbit else f"error {res.get('error')}")
+                              + f", LL {cpu['LL']:.0f} % CC {cpu['CC']:.0f} % CPU",
                               flush=True)  # fmt: skip
                         if gbit:
                             runs[setting].setdefault(figure, []).append(gbit)
+                            for n, pct in cpu.items():
+                                runs[setting].setdefault(f"{figure}_{n}_cpu", []).append(pct)
                         else:
                             errors.append(f"round {round_ + 1} {setting} {figure}: {res}")
                         if not systems[setting].alive():
@@ -169,6 +178,11 @@ def throughput(p: dict[str, Any], workdir: Path) -> dict[str, Any]:
             mode[figure] = {
                 "on_gbit_s": _spread(on),
                 "off_gbit_s": _spread(off),
+                **{
+                    f"{setting}_{n}_cpu_pct": _spread(runs[setting].get(f"{figure}_{n}_cpu", []))
+                    for setting in ("on", "off")
+                    for n in ("LL", "CC")
+                },
                 "ratio_of_medians": statistics.median(on) / statistics.median(off)
                 if on and off
                 else None,
@@ -534,8 +548,8 @@ def summary(doc: dict[str, Any]) -> str:
              f"tcpgc on {doc['tcpgc_loop']}", ""]  # fmt: skip
     if tp := doc.get("throughput"):
         lines += ["| mode | streams | off Gbit/s (min-max) | on Gbit/s (min-max) | on ÷ off "
-                  "(medians) | on ÷ off per round, median (min-max) |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+                  "(medians) | on ÷ off per round, median (min-max) | LL / CC CPU % off | "
+                  "LL / CC CPU % on |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for mode, figures in tp.items():
             for figure in ("iperf_1", "iperf_4"):
                 f = figures.get(figure)
@@ -546,7 +560,13 @@ def summary(doc: dict[str, Any]) -> str:
                     f"| {mode} | {figure[-1]} | {_f(off['median'])} ({_f(off['min'])}-"
                     f"{_f(off['max'])}) | {_f(on['median'])} ({_f(on['min'])}-{_f(on['max'])}) "
                     f"| {_f(f['ratio_of_medians'], '.0%')} | {_f(pr['median'], '.0%')} "
-                    f"({_f(pr['min'], '.0%')}-{_f(pr['max'], '.0%')}) |"
+                    f"({_f(pr['min'], '.0%')}-{_f(pr['max'], '.0%')}) | "
+                    + " | ".join(
+                        f"{_f(f[f'{s}_LL_cpu_pct']['median'], '.0f')} / "
+                        f"{_f(f[f'{s}_CC_cpu_pct']['median'], '.0f')}"
+                        for s in ("off", "on")
+                    )
+                    + " |"
                 )
         lines.append("")
     if mem := doc.get("memory"):
