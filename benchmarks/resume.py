@@ -200,7 +200,7 @@ def held_memory(p: dict[str, Any], workdir: Path, echo: int) -> dict[str, Any]:
     for base in (TcpgcPlain, TcpgcTLS):
         for on in (True, False) if base is TcpgcPlain else (False, True):
             system = system_class(base, on)(workdir)
-            wait_quiet()
+            wait_quiet(limit=10.0)
             try:
                 addr = system.start(echo)
                 if (problem := run.probe(addr, 30)) is not None:
