@@ -170,11 +170,12 @@ def throughput(p: dict[str, Any], workdir: Path) -> dict[str, Any]:
             errors.append(f"{type(exc).__name__}: {exc}")
             print(f"  {base.key}: {errors[-1]}", flush=True)
         finally:
+            logs = {k: {n: q.log for n, q in system.nodes.items()} for k, system in systems.items()}
             for system in systems.values():
                 system.stop()
             for server in servers:
                 server.stop()
-        mode: dict[str, Any] = {"errors": errors}
+        mode: dict[str, Any] = {"errors": errors, "endings": endings(logs)}
         for figure in figures:
             on, off = runs["on"].get(figure, []), runs["off"].get(figure, [])
             paired = [a / b for a, b in zip(on, off, strict=False)]
@@ -193,6 +194,29 @@ def throughput(p: dict[str, Any], workdir: Path) -> dict[str, Any]:
             }
         out[base.key] = mode
     return out
+
+
+def _count(log: Path, pattern: str) -> int:
+    try:
+        return len(re.findall(pattern, log.read_text(errors="replace")))
+    except OSError:
+        return 0
+
+
+def endings(logs: dict[str, dict[str, Path]]) -> dict[str, dict[str, int]]:
+    """How the iperf3 streams ended, from the node logs. iperf3's server resets its data
+    connections at the end of a test: each reset should reach the client as one, not
+    leave the stream waiting out the resume window."""
+    return {
+        setting: {
+            "cc_server_resets": _count(nodes["CC"], r"bytes from it, reset"),
+            "ll_client_resets": _count(nodes["LL"], r"bytes out, reset"),
+            "ll_streams_waiting": _count(nodes["LL"], r"waits up to [\d.]+ s for its agent"),
+            "ll_not_resumed": _count(nodes["LL"], r"done after .*not resumed within"),
+        }
+        for setting, nodes in logs.items()
+        if {"LL", "CC"} <= nodes.keys()
+    }
 
 
 # ---------------------------------------------------------------- 2. memory
@@ -576,6 +600,15 @@ def summary(doc: dict[str, Any]) -> str:
                     )
                     + " |"
                 )
+        for mode, figures in tp.items():
+            for setting, seen in figures.get("endings", {}).items():
+                if seen["ll_streams_waiting"]:
+                    lines.append(
+                        f"\n{mode}, resumption {setting}: of {seen['cc_server_resets']} iperf3 "
+                        f"server resets, {seen['ll_client_resets']} reached the client as a "
+                        f"reset; {seen['ll_streams_waiting']} left the LL waiting for a resume "
+                        f"({seen['ll_not_resumed']} waited out the window)"
+                    )
         lines.append("")
     if mem := doc.get("memory"):
         lines += ["| mode | resumption | held (usable) | LL RSS MiB | CC RSS MiB | "
