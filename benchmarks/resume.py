@@ -1,6 +1,6 @@
 """What resumable streams cost and how fast they come back, on loopback.
 
-    python benchmarks/resume.py                      # everything (~10 minutes on 2 cores)
+    python benchmarks/resume.py                      # everything (~8 minutes on 2 cores)
     python benchmarks/resume.py --quick              # a ~3 minute smoke run
     python benchmarks/resume.py --only throughput    # or memory, resume (comma-separated)
 
@@ -11,15 +11,21 @@ Python) in both modes; off, plaintext relays with splice(2).
 1. throughput: one iperf3 stream (and 4 with `-P 4`) through LL + CC, plaintext and
    TLS. Both systems of a mode run side by side; rounds alternate which goes first;
    each figure is the median of the rounds, and on ÷ off is given for the medians and
-   as the median (min-max) of each round's own ratio.
+   as the median (min-max) of each round's own ratio, with the LL's and the CC's CPU.
+   The node logs also tell how the streams ended: iperf3's server resets its data
+   connections at the end of each test, and each reset should reach the client.
 2. memory: 8,000 idle connections held open through the tunnel (each verified with an
-   echo), then idle `--settle` seconds more so that every acknowledgement has drained
-   the retention; the LL's and the CC's RSS, on and off.
+   echo), then left idle 6 s (so that every acknowledgement has drained the retention);
+   the LL's and the CC's RSS, on and off.
 3. resume: the agent reaches the LL through a relay on loopback that the benchmark
-   cuts (every connection reset, new ones reset for `--outage` seconds, then accepted
+   cuts (every connection reset, new ones reset for 1 s (`outage`), then accepted
    again) while a client streams through the tunnel to an echo server. Time from the
-   relay accepting again to the first byte the client receives after the pause, the
-   client-visible stall, and the LL's own "resumed after X s" figure.
+   relay accepting again to the first byte the client receives after the pause (and
+   from the relay's first accepted connection, which leaves out the agent's reconnect
+   back-off), the client-visible stall, and the LL's own "resumed after X s" figure.
+   Each repetition on freshly started nodes; then `flaps` outages 1 s apart on one pair
+   of nodes, where the agent's reconnect back-off (reset only by a session that lasted
+   30 s) grows.
 
 JSON goes to benchmarks/results/resume-*.json, the markdown summary to stdout and next
 to it (.md). The load average and whether tests were running are recorded: the
