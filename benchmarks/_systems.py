@@ -267,6 +267,8 @@ class Tcpgc(System):
     plaintext = False
     classic = False
     loop: str | None = None
+    #: more `tcpgc ll` options (resume.py: `--resume-window 0`)
+    ll_args: tuple[str, ...] = ()
 
     def __init__(self, workdir: Path, src: Path | None = None) -> None:
         """`src`: the source tree whose tcpgc runs (default: this working tree's src/)."""
@@ -303,6 +305,7 @@ class Tcpgc(System):
                 f"{LOCAL}:{agents}",
                 *mode,
                 *ll_extra,
+                *self.ll_args,
             ),  # fmt: skip
             env=tcpgc_env(loop=self.loop, src=self.src),
         )
