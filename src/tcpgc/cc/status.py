@@ -9,7 +9,7 @@ from tcpgc.addresses import format_endpoint
 from tcpgc.config import Address
 from tcpgc.protocol.messages import Open
 from tcpgc.relay.result import AnyRelay
-from tcpgc.relay.resumable import waiting_for
+from tcpgc.relay.resume_table import waiting_for
 
 
 def cc_status(

@@ -9,7 +9,7 @@ from typing import Any
 from tcpgc.config import Address
 from tcpgc.ll.agents import AgentRegistry
 from tcpgc.ll.clients import Service
-from tcpgc.relay.resumable import waiting_for
+from tcpgc.relay.resume_table import waiting_for
 
 
 def ll_status(

@@ -110,13 +110,6 @@ class _DataSide(ByteTally):
             self.relay.release(_WRITE)
 
 
-def waiting_for(relay: object, now: float) -> float | None:
-    """How long `relay` has waited for a resume (rounded for a status page), or None
-    if it is not waiting (or cannot)."""
-    since = getattr(relay, "waiting_since", None)
-    return None if since is None else round(now - since, 1)
-
-
 class ResumableRelay(Completion):
     """Relay plain link `a` <-> data link `b` (None while waiting for a new one).
 

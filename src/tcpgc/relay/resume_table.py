@@ -19,6 +19,13 @@ from tcpgc.relay.resumable import ResumableRelay
 from tcpgc.task_set import NO_CONTEXT
 
 
+def waiting_for(relay: object, now: float) -> float | None:
+    """How long `relay` has waited for a resume (rounded for a status page), or None
+    if it is not waiting (or cannot)."""
+    since = getattr(relay, "waiting_since", None)
+    return None if since is None else round(now - since, 1)
+
+
 class ResumeTable:
     """The resumable streams of one node, by stream id."""
 
