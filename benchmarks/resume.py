@@ -41,7 +41,6 @@ import os
 import re
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -51,15 +50,18 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The relay the resume tests cut: one relay for both.
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import _load  # noqa: E402
 import run  # noqa: E402
 from _procs import cpu_seconds, fd_kinds, memory, run_script, stop_all, wait_quiet  # noqa: E402
 from _systems import LOCAL, ROOT, Tcpgc, TcpgcPlain, TcpgcTLS, tcpgc_loop  # noqa: E402
 
+from cut_relay import CuttableRelay  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 OFF = ("--resume-window", "0")
-_LINGER_RESET = struct.pack("ii", 1, 0)
 #: How long a resume may take: past the agent's longest reconnect wait (reconnect_max,
 #: 30 s by default), which flapping leads to (see "back to back").
 RESUME_WAIT = 45.0
@@ -287,86 +289,6 @@ def held_memory(p: dict[str, Any], workdir: Path, echo: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- 3. time to resume
 
 
-class OutageRelay:
-    """The network between the agent and its LL: a TCP relay on loopback. `outage()`
-    resets every connection through it and resets new ones until it is told to accept
-    again, as a NAT that forgot its flows and a link down for a while would."""
-
-    def __init__(self, upstream: int) -> None:
-        self.upstream = (LOCAL, upstream)
-        self.listener = socket.create_server((LOCAL, 0), backlog=256)
-        self.port: int = self.listener.getsockname()[1]
-        self.refuse = False
-        self.accepts: list[float] = []  # monotonic times of connections passed on
-        self._lock = threading.Lock()
-        self._live: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                down, _ = self.listener.accept()
-            except OSError:
-                return
-            if self.refuse:
-                _reset(down)
-                continue
-            try:
-                up = socket.create_connection(self.upstream, timeout=5)
-            except OSError:
-                _reset(down)
-                continue
-            up.settimeout(None)
-            for sock in (down, up):
-                # a router passes each segment on as it comes: without this, Nagle's
-                # algorithm here and the peer's delayed ACK hold small writes ~40 ms
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                self._live += [down, up]
-            self.accepts.append(time.monotonic())
-            for src, dst in ((down, up), (up, down)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                dst.sendall(data)
-            with self._lock:
-                passed_on = dst in self._live
-            if passed_on:
-                dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def cut(self) -> int:
-        """Refuse from now on and reset every live connection; how many were cut."""
-        self.refuse = True
-        with self._lock:
-            live, self._live = self._live, []
-        for sock in live:
-            _reset(sock)
-        return len(live) // 2
-
-    def stop(self) -> None:
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
-        self._thread.join(5)
-        self.cut()
-
-
-def _reset(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        sock.shutdown(socket.SHUT_RD)  # wakes a pump blocked in recv; sends nothing
-    except OSError:
-        pass
-    sock.close()
-
-
 class Stream:
     """A client sending paced pieces to the echo server through the tunnel and reading
     the echo in another thread; every read is timed."""
@@ -439,7 +361,7 @@ def _resumed_lines(log: Path) -> list[re.Match[str]]:
 
 
 def one_resume(
-    system: Tcpgc, relay: OutageRelay, addr: tuple[str, int], outage: float
+    system: Tcpgc, relay: CuttableRelay, addr: tuple[str, int], outage: float
 ) -> dict[str, Any]:
     ll_log, cc_log = system.nodes["LL"].log, system.nodes["CC"].log
     ll_before, cc_before = len(_resumed_lines(ll_log)), len(_resumed_lines(cc_log))
@@ -448,6 +370,7 @@ def one_resume(
         if not stream.wait(lambda: stream.received > 1 << 20, 20):
             return {"error": f"no flow before the cut: {stream.error}"}
         cut_at = time.monotonic()
+        relay.refuse = True  # the leg stays down for the outage
         cut = relay.cut()
         time.sleep(outage)  # the outage itself: what is measured comes after it
         reopen = time.monotonic()
@@ -480,15 +403,15 @@ def one_resume(
     }
 
 
-def through_relay(base: type[Tcpgc], relays: list[OutageRelay]) -> type[Tcpgc]:
-    """`base` whose agent dials its LL through an `OutageRelay` (appended to `relays`)."""
+def through_relay(base: type[Tcpgc], relays: list[CuttableRelay]) -> type[Tcpgc]:
+    """`base` whose agent dials its LL through a `CuttableRelay` (appended to `relays`)."""
 
     class Cut(base):  # type: ignore[valid-type,misc]
         key = f"{base.key}-resume-cut"
 
         def cc_ll_address(self, agents: int) -> str:
-            relays.append(OutageRelay(agents))
-            return f"{LOCAL}:{relays[-1].port}"
+            relays.append(CuttableRelay((LOCAL, agents)))
+            return relays[-1].addr_str
 
     return Cut
 
@@ -500,7 +423,7 @@ def _percentiles(values: list[float | None]) -> dict[str, Any]:
 
 
 def _cuts(
-    system: Tcpgc, relays: list[OutageRelay], echo: int, count: int, p: dict[str, Any], tag: str
+    system: Tcpgc, relays: list[CuttableRelay], echo: int, count: int, p: dict[str, Any], tag: str
 ) -> list[dict[str, Any]]:
     """`count` outages on the nodes of one start of `system`; each one's figures."""
     reps: list[dict[str, Any]] = []
@@ -560,7 +483,7 @@ def resume_time(p: dict[str, Any], workdir: Path, echo: int) -> dict[str, Any]:
     Then `flaps` outages back to back on one pair of nodes, where the back-off grows."""
     out: dict[str, Any] = {}
     for base in (TcpgcPlain, TcpgcTLS):
-        relays: list[OutageRelay] = []
+        relays: list[CuttableRelay] = []
         system = through_relay(base, relays)(workdir)
         reps: list[dict[str, Any]] = []
         for i in range(p["repetitions"]):

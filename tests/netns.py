@@ -21,7 +21,19 @@ from typing import Any, TypeVar
 
 import pytest
 
-from support import Node, Process, tcpgc_env
+from reliability_tools import cc_config, ll_config
+from support import (
+    RE_CC_JOINED,
+    RE_LL_AGENT_JOINED,
+    RE_LL_AGENT_PORT,
+    Node,
+    Process,
+    format_addr,
+    make_token,
+    parse_addr,
+    service_re,
+    tcpgc_env,
+)
 
 CMD_TIMEOUT = 10.0
 SUPPORT = str(Path(__file__).with_name("support.py"))
@@ -79,6 +91,59 @@ class NamespacePair:
 
     def nft(self, ns: str, ruleset: str) -> subprocess.CompletedProcess[str]:
         return run(*self.prefix(ns), "nft", "-f", "-", input=ruleset)
+
+
+@dataclass
+class Joined:
+    """An LL outside and an agent inside, joined: what the tests need of them."""
+
+    ll: Node
+    cc: Node
+    agent: tuple[str, int]  # the LL's agent port
+    client: tuple[str, int]  # service 'default', on the LL's loopback
+    cc_id: str
+    cc_peer: tuple[str, int]  # the agent's control connection, as the LL sees it
+
+
+def join_tunnel(
+    pair: NamespacePair,
+    tmp: Path,
+    server: str,
+    *,
+    heartbeat: float,
+    connect_timeout: float = 2.0,
+    ready_timeout: float = 20.0,
+    **ll_extra: object,
+) -> Joined:
+    """LL outside (agents on its veth address, clients on its loopback), agent inside
+    serving ``server`` as service 'default'; returns once both logged the session."""
+    state = tmp / "ll-state"
+    token = make_token(state)
+    ll_toml = ll_config(
+        tmp / "ll.toml",
+        cc=f"{pair.outside_ip}:0",
+        services={"default": "127.0.0.1:0"},
+        state_dir=state,
+        heartbeat=heartbeat,
+        client_wait=5,
+        **ll_extra,
+    )
+    ll = pair.tcpgc(pair.outside, "ll", "-c", str(ll_toml), name="ll (outside)")
+    agent = parse_addr(ll.wait_for(RE_LL_AGENT_PORT, ready_timeout)["addr"])
+    client = parse_addr(ll.wait_for(service_re("default"), ready_timeout)["addr"])
+    cc_toml = cc_config(
+        tmp / "cc.toml",
+        ll=[format_addr(*agent)],
+        services={"default": server},
+        reconnect_min=0.1,
+        reconnect_max=1.0,
+        connect_timeout=connect_timeout,
+    )
+    cc = pair.tcpgc(pair.inside, "cc", "-c", str(cc_toml), name="cc (inside)", token=token)
+    cc_id = cc.wait_for(RE_CC_JOINED, ready_timeout)["id"]
+    joined = ll.wait_for(RE_LL_AGENT_JOINED, ready_timeout)
+    assert joined["id"] == cc_id
+    return Joined(ll, cc, agent, client, cc_id, parse_addr(joined["addr"]))
 
 
 def skip_unless_possible(what: str) -> None:

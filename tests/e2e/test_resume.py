@@ -150,7 +150,7 @@ def test_a_transfer_survives_a_reset_of_every_leg_connection(
     assert len(stream.received) == len(stream.payload)
     assert hashlib.sha256(stream.received).digest() == hashlib.sha256(stream.payload).digest()
     assert float(ll_resumed["pause"]) < 10 and float(cc_resumed["pause"]) < 10
-    assert leg.ll.find_all(r"done after .* closed$", since=ll_mark)
+    leg.ll.wait_for(r"done after .* closed$", 10, since=ll_mark)
 
 
 def test_several_cuts_in_a_row_and_many_streams(

@@ -14,7 +14,6 @@ import os
 import re
 import socket
 import struct
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from attack_tools import read_until_closed, split_frames
+from cut_relay import CuttableRelay
 from reliability_tools import Streamer, wait_streaming
 from resume_tools import (
     PROOF_SIZE,
@@ -48,152 +48,11 @@ from support import (
 )
 
 RE_ADMIN = r"admin endpoint on http://(?P<addr>\S+)/"
-HELLO_TYPE = 1
 POOL_TYPE = 11
 RESUMED_TYPE = 14
 #: The reasons the LL may give a refused resume (the metric's label).
 FAILURE_REASONS = {"window", "memory", "proof", "unknown", "closed"}
 CHUNK = 4096
-LINGER_RESET = struct.pack("ii", 1, 0)
-
-
-def reset(sock: socket.socket) -> None:
-    """Close `sock` with a reset, as when a NAT or a firewall forgets the flow (to a
-    node, a FIN would mean its peer let go of the stream on purpose)."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-        sock.shutdown(socket.SHUT_RD)  # wakes a pump blocked in recv; sends nothing
-    except OSError:
-        pass
-    sock.close()
-
-
-class CuttableRelay:
-    """The path between the agent and the LL's agent port: a TCP relay that keeps what
-    crossed each connection (`legs`: sent by the agent, sent by the LL), and that the
-    test can cut (`cut()`: reset the connections relayed so far, all of them or only
-    the data connections, those that did not open with HELLO) or slow down
-    (`hold_data()` ... `release_data()`: a new data connection is held, unanswered,
-    and relayed only on release)."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self.addr: tuple[str, int] = self.listener.getsockname()[:2]
-        self.legs: list[tuple[bytearray, bytearray]] = []
-        self._live: dict[int, tuple[socket.socket, socket.socket]] = {}
-        self._all: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._data_open = threading.Event()
-        self._data_open.set()
-        self._stopped = False
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
-
-    @property
-    def addr_str(self) -> str:
-        return format_addr(*self.addr)
-
-    def hold_data(self) -> None:
-        self._data_open.clear()
-
-    def release_data(self) -> None:
-        self._data_open.set()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                down, _ = self.listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                if self._stopped:
-                    reset(down)
-                    return
-                self._all.append(down)
-            t = threading.Thread(target=self._relay, args=(down,), daemon=True)
-            with self._lock:
-                self._threads.append(t)
-            t.start()
-
-    def _relay(self, down: socket.socket) -> None:
-        if not self._data_open.is_set():
-            down.settimeout(5)
-            try:
-                first = down.recv(1, socket.MSG_PEEK)
-            except OSError:
-                first = b""
-            down.settimeout(None)
-            if first != bytes([HELLO_TYPE]):
-                self._data_open.wait(30)
-        try:
-            up = socket.create_connection(self.upstream, timeout=5)
-        except OSError:
-            reset(down)
-            return
-        up.settimeout(None)
-        sent, answered = bytearray(), bytearray()
-        with self._lock:
-            if self._stopped:
-                reset(down)
-                reset(up)
-                return
-            self._all.append(up)
-            index = len(self.legs)
-            self.legs.append((sent, answered))
-            self._live[index] = (down, up)
-        back = threading.Thread(target=self._pump, args=(up, down, answered, index))
-        back.start()
-        self._pump(down, up, sent, index)
-        back.join()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, record: bytearray, index: int) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                with self._lock:
-                    record += data
-                dst.sendall(data)
-            with self._lock:
-                passed_on = index in self._live  # not when the relay is cutting it
-            if passed_on:
-                dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def snapshot(self) -> list[tuple[bytes, bytes]]:
-        """(sent by the agent, sent by the LL) for every connection so far."""
-        with self._lock:
-            return [(bytes(a), bytes(b)) for a, b in self.legs]
-
-    def cut(self, *, data_only: bool = False) -> int:
-        """Reset the connections relayed so far (only data connections if
-        `data_only`), both sides at once; returns how many."""
-        with self._lock:
-            chosen = [
-                i for i in self._live if not data_only or self.legs[i][0][:1] != bytes([HELLO_TYPE])
-            ]
-            pairs = [self._live.pop(i) for i in chosen]
-        for down, up in pairs:
-            reset(down)
-            reset(up)
-        return len(pairs)
-
-    def stop(self) -> None:
-        self.release_data()
-        with self._lock:
-            self._stopped = True
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
-        except OSError:
-            pass
-        self.listener.close()
-        self.cut()
-        with self._lock:
-            every, threads = list(self._all), list(self._threads)
-        for t in threads:
-            t.join(5)
-        for sock in every:
-            sock.close()
 
 
 @dataclass
@@ -232,7 +91,7 @@ def leg(harness: Harness, tmp_path: Path) -> Iterator[Leg]:
     ll, ll_agent = harness.start_ll("-c", str(ll_toml))
     client = parse_addr(ll.wait_for(service_re("default"), READY_TIMEOUT)["addr"])
     admin = "http://" + ll.wait_for(RE_ADMIN, READY_TIMEOUT)["addr"]
-    relay = CuttableRelay(ll_agent)
+    relay = CuttableRelay(ll_agent, record=True)
     streamer = Streamer(client, chunk=CHUNK, pause=0.02, timeout=30)
     try:
         cc_toml = tmp_path / "cc.toml"

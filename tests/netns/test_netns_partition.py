@@ -20,26 +20,20 @@ from pathlib import Path
 
 import pytest
 
-from netns import SUPPORT, NamespacePair, check, namespace_pair, skip_unless_possible
+from netns import SUPPORT, NamespacePair, check, join_tunnel, namespace_pair, skip_unless_possible
 from reliability_tools import (
     RE_CC_CLOSING,
     RE_CC_NO_HEARTBEAT,
     RE_LL_CLOSING,
     RE_LL_SILENT,
     RE_REPLACES,
-    cc_config,
-    ll_config,
     log_time,
 )
 from support import (
     RE_CC_JOINED,
-    RE_LL_AGENT_JOINED,
-    RE_LL_AGENT_PORT,
     Node,
     format_addr,
-    make_token,
     parse_addr,
-    service_re,
 )
 
 pytestmark = pytest.mark.netns
@@ -84,39 +78,17 @@ class Tunnel:
 
 def tunnel(net: Net, heartbeat: float, connect_timeout: float = 2.0, **ll_extra: object) -> Tunnel:
     """LL outside (agents on the veth, clients on its loopback); CC and echo inside."""
-    state = net.tmp / "ll-state"
-    token = make_token(state)
-    ll_toml = ll_config(
-        net.tmp / "ll.toml",
-        cc=f"{OUTSIDE_IP}:0",
-        services={"default": "127.0.0.1:0"},
-        state_dir=state,
-        heartbeat=heartbeat,
-        client_wait=5,
-        **ll_extra,
-    )
-    ll = net.tcpgc(net.outside, "ll", "-c", str(ll_toml), name="ll (outside)")
-    agent = parse_addr(ll.wait_for(RE_LL_AGENT_PORT, READY_TIMEOUT)["addr"])
-    client = parse_addr(ll.wait_for(service_re("default"), READY_TIMEOUT)["addr"])
-
     echo = net.spawn(net.inside, [sys.executable, SUPPORT, "echo", "127.0.0.1", "0"], "echo")
     echo_addr = echo.wait_for(r"echo listening on (?P<addr>\S+)", 10, stream="stdout")["addr"]
-    cc_toml = cc_config(
-        net.tmp / "cc.toml",
-        ll=[format_addr(*agent)],
-        services={"default": echo_addr},
-        reconnect_min=0.1,
-        reconnect_max=1.0,
-        connect_timeout=connect_timeout,
-    )
-    cc = net.tcpgc(net.inside, "cc", "-c", str(cc_toml), name="cc (inside)", token=token)
-    cc_id = cc.wait_for(RE_CC_JOINED, READY_TIMEOUT)["id"]
-    joined = ll.wait_for(RE_LL_AGENT_JOINED, READY_TIMEOUT)
-    host, port = parse_addr(joined["addr"])
-    assert (joined["id"], host) == (cc_id, INSIDE_IP)
-    served = net.roundtrip(net.outside, client)
+    j = join_tunnel(
+        net, net.tmp, echo_addr, heartbeat=heartbeat, connect_timeout=connect_timeout,
+        ready_timeout=READY_TIMEOUT, **ll_extra,
+    )  # fmt: skip
+    host, port = j.cc_peer
+    assert host == INSIDE_IP
+    served = net.roundtrip(net.outside, j.client)
     assert served.returncode == 0, served.stdout
-    return Tunnel(ll, cc, agent, client, cc_id, port)
+    return Tunnel(j.ll, j.cc, j.agent, j.client, j.cc_id, port)
 
 
 def test_partition_is_detected_by_heartbeats_on_both_sides_and_healed(net: Net) -> None:

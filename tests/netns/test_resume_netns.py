@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from netns import SUPPORT, NamespacePair, check, namespace_pair, skip_unless_possible
-from reliability_tools import RE_CC_NO_HEARTBEAT, RE_LL_SILENT, cc_config, ll_config
+from netns import SUPPORT, NamespacePair, check, join_tunnel, namespace_pair, skip_unless_possible
+from reliability_tools import RE_CC_NO_HEARTBEAT, RE_LL_SILENT
 from resume_tools import (
     RE_CC_NOT_RESUMED,
     RE_CC_RESUMED,
@@ -38,13 +38,9 @@ from resume_tools import (
 from support import (
     RE_CC_JOINED,
     RE_LL_AGENT_JOINED,
-    RE_LL_AGENT_PORT,
     Node,
     Process,
-    format_addr,
-    make_token,
     parse_addr,
-    service_re,
     tcpgc_env,
 )
 
@@ -149,32 +145,10 @@ class Tunnel:
 def tunnel(net: Net, server: str, *, heartbeat: float = HEARTBEAT, **ll_extra: object) -> Tunnel:
     """LL outside (agents on the veth, clients on its loopback), agent inside serving
     ``server``, joined."""
-    state = net.tmp / "ll-state"
-    token = make_token(state)
-    ll_toml = ll_config(
-        net.tmp / "ll.toml",
-        cc=f"{OUTSIDE_IP}:0",
-        services={"default": "127.0.0.1:0"},
-        state_dir=state,
-        heartbeat=heartbeat,
-        client_wait=5,
-        **ll_extra,
+    j = join_tunnel(
+        net, net.tmp, server, heartbeat=heartbeat, ready_timeout=READY_TIMEOUT, **ll_extra
     )
-    ll = net.tcpgc(net.outside, "ll", "-c", str(ll_toml), name="ll (outside)")
-    agent = parse_addr(ll.wait_for(RE_LL_AGENT_PORT, READY_TIMEOUT)["addr"])
-    client = parse_addr(ll.wait_for(service_re("default"), READY_TIMEOUT)["addr"])
-    cc_toml = cc_config(
-        net.tmp / "cc.toml",
-        ll=[format_addr(*agent)],
-        services={"default": server},
-        reconnect_min=0.1,
-        reconnect_max=1.0,
-        connect_timeout=2.0,
-    )
-    cc = net.tcpgc(net.inside, "cc", "-c", str(cc_toml), name="cc (inside)", token=token)
-    cc_id = cc.wait_for(RE_CC_JOINED, READY_TIMEOUT)["id"]
-    assert ll.wait_for(RE_LL_AGENT_JOINED, READY_TIMEOUT)["id"] == cc_id
-    return Tunnel(ll, cc, client, cc_id)
+    return Tunnel(j.ll, j.cc, j.client, j.cc_id)
 
 
 def paced_transfer_survives(net: Net, make_break: Callable[[Tunnel], None]) -> Tunnel:

@@ -40,8 +40,9 @@ class LLResumes:
         self._agents = agents
         self._credentials = credentials
         self.table = ResumeTable(log, metrics, config.resume_memory)
-        #: Each stream's service, agent id (full), and the session carrying it now.
-        self._owners: dict[ResumableRelay, tuple[str, bytes, AgentSession]] = {}
+        #: Each stream's service, and the agent session carrying it now (its `raw_id`
+        #: names the agent whose later sessions may resume it).
+        self._owners: dict[ResumableRelay, tuple[str, AgentSession]] = {}
 
     def reconfigure(self, config: LLConfig) -> None:
         self.config = config
@@ -75,14 +76,14 @@ class LLResumes:
             on_idle=on_idle,
         )
         self.table.add(relay)
-        self._owners[relay] = (service, agent.raw_id, agent)
+        self._owners[relay] = (service, agent)
         return relay
 
     def forget(self, relay: ResumableRelay) -> None:
         """`relay` is over."""
         owner = self._owners.pop(relay, None)
         if owner is not None:
-            owner[2].relays.discard(relay)
+            owner[1].relays.discard(relay)
         self.table.forget(relay)
 
     def agent_lost(self, session: AgentSession) -> int:
@@ -112,8 +113,8 @@ class LLResumes:
         if relay is None or relay.ended:
             self._refuse("unknown", "unknown or finished stream")
         assert relay is not None
-        service, agent_id, _ = self._owners[relay]
-        session = self._agents.find(agent_id)
+        service, owner = self._owners[relay]
+        session = self._agents.find(owner.raw_id)
         binding = self._credentials.binding_of(channel.link)
         if session is None or not session.alive:
             self._refuse("session", "the stream's agent has no session (yet)")
@@ -139,10 +140,9 @@ class LLResumes:
         except ProtocolError as exc:  # an offset we cannot go on from: the stream is lost
             self.table.give_up(relay, f"cannot be resumed: {exc}", "proof")
             raise ResumeRefused(f"cannot resume: {exc}") from None
-        owner = self._owners[relay][2]
         owner.relays.discard(relay)
         session.relays.add(relay)
-        self._owners[relay] = (service, agent_id, session)
+        self._owners[relay] = (service, session)
         self.table.resumed(relay, service, pause, replayed)
 
     def _refuse(self, reason: str, why: str) -> None:
