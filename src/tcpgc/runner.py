@@ -101,12 +101,11 @@ async def serve_until_stopped(
     process), as for a classic node, which has nothing to reload."""
     loop = asyncio.get_running_loop()
     stop, hup = asyncio.Event(), asyncio.Event()
-    handled = [signal.SIGINT, signal.SIGTERM]
+    handled = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if reload is not None else [])
+    # Restored afterwards: the loop's removal resets to the defaults, not to these.
+    previous = {sig: signal.getsignal(sig) for sig in handled}
     for sig in handled:
-        loop.add_signal_handler(sig, stop.set)
-    if reload is not None:
-        handled.append(signal.SIGHUP)
-        loop.add_signal_handler(signal.SIGHUP, hup.set)
+        loop.add_signal_handler(sig, hup.set if sig == signal.SIGHUP else stop.set)
     try:
         await service.start()
         await _wait_for_stop(stop, hup, reload)
@@ -125,8 +124,10 @@ async def serve_until_stopped(
             await asyncio.gather(draining, return_exceptions=True)
             await service.close()
     finally:
-        for sig in handled:
+        for sig, handler in previous.items():
             loop.remove_signal_handler(sig)
+            if handler is not None:
+                signal.signal(sig, handler)
         await service.close()
 
 
