@@ -16,19 +16,16 @@ from typing import Any
 from tcpgc.addresses import Address as Address
 from tcpgc.addresses import collisions
 from tcpgc.addresses import parse_address as parse_address
-from tcpgc.config_checks import ConfigProblems, IPNetwork
+from tcpgc.config_cc import CCConfig as CCConfig
+from tcpgc.config_cc import cc_config_from as cc_config_from
+from tcpgc.config_checks import DEFAULT_RESUME_BUFFER as DEFAULT_RESUME_BUFFER
+from tcpgc.config_checks import DEFAULT_RESUME_MEMORY as DEFAULT_RESUME_MEMORY
+from tcpgc.config_checks import MIN_RESUME_BUFFER as MIN_RESUME_BUFFER
+from tcpgc.config_checks import ConfigProblems, IPNetwork, resume_buffer
 from tcpgc.config_checks import find_key_line as find_key_line
 from tcpgc.errors import UsageError
-from tcpgc.protocol.messages import MAX_SERVICES
 
 DEFAULT_SERVICE = "default"
-#: A stream's retention per direction: enough for a 300 Mbit/s link at 100 ms of round
-#: trip (or 1 Gbit/s at 30 ms) without slowing it, and a small share of the memory a
-#: node holds for thousands of streams (an idle stream keeps nothing).
-DEFAULT_RESUME_BUFFER = 4 * 1024 * 1024
-DEFAULT_RESUME_MEMORY = 256 * 1024 * 1024
-#: The smallest `resume_buffer`: a receiver acknowledges every 128 KiB.
-MIN_RESUME_BUFFER = 512 * 1024
 
 
 @dataclass(frozen=True)
@@ -135,64 +132,6 @@ class LLConfig:
             )
 
 
-@dataclass
-class CCConfig:
-    """The inside node: which LLs to serve and which server each service reaches."""
-
-    ll: list[Address] = field(default_factory=list)
-    services: dict[str, Address] = field(default_factory=dict)
-    token_file: Path | None = None
-    #: Deadline to connect to the LL (TCP + TLS + handshake) and to a server.
-    connect_timeout: float = 10.0
-    #: Reconnect backoff: first delay and cap, in seconds (with jitter).
-    reconnect_min: float = 0.5
-    reconnect_max: float = 30.0
-    #: On SIGTERM, how long connections in flight may take to finish.
-    drain_timeout: float = 30.0
-    #: Admin HTTP endpoint (/metrics, /healthz, status page); off unless set.
-    admin: Address | None = None
-    #: File holding a bearer token the admin endpoint requires (none: no auth).
-    admin_token_file: Path | None = None
-    #: Host names, besides loopback ones and IP addresses, that a tokenless admin
-    #: endpoint answers to (a defence against DNS rebinding).
-    admin_hosts: tuple[str, ...] = ()
-    #: Authenticated data connections kept open to each LL, ready for new clients
-    #: (0: dial one per client). Each one idle for `pool_ttl` seconds is replaced.
-    pool_size: int = 4
-    pool_ttl: float = 60.0
-    #: Service name -> PROXY protocol version (1 or 2) to send its server first.
-    proxy_protocol: dict[str, int] = field(default_factory=dict)
-    #: Verify the LL's certificate chain and name against this CA bundle instead of
-    #: pinning the fingerprint from the token.
-    tls_ca: Path | None = None
-    #: Client certificate and key to present to an LL that requires one (mutual TLS).
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    insecure_plaintext: bool = False
-    #: Client connections being opened or relayed at once through one LL, and of one
-    #: service through all LLs; past either an OPEN is refused. 0: no cap. Each costs
-    #: two sockets: the defaults keep 18,000 descriptors of a 20,000 limit in use.
-    max_connections_per_ll: int = 9000
-    max_connections_per_service: int = 9000
-    #: Bytes each direction of a stream keeps until they are acknowledged, and bytes
-    #: all streams waiting for a resume may keep in all (see docs/resume.md). The
-    #: window is the LL's: it comes with each OPEN.
-    resume_buffer: int = DEFAULT_RESUME_BUFFER
-    resume_memory: int = DEFAULT_RESUME_MEMORY
-
-    def require_complete(self) -> None:
-        """Raise UsageError unless the agent has an LL to serve and a service: a file
-        may leave either to the flags, but a node cannot start without both."""
-        if not self.ll:
-            raise UsageError(
-                "tcpgc cc needs --ll HOST:PORT (the LL's agent address) or a config file with 'll'"
-            )
-        if not self.services:
-            raise UsageError(
-                "tcpgc cc needs --server HOST:PORT or a config file with [services.NAME] sections"
-            )
-
-
 _LL_KEYS = {
     "admin",
     "admin_hosts",
@@ -215,30 +154,7 @@ _LL_KEYS = {
     "resume_buffer",
     "resume_memory",
 }
-_CC_KEYS = {
-    "admin",
-    "admin_hosts",
-    "admin_token_file",
-    "ll",
-    "services",
-    "token_file",
-    "connect_timeout",
-    "reconnect_min",
-    "reconnect_max",
-    "drain_timeout",
-    "pool_size",
-    "pool_ttl",
-    "max_connections_per_ll",
-    "max_connections_per_service",
-    "tls_ca",
-    "tls_cert",
-    "tls_key",
-    "insecure_plaintext",
-    "resume_buffer",
-    "resume_memory",
-}
 _LL_SERVICE_KEYS = {"clients", "allow", "deny", "max_clients", "idle_timeout", "resume_window"}
-_CC_SERVICE_KEYS = {"server", "proxy_protocol"}
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -297,7 +213,7 @@ def ll_config_from(data: dict[str, Any], source: str) -> LLConfig:
         admin_token_file=p.path(data, "admin_token_file"),
         admin_hosts=p.host_names(data, "admin_hosts"),
         resume_window=p.number(data, "resume_window", LLConfig.resume_window, 0.0),
-        resume_buffer=_resume_buffer(p, data),
+        resume_buffer=resume_buffer(p, data),
         resume_memory=p.integer(data, "resume_memory", DEFAULT_RESUME_MEMORY),
     )
     if (config.tls_cert is None) != (config.tls_key is None):
@@ -310,14 +226,6 @@ def ll_config_from(data: dict[str, Any], source: str) -> LLConfig:
     return config
 
 
-def _resume_buffer(p: ConfigProblems, data: dict[str, Any]) -> int:
-    value = p.integer(data, "resume_buffer", DEFAULT_RESUME_BUFFER)
-    if value < MIN_RESUME_BUFFER:
-        p.add("resume_buffer", f"expected bytes >= {MIN_RESUME_BUFFER} (512 KiB), got {value}")
-        return DEFAULT_RESUME_BUFFER
-    return value
-
-
 def ll_listeners(config: LLConfig) -> list[tuple[str, Address]]:
     """Every address an LL listens on, labelled by its config key."""
     out = [("cc", config.cc)] if config.cc is not None else []
@@ -325,76 +233,3 @@ def ll_listeners(config: LLConfig) -> list[tuple[str, Address]]:
     if config.admin is not None:
         out.append(("admin", config.admin))
     return out
-
-
-def _cc_services(
-    p: ConfigProblems, data: dict[str, Any]
-) -> tuple[dict[str, Address], dict[str, int]]:
-    """Each service's server, and the PROXY protocol version of those that send it."""
-    services: dict[str, Address] = {}
-    proxy: dict[str, int] = {}
-    table = data.get("services", {})
-    if isinstance(table, dict) and len(table) > MAX_SERVICES:
-        p.add("services", f"an agent serves at most {MAX_SERVICES} services")
-    for name, body in p.service_tables(data, "server", _CC_SERVICE_KEYS).items():
-        if "server" in body:
-            address = p.address(body, "server", f"services.{name}.server")
-            if address is not None:
-                services[name] = address
-        version = body.get("proxy_protocol", 0)
-        if version not in (0, 1, 2) or isinstance(version, bool):
-            p.add(f"services.{name}.proxy_protocol", f"expected 1, 2 or 0 (off), got {version!r}")
-        elif version:
-            proxy[name] = version
-    return services, proxy
-
-
-def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
-    p = ConfigProblems(source)
-    p.unknown(data, _CC_KEYS)
-    ll_value = data.get("ll", [])
-    lls = [ll_value] if isinstance(ll_value, str) else ll_value
-    addresses: list[Address] = []
-    if not isinstance(lls, list):
-        p.add("ll", "expected 'HOST:PORT' or a list of them")
-    else:
-        for i, item in enumerate(lls):
-            address = p.address(
-                {"ll": item}, "ll", f"ll[{i}]" if isinstance(ll_value, list) else "ll"
-            )
-            if address is not None:
-                addresses.append(address)
-    services, proxy = _cc_services(p, data)
-    config = CCConfig(
-        ll=addresses,
-        services=services,
-        proxy_protocol=proxy,
-        connect_timeout=p.number(data, "connect_timeout", CCConfig.connect_timeout),
-        reconnect_min=p.number(data, "reconnect_min", CCConfig.reconnect_min),
-        reconnect_max=p.number(data, "reconnect_max", CCConfig.reconnect_max),
-        drain_timeout=p.number(data, "drain_timeout", CCConfig.drain_timeout, 0.0),
-        pool_size=p.integer(data, "pool_size", CCConfig.pool_size),
-        pool_ttl=p.number(data, "pool_ttl", CCConfig.pool_ttl),
-        max_connections_per_ll=p.integer(
-            data, "max_connections_per_ll", CCConfig.max_connections_per_ll
-        ),
-        max_connections_per_service=p.integer(
-            data, "max_connections_per_service", CCConfig.max_connections_per_service
-        ),
-        insecure_plaintext=p.flag(data, "insecure_plaintext"),
-        resume_buffer=_resume_buffer(p, data),
-        resume_memory=p.integer(data, "resume_memory", DEFAULT_RESUME_MEMORY),
-    )
-    config.token_file = p.path(data, "token_file")
-    config.admin = p.address(data, "admin", "admin") if "admin" in data else None
-    config.admin_token_file = p.path(data, "admin_token_file")
-    config.admin_hosts = p.host_names(data, "admin_hosts")
-    config.tls_ca = p.path(data, "tls_ca")
-    config.tls_cert = p.path(data, "tls_cert")
-    config.tls_key = p.path(data, "tls_key")
-    if (config.tls_cert is None) != (config.tls_key is None):
-        p.add("tls_cert", "tls_cert and tls_key go together")
-    if config.reconnect_max < config.reconnect_min:
-        p.add("reconnect_max", "must not be smaller than reconnect_min")
-    p.check()
-    return config

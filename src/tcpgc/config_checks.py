@@ -16,6 +16,14 @@ from tcpgc.protocol.messages import is_valid_name
 
 IPNetwork: TypeAlias = IPv4Network | IPv6Network
 
+#: A stream's retention per direction: enough for a 300 Mbit/s link at 100 ms of round
+#: trip (or 1 Gbit/s at 30 ms) without slowing it, and a small share of the memory a
+#: node holds for thousands of streams (an idle stream keeps nothing).
+DEFAULT_RESUME_BUFFER = 4 * 1024 * 1024
+DEFAULT_RESUME_MEMORY = 256 * 1024 * 1024
+#: The smallest `resume_buffer`: a receiver acknowledges every 128 KiB.
+MIN_RESUME_BUFFER = 512 * 1024
+
 
 def _hint(key: str, allowed: set[str]) -> str:
     near = difflib.get_close_matches(key, allowed, 1)
@@ -143,6 +151,15 @@ class ConfigProblems:
                     self.unknown({k: None for k in unknown}, allowed, where + ".")
                 out[name] = body
         return out
+
+
+def resume_buffer(p: ConfigProblems, data: dict[str, Any]) -> int:
+    """`resume_buffer`, at least MIN_RESUME_BUFFER."""
+    value = p.integer(data, "resume_buffer", DEFAULT_RESUME_BUFFER)
+    if value < MIN_RESUME_BUFFER:
+        p.add("resume_buffer", f"expected bytes >= {MIN_RESUME_BUFFER} (512 KiB), got {value}")
+        return DEFAULT_RESUME_BUFFER
+    return value
 
 
 def find_key_line(text: str, key: str) -> int | None:

@@ -1,0 +1,174 @@
+"""The agent's (CC's) configuration: which LLs to serve and which server each service
+reaches. `tcpgc.config` re-exports what is public here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tcpgc.addresses import Address
+from tcpgc.config_checks import (
+    DEFAULT_RESUME_BUFFER,
+    DEFAULT_RESUME_MEMORY,
+    ConfigProblems,
+    resume_buffer,
+)
+from tcpgc.errors import UsageError
+from tcpgc.protocol.messages import MAX_SERVICES
+
+
+@dataclass
+class CCConfig:
+    """The inside node: which LLs to serve and which server each service reaches."""
+
+    ll: list[Address] = field(default_factory=list)
+    services: dict[str, Address] = field(default_factory=dict)
+    token_file: Path | None = None
+    #: Deadline to connect to the LL (TCP + TLS + handshake) and to a server.
+    connect_timeout: float = 10.0
+    #: Reconnect backoff: first delay and cap, in seconds (with jitter).
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+    #: On SIGTERM, how long connections in flight may take to finish.
+    drain_timeout: float = 30.0
+    #: Admin HTTP endpoint (/metrics, /healthz, status page); off unless set.
+    admin: Address | None = None
+    #: File holding a bearer token the admin endpoint requires (none: no auth).
+    admin_token_file: Path | None = None
+    #: Host names, besides loopback ones and IP addresses, that a tokenless admin
+    #: endpoint answers to (a defence against DNS rebinding).
+    admin_hosts: tuple[str, ...] = ()
+    #: Authenticated data connections kept open to each LL, ready for new clients
+    #: (0: dial one per client). Each one idle for `pool_ttl` seconds is replaced.
+    pool_size: int = 4
+    pool_ttl: float = 60.0
+    #: Service name -> PROXY protocol version (1 or 2) to send its server first.
+    proxy_protocol: dict[str, int] = field(default_factory=dict)
+    #: Verify the LL's certificate chain and name against this CA bundle instead of
+    #: pinning the fingerprint from the token.
+    tls_ca: Path | None = None
+    #: Client certificate and key to present to an LL that requires one (mutual TLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    insecure_plaintext: bool = False
+    #: Client connections being opened or relayed at once through one LL, and of one
+    #: service through all LLs; past either an OPEN is refused. 0: no cap. Each costs
+    #: two sockets: the defaults keep 18,000 descriptors of a 20,000 limit in use.
+    max_connections_per_ll: int = 9000
+    max_connections_per_service: int = 9000
+    #: Bytes each direction of a stream keeps until they are acknowledged, and bytes
+    #: all streams waiting for a resume may keep in all (see docs/resume.md). The
+    #: window is the LL's: it comes with each OPEN.
+    resume_buffer: int = DEFAULT_RESUME_BUFFER
+    resume_memory: int = DEFAULT_RESUME_MEMORY
+
+    def require_complete(self) -> None:
+        """Raise UsageError unless the agent has an LL to serve and a service: a file
+        may leave either to the flags, but a node cannot start without both."""
+        if not self.ll:
+            raise UsageError(
+                "tcpgc cc needs --ll HOST:PORT (the LL's agent address) or a config file with 'll'"
+            )
+        if not self.services:
+            raise UsageError(
+                "tcpgc cc needs --server HOST:PORT or a config file with [services.NAME] sections"
+            )
+
+
+_CC_KEYS = {
+    "admin",
+    "admin_hosts",
+    "admin_token_file",
+    "ll",
+    "services",
+    "token_file",
+    "connect_timeout",
+    "reconnect_min",
+    "reconnect_max",
+    "drain_timeout",
+    "pool_size",
+    "pool_ttl",
+    "max_connections_per_ll",
+    "max_connections_per_service",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
+    "insecure_plaintext",
+    "resume_buffer",
+    "resume_memory",
+}
+_CC_SERVICE_KEYS = {"server", "proxy_protocol"}
+
+
+def _cc_services(
+    p: ConfigProblems, data: dict[str, Any]
+) -> tuple[dict[str, Address], dict[str, int]]:
+    """Each service's server, and the PROXY protocol version of those that send it."""
+    services: dict[str, Address] = {}
+    proxy: dict[str, int] = {}
+    table = data.get("services", {})
+    if isinstance(table, dict) and len(table) > MAX_SERVICES:
+        p.add("services", f"an agent serves at most {MAX_SERVICES} services")
+    for name, body in p.service_tables(data, "server", _CC_SERVICE_KEYS).items():
+        if "server" in body:
+            address = p.address(body, "server", f"services.{name}.server")
+            if address is not None:
+                services[name] = address
+        version = body.get("proxy_protocol", 0)
+        if version not in (0, 1, 2) or isinstance(version, bool):
+            p.add(f"services.{name}.proxy_protocol", f"expected 1, 2 or 0 (off), got {version!r}")
+        elif version:
+            proxy[name] = version
+    return services, proxy
+
+
+def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
+    p = ConfigProblems(source)
+    p.unknown(data, _CC_KEYS)
+    ll_value = data.get("ll", [])
+    lls = [ll_value] if isinstance(ll_value, str) else ll_value
+    addresses: list[Address] = []
+    if not isinstance(lls, list):
+        p.add("ll", "expected 'HOST:PORT' or a list of them")
+    else:
+        for i, item in enumerate(lls):
+            address = p.address(
+                {"ll": item}, "ll", f"ll[{i}]" if isinstance(ll_value, list) else "ll"
+            )
+            if address is not None:
+                addresses.append(address)
+    services, proxy = _cc_services(p, data)
+    config = CCConfig(
+        ll=addresses,
+        services=services,
+        proxy_protocol=proxy,
+        connect_timeout=p.number(data, "connect_timeout", CCConfig.connect_timeout),
+        reconnect_min=p.number(data, "reconnect_min", CCConfig.reconnect_min),
+        reconnect_max=p.number(data, "reconnect_max", CCConfig.reconnect_max),
+        drain_timeout=p.number(data, "drain_timeout", CCConfig.drain_timeout, 0.0),
+        pool_size=p.integer(data, "pool_size", CCConfig.pool_size),
+        pool_ttl=p.number(data, "pool_ttl", CCConfig.pool_ttl),
+        max_connections_per_ll=p.integer(
+            data, "max_connections_per_ll", CCConfig.max_connections_per_ll
+        ),
+        max_connections_per_service=p.integer(
+            data, "max_connections_per_service", CCConfig.max_connections_per_service
+        ),
+        insecure_plaintext=p.flag(data, "insecure_plaintext"),
+        resume_buffer=resume_buffer(p, data),
+        resume_memory=p.integer(data, "resume_memory", DEFAULT_RESUME_MEMORY),
+    )
+    config.token_file = p.path(data, "token_file")
+    config.admin = p.address(data, "admin", "admin") if "admin" in data else None
+    config.admin_token_file = p.path(data, "admin_token_file")
+    config.admin_hosts = p.host_names(data, "admin_hosts")
+    config.tls_ca = p.path(data, "tls_ca")
+    config.tls_cert = p.path(data, "tls_cert")
+    config.tls_key = p.path(data, "tls_key")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        p.add("tls_cert", "tls_cert and tls_key go together")
+    if config.reconnect_max < config.reconnect_min:
+        p.add("reconnect_max", "must not be smaller than reconnect_min")
+    p.check()
+    return config
