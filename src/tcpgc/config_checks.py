@@ -135,7 +135,7 @@ class ConfigProblems:
             return out
         for name, body in table.items():
             where = f"services.{name}"
-            if not is_valid_name(name):
+            if not is_valid_name(name) or name.startswith(":"):
                 self.add(where, "service names are 1-64 letters, digits, '-', '_' or '.'")
             elif not isinstance(body, dict):
                 self.add(where, f"expected a table with key {key!r}")

@@ -267,6 +267,7 @@ def ll_and_auth() -> tuple[LLHandshake, Auth]:
         lambda a: dataclasses.replace(a, services=("ssh", "web", "admin")),
         lambda a: dataclasses.replace(a, services=("web", "ssh")),
         lambda a: dataclasses.replace(a, services=("ssh", "wec")),
+        lambda a: dataclasses.replace(a, exposes=(("", 8010),)),
     ],
     ids=[
         "proof-bit0",
@@ -276,6 +277,7 @@ def ll_and_auth() -> tuple[LLHandshake, Auth]:
         "service-added",
         "services-reordered",
         "service-renamed",
+        "expose-added",
     ],
 )
 def test_tampered_auth_refused_by_ll(tamper: Callable[[Auth], Auth]) -> None:
@@ -542,3 +544,53 @@ def test_agent_learns_the_services_the_ll_has() -> None:
     run(agent, ll)
     assert agent.ll_services == ("web", "db")
     assert agent.heartbeat_ms == HEARTBEAT
+
+
+# -- what the agent asks for, and what the LL grants ----------------------------------
+
+
+def test_the_proof_covers_the_exposed_ports() -> None:
+    agent = make_agent(exposes=(("", 8010),))
+    ll = make_ll()
+    challenge = ll.receive(wire(agent.start()))
+    auth = agent.receive(wire(challenge))
+    assert isinstance(auth, Auth) and auth.exposes == (("", 8010),)
+    for altered in ((("", 8011),), (("0.0.0.0", 8010),), (("", 8010), ("", 22)), ()):
+        fresh = make_ll()
+        fresh.receive(wire(make_agent(exposes=(("", 8010),)).start()))
+        with pytest.raises(AuthenticationError):
+            fresh.receive(wire(dataclasses.replace(auth, exposes=altered)))
+
+
+def test_the_ll_grants_what_its_grant_decides_with_the_proven_key() -> None:
+    asked: list[tuple[bytes, object]] = []
+
+    def grant(kid: bytes, request: object) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+        asked.append((kid, request))
+        return ("web", ":8010"), (("ssh", "service 'ssh' refused: may serve web"),)
+
+    agent = make_agent(exposes=(("", 8010),))
+    _, _, _, _, ready = run(agent, make_ll(grant=grant))
+    assert asked == [(key_id(SECRET), (SERVICES, (("", 8010),)))]
+    assert ready.services == ("web", ":8010")
+    assert agent.ll_services == ("web", ":8010")
+    assert agent.refusals == (("ssh", "service 'ssh' refused: may serve web"),)
+
+
+def test_without_a_grant_the_ll_refuses_every_exposed_port() -> None:
+    agent = make_agent(exposes=(("", 8010), ("127.0.0.1", 9000)))
+    _, _, _, _, ready = run(agent, make_ll(services=("ssh", "web")))
+    assert ready.services == ("ssh", "web")
+    assert [subject for subject, _ in ready.refusals] == [":8010", ":9000"]
+
+
+def test_grant_is_not_asked_before_the_proof_checks_out() -> None:
+    called = []
+    ll = make_ll(grant=lambda kid, request: called.append(kid) or ((), ()))
+    agent = make_agent()
+    challenge = ll.receive(wire(agent.start()))
+    auth = agent.receive(wire(challenge))
+    assert isinstance(auth, Auth)
+    with pytest.raises(AuthenticationError):
+        ll.receive(wire(dataclasses.replace(auth, proof=flip(auth.proof))))
+    assert called == []

@@ -7,6 +7,7 @@ import struct
 import pytest
 
 from tcpgc.errors import ProtocolError
+from tcpgc.protocol.fields import MAX_EXPOSES, MAX_REFUSAL_TEXT, MAX_REFUSALS
 from tcpgc.protocol.frame_decoder import FrameDecoder
 from tcpgc.protocol.messages import (
     AGENT_ID_SIZE,
@@ -57,8 +58,11 @@ SAMPLES: list[Message] = [
     Auth(PROOF, AGENT_ID, ("ssh", "web-1", "db_main.replica")),
     Auth(PROOF, AGENT_ID, ()),
     Auth(PROOF, AGENT_ID, ("a" * MAX_NAME,)),
+    Auth(PROOF, AGENT_ID, ("web",), (("", 8010), ("127.0.0.1", 65535), ("::1", 1))),
+    Auth(PROOF, AGENT_ID, (), (("", 8010),) * MAX_EXPOSES),
     Ready(15000),
     Ready(10000, ("web", "ssh")),
+    Ready(10000, ("web", ":8010"), ((":8011", "naïve: outside ports 8000-8005"), ("db", ""))),
     Ready(0xFFFFFFFF),
     Error(ErrorCode.AUTHENTICATION, "bad token"),
     Error(ErrorCode.VERSION, ""),
@@ -370,9 +374,10 @@ def test_eof_after_frame_and_partial_frame() -> None:
 
 def test_header_layout_is_network_byte_order() -> None:
     frame_bytes = encode(Ready(0x01020304))
-    # The heartbeat, then the LL's services: none here (a count of 0).
+    # The heartbeat, then the LL's services and its refusals: none here (counts of 0).
     assert (
-        frame_bytes == bytes([MessageType.READY]) + struct.pack("!H", 5) + b"\x01\x02\x03\x04\x00"
+        frame_bytes
+        == bytes([MessageType.READY]) + struct.pack("!H", 6) + b"\x01\x02\x03\x04\x00\x00"
     )
 
 
@@ -398,3 +403,40 @@ def test_data_frame_carries_its_proof() -> None:
     assert message.payload() == MAGIC + b"\x02" + CONN_ID + PROOF
     with pytest.raises(ProtocolError, match="truncated"):
         feed(frame(MessageType.DATA, MAGIC + b"\x02" + CONN_ID))  # a version 1 DATA
+
+
+def test_exposed_port_names_are_valid_only_as_a_port() -> None:
+    assert is_valid_name(":8010") and is_valid_name(":1") and is_valid_name(":65535")
+    for bad in (":", ":0", ":65536", ":80a", "::80", ":-1", ":٣"):
+        assert not is_valid_name(bad), bad
+
+
+@pytest.mark.parametrize(
+    "auth_tail",
+    [
+        bytes([MAX_EXPOSES + 1]) + b"\x00\x1f\x4a" * (MAX_EXPOSES + 1),  # too many
+        b"\x01\x00\x00\x00",  # port 0
+        b"\x01\x03abc\x1f\x4a",  # not an IP address
+        b"\x02\x00\x1f\x4a",  # shorter than its count
+    ],
+)
+def test_bad_exposes_are_refused(auth_tail: bytes) -> None:
+    payload = PROOF + AGENT_ID + b"\x00" + auth_tail
+    with pytest.raises(ProtocolError):
+        decode(MessageType.AUTH, payload)
+
+
+def test_bad_refusals_are_refused() -> None:
+    head = struct.pack("!I", 1000) + b"\x00"
+    too_many = bytes([MAX_REFUSALS + 1]) + (b"\x03web\x00\x00" * (MAX_REFUSALS + 1))
+    too_long = b"\x01\x03web" + struct.pack("!H", MAX_REFUSAL_TEXT + 1) + b"x" * 201
+    bad_name = b"\x01\x03w b\x00\x00"
+    for tail in (too_many, too_long, bad_name, b"\x01\x03web\x00\x05ab"):
+        with pytest.raises(ProtocolError):
+            decode(MessageType.READY, head + tail)
+
+
+def test_refusal_texts_are_cut_on_a_character() -> None:
+    ready = Ready(1, (), ((":80", "é" * 150),))
+    ((subject, text),) = decode(MessageType.READY, ready.payload()).refusals  # type: ignore[union-attr]
+    assert subject == ":80" and text == "é" * (MAX_REFUSAL_TEXT // 2)

@@ -19,6 +19,12 @@ MAGIC = b"TGC"
 
 #: The most services one AUTH or READY names (see `messages.MAX_PAYLOAD`).
 MAX_SERVICES = 200
+#: The most ports one agent declares in AUTH (`--expose`): an LL caps each agent lower.
+MAX_EXPOSES = 32
+#: The most refusals one READY carries, and the longest text of each: enough to say
+#: what an agent may do; more would only make READY bigger than any real setup needs.
+MAX_REFUSALS = 16
+MAX_REFUSAL_TEXT = 200
 
 NONCE_SIZE = 32
 PROOF_SIZE = 32
@@ -86,6 +92,31 @@ class FieldReader:
             raise ProtocolError(f"{self.what} names {count} services, more than {MAX_SERVICES}")
         return tuple(self.name() for _ in range(count))
 
+    def exposes(self) -> tuple[tuple[str, int], ...]:
+        """An exposes list as `exposes_blob` writes it: (host, port), host "" for the
+        LL's default, port 1-65535."""
+        count = self.u8()
+        if count > MAX_EXPOSES:
+            raise ProtocolError(f"{self.what} declares {count} ports, more than {MAX_EXPOSES}")
+        out = tuple(self.endpoint() for _ in range(count))
+        if any(not port for _, port in out):
+            raise ProtocolError(f"{self.what} declares port 0")
+        return out
+
+    def refusals(self) -> tuple[tuple[str, str], ...]:
+        """A refusals list as `refusals_blob` writes it: (what, why)."""
+        count = self.u8()
+        if count > MAX_REFUSALS:
+            raise ProtocolError(f"{self.what} has {count} refusals, more than {MAX_REFUSALS}")
+        out = []
+        for _ in range(count):
+            subject = self.name()
+            length = struct.unpack("!H", self.take(2))[0]
+            if length > MAX_REFUSAL_TEXT:
+                raise ProtocolError(f"{self.what} has a refusal text of {length} bytes")
+            out.append((subject, self.take(length).decode("utf-8", errors="replace")))
+        return tuple(out)
+
     def magic(self) -> None:
         if self.take(len(MAGIC)) != MAGIC:
             raise ProtocolError("not a tcpgc peer (bad magic)")
@@ -107,10 +138,38 @@ def _address(raw: bytes) -> str:
 
 
 def is_valid_name(name: str) -> bool:
-    """Service names: 1-64 of ASCII letters, digits, '-', '_' and '.'."""
+    """Service names: 1-64 of ASCII letters, digits, '-', '_' and '.'; or, for a port
+    an agent exposes, ':' and the port (see `expose_name`)."""
+    if name[:1] == ":":
+        return name[1:].isdecimal() and name[1:].isascii() and 0 < int(name[1:]) < 65536
     return 0 < len(name) <= MAX_NAME and all(
         c.isascii() and (c.isalnum() or c in "-_.") for c in name
     )
+
+
+def expose_name(port: int) -> str:
+    """The service name of a port an agent exposes, on the wire and in logs, metrics
+    and the status page: ':8010'. A configured service's name never starts with ':'."""
+    return f":{port}"
+
+
+def exposes_blob(exposes: tuple[tuple[str, int], ...]) -> bytes:
+    """The exposes list as sent in AUTH; also part of what the agent's proof covers."""
+    if len(exposes) > MAX_EXPOSES:
+        raise ValueError(f"an agent can expose at most {MAX_EXPOSES} ports")
+    return bytes([len(exposes)]) + b"".join(endpoint_field(h, p) for h, p in exposes)
+
+
+def refusals_blob(refusals: tuple[tuple[str, str], ...]) -> bytes:
+    """READY's refusals: what (a service name) and why, the text cut to MAX_REFUSAL_TEXT."""
+    if len(refusals) > MAX_REFUSALS:
+        raise ValueError(f"at most {MAX_REFUSALS} refusals")
+    out = bytearray([len(refusals)])
+    for subject, text in refusals:
+        raw = text.encode("utf-8")[:MAX_REFUSAL_TEXT]
+        raw = raw.decode("utf-8", errors="ignore").encode("utf-8")  # never cut a character
+        out += name_field(subject) + struct.pack("!H", len(raw)) + raw
+    return bytes(out)
 
 
 def name_field(value: str) -> bytes:

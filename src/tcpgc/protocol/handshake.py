@@ -3,16 +3,22 @@
     agent (CC)                                  LL
     HELLO(versions, key_id, nonce_c)   ─────▶
                                        ◀─────   CHALLENGE(version, nonce_l, proof_l)
-    AUTH(proof_c, agent_id, services)  ─────▶
-                                       ◀─────   READY(heartbeat)  or  ERROR
+    AUTH(proof_c, agent_id, services,  ─────▶
+         exposes)
+                                       ◀─────   READY(heartbeat, services, refusals)
+                                                or ERROR
 
 Both proofs are HMAC-SHA256 under the shared secret over a transcript holding both
 nonces, the chosen version, the transport (TLS or plaintext) and the LL's certificate
 fingerprint (the `binding`), under different labels, so neither proof can be reflected
-as the other. The secret never
-crosses the wire; a captured handshake is useless because the other side's nonce is
+as the other. The agent's proof also covers what it asks for (its services and the
+ports it exposes), so nobody in between can widen or change the request. The secret
+never crosses the wire; a captured handshake is useless because the other side's nonce is
 fresh. The agent checks the LL's proof before it sends its own, and before it will act
 on any request: a fake LL learns nothing and can make the agent dial nothing.
+
+Which secret the agent proved (`key_id`) says which credential it holds; what that
+credential may do is the LL's to decide (`grant`), never the agent's claim.
 
 No I/O here: each side takes decoded messages and returns the message to send.
 """
@@ -22,11 +28,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Callable
 from enum import Enum, auto
 
 from tcpgc.errors import AuthenticationError, PeerRefused, ProtocolError, VersionMismatch
 from tcpgc.protocol.messages import (
     AGENT_ID_SIZE,
+    MAX_REFUSALS,
     MAX_SERVICES,
     MAX_VERSION,
     MIN_VERSION,
@@ -38,9 +46,17 @@ from tcpgc.protocol.messages import (
     Hello,
     Message,
     Ready,
+    expose_name,
+    exposes_blob,
     services_blob,
 )
 from tcpgc.safe_text import printable
+
+#: What an agent asks for in AUTH: its services, and the ports it exposes (host, port).
+Request = tuple[tuple[str, ...], tuple[tuple[str, int], ...]]
+#: What the LL grants: the services it will send the agent clients of, and each refusal
+#: as (what, why). See `LLHandshake`'s `grant`.
+Grant = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]
 
 _LL_LABEL = b"tcpgc ll proof\x00"
 _CC_LABEL = b"tcpgc cc proof\x00"
@@ -129,6 +145,7 @@ class AgentHandshake:
         secret: bytes,
         *,
         services: tuple[str, ...],
+        exposes: tuple[tuple[str, int], ...] = (),
         agent_id: bytes | None = None,
         binding: bytes = b"",
         tls: bool = True,
@@ -137,6 +154,7 @@ class AgentHandshake:
     ) -> None:
         self._secret = secret
         self._services = services
+        self._exposes = exposes
         self.agent_id = agent_id or secrets.token_bytes(AGENT_ID_SIZE)
         #: The LL certificate's fingerprint this session is bound to: every later
         #: connection of the session must present the same one.
@@ -148,8 +166,11 @@ class AgentHandshake:
         self.state = State.START
         self.version = 0
         self.heartbeat_ms = 0
-        #: The services the LL has, as it said in READY.
+        #: The services the LL will send us clients of, as it said in READY (its own
+        #: within our scope, and the ports granted to us as ':PORT').
         self.ll_services: tuple[str, ...] = ()
+        #: What the LL refused of our request, each as (what, why).
+        self.refusals: tuple[tuple[str, str], ...] = ()
         #: Known to both sides once authenticated, never sent: keys ready data connections.
         self.session_key = b""
 
@@ -186,15 +207,15 @@ class AgentHandshake:
                 )
             self.version = message.version
             self.state = State.WAIT_READY
-            proof = _mac(
-                self._secret, _CC_LABEL, transcript, self.agent_id, services_blob(self._services)
-            )
+            request = services_blob(self._services) + exposes_blob(self._exposes)
+            proof = _mac(self._secret, _CC_LABEL, transcript, self.agent_id, request)
             self.session_key = _mac(self._secret, _SESSION_LABEL, transcript, self.agent_id)
-            return Auth(proof, self.agent_id, self._services)
+            return Auth(proof, self.agent_id, self._services, self._exposes)
         if isinstance(message, Ready):
             self._expect(State.WAIT_READY, "READY")
             self.heartbeat_ms = message.heartbeat_ms
             self.ll_services = message.services
+            self.refusals = message.refusals
             self.state = State.DONE
             return None
         raise ProtocolError(
@@ -207,8 +228,10 @@ class AgentHandshake:
 
 
 class LLHandshake:
-    """The LL's side. `secrets_by_id` maps key ids to secrets: more than one while a
-    secret is being rotated."""
+    """The LL's side. `secrets_by_id` maps key ids to secrets: the LL's own (two while
+    it is rotated) and each agent credential's. `grant(key_id, request)` decides, once
+    the agent has proven its secret, what of its request (services, exposes) it gets;
+    without it, the agent gets every service of the LL and no exposed port."""
 
     def __init__(
         self,
@@ -219,8 +242,10 @@ class LLHandshake:
         tls: bool = True,
         services: tuple[str, ...] = (),
         nonce: bytes | None = None,
+        grant: Callable[[bytes, Request], Grant] | None = None,
     ) -> None:
         self._secrets = secrets_by_id
+        self._grant = grant
         self._heartbeat_ms = heartbeat_ms
         #: The LL's own services, told to the agent in READY (at most MAX_SERVICES).
         self._ll_services = services[:MAX_SERVICES]
@@ -233,6 +258,8 @@ class LLHandshake:
         self.version = 0
         self.agent_id = b""
         self.services: tuple[str, ...] = ()
+        #: The ports the agent asked to expose, as (host, port).
+        self.exposes: tuple[tuple[str, int], ...] = ()
         self.session_key = b""
         #: Which of the LL's secrets (credentials) the agent proved, once it has.
         self.key_id = b""
@@ -265,23 +292,24 @@ class LLHandshake:
             return Challenge(version, self._nonce, _mac(secret, _LL_LABEL, self._transcript))
         if isinstance(message, Auth):
             self._expect(State.WAIT_AUTH, "AUTH")
-            expected = _mac(
-                self._secret,
-                _CC_LABEL,
-                self._transcript,
-                message.agent_id,
-                services_blob(message.services),
-            )
+            request = services_blob(message.services) + exposes_blob(message.exposes)
+            expected = _mac(self._secret, _CC_LABEL, self._transcript, message.agent_id, request)
             if not hmac.compare_digest(message.proof, expected):
                 raise AuthenticationError("agent's proof of the secret is wrong")
             self.agent_id = message.agent_id
             self.key_id = key_id(self._secret)
             self.services = message.services
+            self.exposes = message.exposes
             self.session_key = _mac(
                 self._secret, _SESSION_LABEL, self._transcript, message.agent_id
             )
             self.state = State.DONE
-            return Ready(self._heartbeat_ms, self._ll_services)
+            if self._grant is None:
+                why = "this LL grants no exposed port"
+                refused = tuple((expose_name(port), why) for _, port in message.exposes)
+                return Ready(self._heartbeat_ms, self._ll_services, refused[:MAX_REFUSALS])
+            granted, refusals = self._grant(self.key_id, (message.services, message.exposes))
+            return Ready(self._heartbeat_ms, granted[:MAX_SERVICES], refusals[:MAX_REFUSALS])
         raise ProtocolError(
             f"unexpected {message.TYPE.name} during the handshake (state {self.state.name})"
         )

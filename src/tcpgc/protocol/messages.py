@@ -17,7 +17,9 @@ from tcpgc.protocol.fields import AGENT_ID_SIZE as AGENT_ID_SIZE
 from tcpgc.protocol.fields import CONN_ID_SIZE as CONN_ID_SIZE
 from tcpgc.protocol.fields import KEY_ID_SIZE as KEY_ID_SIZE
 from tcpgc.protocol.fields import MAGIC as MAGIC
+from tcpgc.protocol.fields import MAX_EXPOSES as MAX_EXPOSES
 from tcpgc.protocol.fields import MAX_NAME as MAX_NAME
+from tcpgc.protocol.fields import MAX_REFUSALS as MAX_REFUSALS
 from tcpgc.protocol.fields import MAX_SERVICES as MAX_SERVICES
 from tcpgc.protocol.fields import MAX_TEXT as MAX_TEXT
 from tcpgc.protocol.fields import NONCE_SIZE as NONCE_SIZE
@@ -28,7 +30,10 @@ from tcpgc.protocol.fields import (
     name_field,
     text_field,
 )
+from tcpgc.protocol.fields import expose_name as expose_name
+from tcpgc.protocol.fields import exposes_blob as exposes_blob
 from tcpgc.protocol.fields import is_valid_name as is_valid_name
+from tcpgc.protocol.fields import refusals_blob as refusals_blob
 from tcpgc.protocol.fields import services_blob as services_blob
 from tcpgc.protocol.frame_auth import FrameAuth
 
@@ -36,16 +41,19 @@ from tcpgc.protocol.frame_auth import FrameAuth
 #: refused with a message naming both ranges. Version 2 binds data connections to their
 #: session (DATA carries a proof; POOL's covers the certificate) and authenticates every
 #: plaintext frame. Version 3 makes streams resumable (OPEN carries the resume window;
-#: RESUME, RESUMED and the stream's ACK records); version 1 and 2 peers are refused.
-MIN_VERSION = 3
-MAX_VERSION = 3
+#: RESUME, RESUMED and the stream's ACK records). Version 4 makes agents principals:
+#: AUTH declares the ports the agent exposes, READY says what the agent may serve and
+#: what was refused. Peers of versions 1 to 3 are refused.
+MIN_VERSION = 4
+MAX_VERSION = 4
 
 HEADER = struct.Struct("!BH")
 
-#: Largest payload accepted. The biggest legitimate message is an AUTH listing every
-#: service of an agent (at most MAX_SERVICES names of at most 64 bytes: 13 KiB); 16 KiB
-#: leaves room for that while keeping what one unauthenticated peer can make us buffer small.
-MAX_PAYLOAD = 16 * 1024
+#: Largest payload accepted. The biggest legitimate message is a READY naming every
+#: service an agent may serve (at most MAX_SERVICES names of at most 64 bytes: 13 KiB)
+#: with its refusals (at most MAX_REFUSALS of some 270 bytes: 4.3 KiB); 24 KiB leaves
+#: room for that while keeping what one unauthenticated peer can make us buffer small.
+MAX_PAYLOAD = 24 * 1024
 
 
 class MessageType(IntEnum):
@@ -111,37 +119,45 @@ class Challenge:
 
 @dataclass(frozen=True)
 class Auth:
-    """Agent → LL: the agent's proof, its instance id and the services it serves."""
+    """Agent → LL: the agent's proof, its instance id, the services it serves, and the
+    ports it asks the LL to take clients on for it (`--expose`: host, "" for the LL's
+    default, and port)."""
 
     TYPE: ClassVar[MessageType] = MessageType.AUTH
     proof: bytes
     agent_id: bytes
     services: tuple[str, ...]
+    exposes: tuple[tuple[str, int], ...] = ()
 
     def payload(self) -> bytes:
-        return self.proof + self.agent_id + services_blob(self.services)
+        blobs = services_blob(self.services) + exposes_blob(self.exposes)
+        return self.proof + self.agent_id + blobs
 
     @classmethod
     def parse(cls, r: FieldReader) -> Auth:
         proof, agent_id = r.take(PROOF_SIZE), r.take(AGENT_ID_SIZE)
-        return cls(proof, agent_id, r.services())
+        return cls(proof, agent_id, r.services(), r.exposes())
 
 
 @dataclass(frozen=True)
 class Ready:
-    """LL → agent: the session is up; the LL's heartbeat interval in milliseconds and
-    the services it has (so an agent can say which of its own no client will reach)."""
+    """LL → agent: the session is up; the LL's heartbeat interval in milliseconds, the
+    services it will send this agent clients of (its own within the agent's scope, and
+    the ports granted to it, as ':PORT'), and what it refused, each with why (a
+    service or a port outside the agent's scope, a port it cannot listen on)."""
 
     TYPE: ClassVar[MessageType] = MessageType.READY
     heartbeat_ms: int
     services: tuple[str, ...] = ()
+    refusals: tuple[tuple[str, str], ...] = ()
 
     def payload(self) -> bytes:
-        return struct.pack("!I", self.heartbeat_ms) + services_blob(self.services)
+        head = struct.pack("!I", self.heartbeat_ms) + services_blob(self.services)
+        return head + refusals_blob(self.refusals)
 
     @classmethod
     def parse(cls, r: FieldReader) -> Ready:
-        return cls(r.u32(), r.services())
+        return cls(r.u32(), r.services(), r.refusals())
 
 
 @dataclass(frozen=True)
