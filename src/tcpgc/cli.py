@@ -12,21 +12,20 @@ from tcpgc.addresses import format_endpoint
 from tcpgc.admin_access import exposure_problem
 from tcpgc.cc.node import ConnectNode
 from tcpgc.cli_args import EXIT_USAGE, build_parser, cc_config, ll_config
-from tcpgc.config import DEFAULT_SERVICE, CCConfig, LLConfig, ll_config_from, read_toml
+from tcpgc.config import DEFAULT_SERVICE, CCConfig, LLConfig
 from tcpgc.environment import take_from_environment
 from tcpgc.errors import UsageError
 from tcpgc.identity import (
-    Certificate,
     JoinToken,
     default_state_dir,
     format_fingerprint,
-    load_identity,
     read_token,
     retire_previous,
     rotate,
 )
 from tcpgc.ll.node import ListenNode
 from tcpgc.memory_trim import tune_allocator
+from tcpgc.ops.agents_cli import ll_identity, run_agent
 from tcpgc.ops.check import read_admin_token, run_check
 from tcpgc.ops.logs import setup_logging
 from tcpgc.runner import Reload, Service, choose_loop, raise_fd_limit, run_on, serve_until_stopped
@@ -115,27 +114,25 @@ def instructions(node: ListenNode) -> str:
 
 def _token(args: argparse.Namespace) -> JoinToken | None:
     """The join token to print; None after --retire-previous, which changes no token."""
-    config = ll_config_from(read_toml(args.config), str(args.config)) if args.config else LLConfig()
-    state_dir = args.state_dir or config.state_dir or default_state_dir()
     if args.rotate or args.rotate_certificate:
-        identity = rotate(state_dir, secret=args.rotate, certificate=args.rotate_certificate)
+        _, config = ll_identity(args, create=True)  # validates what is there first
+        state_dir = args.state_dir or config.state_dir or default_state_dir()
+        rotate(state_dir, secret=args.rotate, certificate=args.rotate_certificate)
         print(
             "rotated: send the LL SIGHUP (or restart it) to accept the new token besides "
             "the old one, update the agents, then run 'tcpgc token --retire-previous'",
             file=sys.stderr,
         )
     elif args.retire_previous:
-        retire_previous(state_dir)
+        _, config = ll_identity(args, create=False)
+        retire_previous(args.state_dir or config.state_dir or default_state_dir())
         print(
             "retired: send the LL SIGHUP (or restart it); agents holding the old token are "
             "then refused (the token, unchanged, is printed by 'tcpgc token')",
             file=sys.stderr,
         )
         return None
-    else:
-        identity = load_identity(state_dir, create=True)
-    if config.tls_cert is not None and config.tls_key is not None:
-        identity = identity.with_certificate(Certificate.load(config.tls_cert, config.tls_key))
+    identity, _ = ll_identity(args, create=True)
     return identity.token
 
 
@@ -147,6 +144,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         if token is not None:
             print(token)
         return 0
+    if args.command == "agent":
+        return run_agent(args)
     if args.command == "demo":
         from tcpgc.ops.demo import run_demo
 

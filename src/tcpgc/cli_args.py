@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from tcpgc import __version__
 from tcpgc.addresses import collisions
@@ -20,6 +20,7 @@ from tcpgc.config import (
     parse_address,
     read_toml,
 )
+from tcpgc.config_cc import expose_or_problem
 from tcpgc.errors import UsageError
 from tcpgc.identity import default_state_dir
 
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop accepting the previous secret and certificate",
     )
 
+    _agent_commands(sub)
+
     ll = sub.add_parser("ll", help="run the outside node: listen for clients and for agents")
     ll.add_argument(
         "--clients", metavar="HOST:PORT", help="where clients of service 'default' connect"
@@ -105,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cc.add_argument("--server", metavar="HOST:PORT", help="the server of service 'default'")
     cc.add_argument(
+        "--expose",
+        metavar="[HOST:]PORT=SERVERHOST:SERVERPORT",
+        action="append",
+        help="have each LL take clients on PORT (on its address HOST, default all) for "
+        "this server, while this agent is connected; repeatable. The agent's credential "
+        "must allow the port ('tcpgc agent add NAME --ports LOW-HIGH' on the LL)",
+    )
+    cc.add_argument(
         "--token-file",
         type=Path,
         metavar="FILE",
@@ -135,6 +146,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--once", action="store_true", help="fetch the page once, report, and exit")
     return parser
+
+
+def _agent_commands(sub: Any) -> None:
+    agent = sub.add_parser(
+        "agent", help="give agents credentials of their own, each with a scope (on the LL host)"
+    )
+    verbs = agent.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
+    add = verbs.add_parser("add", help="create an agent and print its join token")
+    add.add_argument("name", metavar="NAME")
+    add.add_argument(
+        "--services", metavar="NAME[,NAME...]", default="", help="configured services it may serve"
+    )
+    add.add_argument(
+        "--ports", metavar="LOW-HIGH", help="ports it may expose ('tcpgc cc --expose')"
+    )
+    add.add_argument(
+        "--max-ports", type=int, metavar="N", help="how many of them at once (default: all)"
+    )
+    add.add_argument(
+        "--rate", metavar="RATE", help="bandwidth of all its connections, each way (80Mbit)"
+    )
+    listing = verbs.add_parser("list", help="the agents, their scopes, when last seen")
+    listing.add_argument("--json", action="store_true", help="one JSON object")
+    revoke = verbs.add_parser(
+        "revoke", help="delete an agent's credential: a running LL drops it within seconds"
+    )
+    revoke.add_argument("name", metavar="NAME")
+    for verb in (add, listing, revoke):
+        verb.add_argument(
+            "--state-dir", type=Path, help=f"LL state dir (default {default_state_dir()})"
+        )
+        verb.add_argument(
+            "-c", "--config", type=Path, metavar="FILE", help="the LL's TOML config file"
+        )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -207,6 +252,11 @@ def cc_config(args: argparse.Namespace) -> CCConfig:
         config.ll = [parse_address(a, "--ll") for a in args.ll]
     if args.server:
         config.services[DEFAULT_SERVICE] = parse_address(args.server, "--server")
+    for text in args.expose or ():
+        expose = expose_or_problem(text)
+        if isinstance(expose, str):
+            raise UsageError(f"--expose: {expose}")
+        config.add_expose(expose)
     if args.token_file:
         config.token_file = args.token_file
     if args.insecure_plaintext:

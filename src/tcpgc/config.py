@@ -17,6 +17,7 @@ from tcpgc.addresses import Address as Address
 from tcpgc.addresses import collisions
 from tcpgc.addresses import parse_address as parse_address
 from tcpgc.config_cc import CCConfig as CCConfig
+from tcpgc.config_cc import Expose as Expose
 from tcpgc.config_cc import cc_config_from as cc_config_from
 from tcpgc.config_checks import DEFAULT_RESUME_BUFFER as DEFAULT_RESUME_BUFFER
 from tcpgc.config_checks import DEFAULT_RESUME_MEMORY as DEFAULT_RESUME_MEMORY

@@ -4,10 +4,11 @@ reaches. `tcpgc.config` re-exports what is public here."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
-from tcpgc.addresses import Address
+from tcpgc.addresses import Address, address_or_problem
 from tcpgc.config_checks import (
     DEFAULT_RESUME_BUFFER,
     DEFAULT_RESUME_MEMORY,
@@ -15,7 +16,56 @@ from tcpgc.config_checks import (
     resume_buffer,
 )
 from tcpgc.errors import UsageError
-from tcpgc.protocol.messages import MAX_SERVICES
+from tcpgc.protocol.messages import MAX_EXPOSES, MAX_SERVICES, expose_name
+
+
+@dataclass(frozen=True)
+class Expose:
+    """A port the agent asks each LL to take clients on for it (`--expose`), and the
+    server those clients reach. `host` is where on the LL ("" for all its addresses)."""
+
+    host: str
+    port: int
+    server: Address
+
+    @property
+    def name(self) -> str:
+        """The service's name, as the LL and the logs give it: ':PORT'."""
+        return expose_name(self.port)
+
+    def __str__(self) -> str:
+        where = str(Address(self.host, self.port)) if self.host else str(self.port)
+        return f"{where}={self.server}"
+
+
+_EXPOSE_FORM = "expected [HOST:]PORT=SERVERHOST:SERVERPORT, e.g. 8080=127.0.0.1:80"
+
+
+def expose_or_problem(text: object) -> Expose | str:
+    """`[HOST:]PORT=SERVERHOST:SERVERPORT` as an Expose, or what is wrong with it."""
+    if not isinstance(text, str) or text.count("=") != 1:
+        return f"{_EXPOSE_FORM}, got {text!r}"
+    where, server_text = (part.strip() for part in text.split("="))
+    host, port_text = "", where
+    if not where.isdecimal():
+        listen = address_or_problem(where)
+        if isinstance(listen, str):
+            return f"{listen} (in {text!r}; {_EXPOSE_FORM})"
+        host, port_text = listen.host, str(listen.port)
+    port = int(port_text) if port_text.isdecimal() and port_text.isascii() else 0
+    if not 0 < port < 65536:
+        return f"port {port_text!r} is not 1-65535 (in {text!r})"
+    if host:
+        try:
+            ip_address(host)
+        except ValueError:
+            return f"{host!r} is not an IP address of the LL (in {text!r})"
+    server = address_or_problem(server_text)
+    if isinstance(server, str):
+        return f"{server} (in {text!r}; {_EXPOSE_FORM})"
+    if not server.port:
+        return f"the server's port cannot be 0 (in {text!r})"
+    return Expose(host, port, server)
 
 
 @dataclass
@@ -23,7 +73,10 @@ class CCConfig:
     """The inside node: which LLs to serve and which server each service reaches."""
 
     ll: list[Address] = field(default_factory=list)
+    #: Service name -> its server. Holds the exposed ports too, as ':PORT'.
     services: dict[str, Address] = field(default_factory=dict)
+    #: Ports the agent asks each LL to take clients on for it (`--expose`).
+    exposes: list[Expose] = field(default_factory=list)
     token_file: Path | None = None
     #: Deadline to connect to the LL (TCP + TLS + handshake) and to a server.
     connect_timeout: float = 10.0
@@ -63,6 +116,20 @@ class CCConfig:
     resume_buffer: int = DEFAULT_RESUME_BUFFER
     resume_memory: int = DEFAULT_RESUME_MEMORY
 
+    @property
+    def configured_services(self) -> tuple[str, ...]:
+        """The services the LLs configure that this agent serves (not its exposed ports)."""
+        return tuple(name for name in self.services if not name.startswith(":"))
+
+    def add_expose(self, expose: Expose) -> None:
+        """Expose one more port; UsageError if the port is exposed already."""
+        if expose.name in self.services:
+            raise UsageError(f"port {expose.port} is exposed twice ({expose})")
+        if len(self.exposes) >= MAX_EXPOSES:
+            raise UsageError(f"an agent exposes at most {MAX_EXPOSES} ports")
+        self.exposes.append(expose)
+        self.services[expose.name] = expose.server
+
     def require_complete(self) -> None:
         """Raise UsageError unless the agent has an LL to serve and a service: a file
         may leave either to the flags, but a node cannot start without both."""
@@ -72,7 +139,8 @@ class CCConfig:
             )
         if not self.services:
             raise UsageError(
-                "tcpgc cc needs --server HOST:PORT or a config file with [services.NAME] sections"
+                "tcpgc cc needs --server HOST:PORT, --expose PORT=HOST:PORT, or a config "
+                "file with [services.NAME] sections or 'expose'"
             )
 
 
@@ -97,6 +165,7 @@ _CC_KEYS = {
     "insecure_plaintext",
     "resume_buffer",
     "resume_memory",
+    "expose",
 }
 _CC_SERVICE_KEYS = {"server", "proxy_protocol"}
 
@@ -159,6 +228,7 @@ def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
         resume_buffer=resume_buffer(p, data),
         resume_memory=p.integer(data, "resume_memory", DEFAULT_RESUME_MEMORY),
     )
+    _exposes(p, data, config)
     config.token_file = p.path(data, "token_file")
     config.admin = p.address(data, "admin", "admin") if "admin" in data else None
     config.admin_token_file = p.path(data, "admin_token_file")
@@ -172,3 +242,21 @@ def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
         p.add("reconnect_max", "must not be smaller than reconnect_min")
     p.check()
     return config
+
+
+def _exposes(p: ConfigProblems, data: dict[str, Any], config: CCConfig) -> None:
+    value = data.get("expose", [])
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        p.add("expose", f'expected a list such as ["8080=127.0.0.1:80"], got {value!r}')
+        return
+    for i, item in enumerate(items):
+        label = f"expose[{i}]" if isinstance(value, list) else "expose"
+        expose = expose_or_problem(item)
+        if isinstance(expose, str):
+            p.add(label, expose)
+            continue
+        try:
+            config.add_expose(expose)
+        except UsageError as exc:
+            p.add(label, str(exc))

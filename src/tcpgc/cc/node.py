@@ -107,6 +107,7 @@ class ConnectNode:
         old = self.config
         renew = (
             set(config.services) != set(old.services)
+            or config.exposes != old.exposes
             or token != self.token
             or (config.tls_ca, config.tls_cert, config.tls_key)
             != (old.tls_ca, old.tls_cert, old.tls_key)

@@ -33,6 +33,7 @@ from tcpgc.protocol.agent_session import (
 )
 from tcpgc.protocol.backoff import Backoff
 from tcpgc.protocol.handshake import AgentHandshake
+from tcpgc.safe_text import printable
 from tcpgc.task_set import TaskSet
 from tcpgc.transport.failures import transport_error
 from tcpgc.transport.link import Link
@@ -118,21 +119,34 @@ class SessionKeeper:
             self._metrics.child(self._metrics.handshake_failures, reason).inc()
             raise
         handshake = session.handshake
+        refused = {subject for subject, _ in handshake.refusals}
         log.info(
             "connected to LL %s as agent %s (services: %s)",
             address,
             handshake.agent_id.hex()[:12],
-            ", ".join(self.config.services),
+            ", ".join(s for s in self.config.configured_services if s not in refused) or "none",
         )
-        missing = [s for s in self.config.services if s not in handshake.ll_services]
+        for _, why in handshake.refusals:
+            # The LL's own words: what it refused, and what this agent may do instead.
+            log.warning("LL %s: %s", address, printable(why))
+        missing = [
+            s
+            for s in self.config.configured_services
+            if s not in handshake.ll_services and s not in refused
+        ]
         if missing and handshake.ll_services:
             log.warning(
                 "LL %s does not have services: %s (it has: %s); no client of theirs "
                 "comes through it until it is configured with them",
                 address,
                 ", ".join(missing),
-                ", ".join(handshake.ll_services),
+                ", ".join(s for s in handshake.ll_services if not s.startswith(":")),
             )
+        for expose in self.config.exposes:
+            if expose.name in handshake.ll_services:
+                log.info(
+                    "LL %s takes clients on port %d for %s", address, expose.port, expose.server
+                )
         self._joined.add(address)
         self._resumes.sessions[str(address)] = handshake
         self._connected[str(address)].set()
@@ -197,7 +211,8 @@ class SessionKeeper:
     async def _authenticate(self, link: Link, binding: bytes) -> _Joined:
         handshake = AgentHandshake(
             self.token.secret,
-            services=tuple(self.config.services),
+            services=self.config.configured_services,
+            exposes=tuple((e.host, e.port) for e in self.config.exposes),
             agent_id=self._agent_id,
             binding=binding,
             tls=self._dialer.tls is not None,

@@ -25,10 +25,12 @@ from tcpgc.errors import (
     TimedOut,
     TooManySessions,
 )
+from tcpgc.identity.agents import AgentCredential
 from tcpgc.ll.admission import PendingHandshakes
 from tcpgc.ll.agents import AgentRegistry, AgentSession
 from tcpgc.ll.control import ControlDriver
 from tcpgc.ll.credentials import Credentials
+from tcpgc.ll.exposes import Claim, ExposedPorts
 from tcpgc.ll.pairing import ClientPairing
 from tcpgc.ll.ready import ReadyConnections
 from tcpgc.ll.resumes import LLResumes
@@ -36,7 +38,7 @@ from tcpgc.memory_trim import BurstTrimmer
 from tcpgc.metrics import Metrics
 from tcpgc.protocol.frame_auth import CONTROL, frame_auth
 from tcpgc.protocol.frame_decoder import FrameDecoder
-from tcpgc.protocol.handshake import LLHandshake, error_code
+from tcpgc.protocol.handshake import Grant, LLHandshake, Request, error_code
 from tcpgc.protocol.ll_pairing import Opening, classify_opening, refuse_tls_record
 from tcpgc.protocol.ll_session import Event, LLControlSession, OpenRefused, SessionEnded
 from tcpgc.protocol.messages import Data, Error, ErrorCode, Hello, Pool, Resume
@@ -62,6 +64,7 @@ class AgentPort:
         pairing: ClientPairing,
         ready: ReadyConnections,
         resumes: LLResumes,
+        exposes: ExposedPorts,
         pending: PendingHandshakes,
         metrics: Metrics,
         tasks: TaskSet,
@@ -72,6 +75,9 @@ class AgentPort:
         self._pairing = pairing
         self._ready = ready
         self._resumes = resumes
+        self._exposes = exposes
+        #: What each authenticated session was granted, until it runs.
+        self._claims: dict[AgentSession, Claim] = {}
         self._pending = pending
         self._metrics = metrics
         self._tasks = tasks
@@ -98,8 +104,19 @@ class AgentPort:
             session = await self._authenticate(link)
         finally:
             self._pending.release(link)
-        if session is not None and self._admit(session):
-            await self._run_session(session)
+        if session is None:
+            return
+        claim = self._claims.pop(session)
+        if session.credential is not None and session.key_id not in self._credentials.agents:
+            # Revoked while it was answered: its token is refused from now on.
+            self._exposes.cancel(claim)
+            session.channel.send(Error(ErrorCode.AUTHENTICATION, "authentication failed"))
+            session.channel.link.close()
+            log.warning("agent '%s' refused: its credential was just revoked", session.name)
+        elif self._admit(session):
+            await self._run_session(session, claim)
+        else:
+            self._exposes.cancel(claim)
 
     def _admit(self, session: AgentSession) -> bool:
         """Cap the sessions one credential holds: a leaked token must not let its holder
@@ -209,48 +226,68 @@ class AgentPort:
     async def _handshake(self, hello: Hello, channel: FrameChannel) -> AgentSession:
         link = channel.link
         credentials = self._credentials
+        claims: list[Claim] = []
+
+        def grant(kid: bytes, request: Request) -> Grant:
+            # The credential the agent proved decides what it gets, not what it asks.
+            found, claim = self._exposes.grant(
+                credentials.agents.get(kid), handshake.agent_id, request
+            )
+            claims.append(claim)
+            return found
+
         handshake = LLHandshake(
             credentials.secrets,
             heartbeat_ms=int(self.config.heartbeat * 1000),
             binding=credentials.binding_of(link),
             tls=not credentials.plaintext,
             services=tuple(self.config.services),
+            grant=grant,
         )
         channel.send(handshake.receive(hello))
         auth = await channel.recv()
         if auth is None:
             raise ProtocolError("connection closed during the handshake", reason="closed")
-        channel.send(handshake.receive(auth))
+        ready = handshake.receive(auth)
+        claim = claims[0]
+        try:
+            channel.send(ready)
+        except BaseException:
+            self._exposes.cancel(claim)
+            raise
         if credentials.plaintext:  # every later frame carries its MAC
             channel.auth = frame_auth(handshake.session_key, CONTROL, agent=False)
-        return AgentSession(
+        session = AgentSession(
             handshake.agent_id.hex()[:12],
             link.peer,
             link.peer_host,
-            handshake.services,
+            claim.services,
             channel,
             raw_id=handshake.agent_id,
             session_key=handshake.session_key,
             key_id=handshake.key_id,
+            credential=credentials.agents.get(handshake.key_id),
+            refused=tuple(why for _, why in ready.refusals),  # type: ignore[union-attr]
         )
+        self._claims[session] = claim
+        return session
 
-    async def _run_session(self, session: AgentSession) -> None:
+    async def _run_session(self, session: AgentSession, claim: Claim) -> None:
         link = session.channel.link
-        served = [s for s in session.services if s in self.config.services]
-        unknown = [s for s in session.services if s not in self.config.services]
-        log.info(
-            "agent %s connected from %s (services: %s)",
-            session.agent_id,
-            link.peer,
-            ", ".join(served),
-        )
+        served = [s for s in session.services if s in self.config.services or s[:1] == ":"]
+        unknown = [s for s in session.services if s not in served]
+        who = f"agent '{session.name}'" if session.credential else f"agent {session.agent_id}"
+        log.info("%s connected from %s (services: %s)", who, link.peer, ", ".join(served))
         if unknown:
             log.warning(
-                "agent %s offers services this LL does not have: %s (this LL has: %s)",
-                session.agent_id,
+                "%s offers services this LL does not have: %s (this LL has: %s)",
+                who,
                 ", ".join(unknown),
                 ", ".join(self.config.services),
             )
+        for why in session.refused:
+            log.warning("%s from %s: %s", who, link.peer, why)
+        await self._exposes.start(session, claim)
         loop = asyncio.get_running_loop()
         ended: asyncio.Future[SessionEnded] = loop.create_future()
         core = LLControlSession(
@@ -283,6 +320,7 @@ class AgentPort:
             self._metrics.agents.set(len(self._agents))
             session.close()  # with its ready connections, and those offered to clients
             self._pairing.agent_gone(session)
+            self._exposes.release(session, at_once=session.revoked)
         if not (end.by_heartbeat or driver.broken or replaced):
             # The agent closed its control connection itself (it stopped, or its
             # process ended): the streams waiting for it will not be resumed.
@@ -306,6 +344,29 @@ class AgentPort:
             for relay in closing:
                 relay.result.ended = "agent lost"
                 relay.close()
+
+    def revoke(self, gone: list[AgentCredential]) -> None:
+        """These credentials were revoked: end their sessions, their clients (running or
+        waiting for a resume) and their ports, now. Other agents are not touched."""
+        names = {credential.key_id: credential.name for credential in gone}
+        for session in self._agents:
+            if session.key_id not in names:
+                continue
+            session.revoked = True
+            relays = list(session.relays)
+            for relay in relays:
+                relay.result.ended = "agent revoked"
+                relay.close()
+            log.warning(
+                "agent '%s' revoked: session from %s ended, %d connections closed",
+                session.name,
+                session.peer,
+                len(relays),
+            )
+            session.close()
+        waited = self._resumes.give_up_agents(set(names), "agent revoked")
+        if waited:
+            log.warning("%d connections waiting for revoked agents closed", waited)
 
     def _session_event(
         self, session: AgentSession, ended: asyncio.Future[SessionEnded], event: Event

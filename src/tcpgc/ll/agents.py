@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from tcpgc.identity.agents import AgentCredential
 from tcpgc.protocol.ll_pairing import ReadyOffers
 from tcpgc.protocol.messages import Open
 from tcpgc.relay.result import AnyRelay
@@ -51,6 +52,18 @@ class AgentSession:
     #: Relays running over this agent's data connections.
     relays: set[AnyRelay] = field(default_factory=set)
     since: float = field(default_factory=time.time)
+    #: The agent's own credential (None: the LL's shared join token, full scope).
+    credential: AgentCredential | None = None
+    #: Set when its credential is revoked: its ports close at once, nothing waits.
+    revoked: bool = False
+    #: What the LL refused of its request, as READY told it.
+    refused: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """Who the agent is, as logs and the status page say: its credential's name, or
+        its id with the LL's shared token."""
+        return self.credential.name if self.credential is not None else self.agent_id
 
     def __post_init__(self) -> None:
         self.offers = ReadyOffers(self.raw_id, self.session_key)

@@ -37,6 +37,8 @@ class Service:
     relays: set[AnyRelay] = field(default_factory=set)
     clients: int = 0  # waiting or relayed
     reaper: asyncio.Task[Any] | None = None
+    #: For a port an agent exposes (named ':PORT'): the agent that asked for it first.
+    exposed_by: str = ""
 
 
 class Clients:

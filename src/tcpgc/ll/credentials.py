@@ -1,5 +1,6 @@
 """What the LL proves itself with and checks agents against: its identity, the secrets
-of the join tokens it accepts, and the TLS context(s) of its agent port."""
+of the join tokens it accepts (its shared one, and each agent's own credential), and the
+TLS context(s) of its agent port."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import ssl
 
 from tcpgc.config import LLConfig
 from tcpgc.identity import Certificate, Identity, default_state_dir, load_identity
+from tcpgc.identity.agents import AgentCredential, agents_fingerprint, load_agents
 from tcpgc.protocol.handshake import key_id
 from tcpgc.transport.link import Link
 
@@ -16,8 +18,12 @@ class Credentials:
 
     def __init__(self) -> None:
         self.identity: Identity | None = None
-        #: The accepted secrets by key id (more than one while a secret is rotated).
+        #: The accepted secrets by key id: the shared one (two while it is rotated) and
+        #: every agent credential's.
         self.secrets: dict[bytes, bytes] = {}
+        #: The agents' own credentials by key id (see `tcpgc agent`).
+        self.agents: dict[bytes, AgentCredential] = {}
+        self._agents_seen: object = None
         #: The agent port's TLS context; None in plaintext mode.
         self.tls: ssl.SSLContext | None = None
         self._binding_of_context: dict[int, bytes] = {}
@@ -35,10 +41,33 @@ class Credentials:
         bindings: dict[int, bytes] = {}
         if not config.insecure_plaintext:
             tls, bindings = identity.server_context(config.tls_client_ca)
+        fingerprint = agents_fingerprint(identity.state_dir)
+        agents = load_agents(identity.state_dir)
         # Only now that everything loaded: a reload that fails changes nothing.
         self.identity = identity
-        self.secrets = {key_id(secret): secret for secret in identity.secrets}
         self.tls, self._binding_of_context = tls, bindings
+        self._set_agents(agents, fingerprint)
+
+    def _set_agents(self, agents: dict[bytes, AgentCredential], fingerprint: object) -> None:
+        assert self.identity is not None
+        shared = {key_id(secret): secret for secret in self.identity.secrets}
+        self.secrets = {kid: agent.secret for kid, agent in agents.items()} | shared
+        self.agents = {kid: agent for kid, agent in agents.items() if kid not in shared}
+        self._agents_seen = fingerprint
+
+    def refresh_agents(self) -> list[AgentCredential]:
+        """Read the agents' credentials again if the state dir's changed (`tcpgc agent
+        add` or `revoke` ran): cheap when nothing did. Returns the credentials that are
+        gone (revoked), whose sessions must end. Raises UsageError, changing nothing,
+        if a credential file cannot be read."""
+        assert self.identity is not None
+        fingerprint = agents_fingerprint(self.identity.state_dir)
+        if fingerprint == self._agents_seen:
+            return []
+        agents = load_agents(self.identity.state_dir)
+        gone = [agent for kid, agent in self.agents.items() if kid not in agents]
+        self._set_agents(agents, fingerprint)
+        return gone
 
     def binding_of(self, link: Link) -> bytes:
         """The fingerprint of the certificate this LL presented on `link`: what every

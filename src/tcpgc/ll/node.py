@@ -26,10 +26,12 @@ from tcpgc.ll.agent_port import AgentPort
 from tcpgc.ll.agents import AgentRegistry
 from tcpgc.ll.clients import Clients, Service
 from tcpgc.ll.credentials import Credentials
+from tcpgc.ll.exposes import ExposedPorts
 from tcpgc.ll.pairing import ClientPairing
 from tcpgc.ll.ready import ReadyConnections
 from tcpgc.ll.resumes import LLResumes
 from tcpgc.ll.status import ll_status
+from tcpgc.ll.watch_agents import watch_agents
 from tcpgc.memory_trim import trim_periodically
 from tcpgc.metrics import Metrics
 from tcpgc.task_set import TaskSet
@@ -70,6 +72,7 @@ class ListenNode:
             metrics=self.metrics,
             tasks=self._tasks,
         )
+        self.exposes = ExposedPorts(config, self.services, self.clients)
         self.agent_port = AgentPort(
             config,
             agents=self.agents,
@@ -77,6 +80,7 @@ class ListenNode:
             pairing=self.pairing,
             ready=self.ready,
             resumes=self.resumes,
+            exposes=self.exposes,
             pending=self._pending,
             metrics=self.metrics,
             tasks=self._tasks,
@@ -119,6 +123,9 @@ class ListenNode:
             await self.close()
             raise
         self._tasks.spawn(trim_periodically(), "memory trim")
+        self._tasks.spawn(
+            watch_agents(self.credentials, self.agents, self.agent_port.revoke), "agents"
+        )
         assert self.identity is not None
         security = (
             "PLAINTEXT (--insecure-plaintext)"
@@ -153,9 +160,11 @@ class ListenNode:
                 "'cc' and 'insecure_plaintext' cannot change on reload: restart instead"
             )
         self.credentials.load(config)
+        # Ports agents expose are theirs, not the config's: a reload leaves them be.
+        configured = {name: s for name, s in self.services.items() if not s.exposed_by}
         moving = [
             service
-            for name, service in self.services.items()
+            for name, service in configured.items()
             if name not in config.services or service.config.listen != config.services[name].listen
         ]
         # A listener that closes may share its port with one that opens (a service
@@ -178,7 +187,7 @@ class ListenNode:
             raise
         replaced = {
             name: service
-            for name, service in self.services.items()
+            for name, service in configured.items()
             if name not in config.services or name in opened
         }
         for name, service in opened.items():
@@ -200,14 +209,19 @@ class ListenNode:
                 log.info("service '%s' removed", name)
         # The old listeners are closed: nobody else may join the new ones' ports now.
         set_reuse_port((service.server for service in opened.values()), False)
-        for name, service in self.services.items():
-            if name not in opened and service.config != config.services[name]:
+        for name, service in configured.items():
+            if (
+                name in config.services
+                and name not in opened
+                and service.config != config.services[name]
+            ):
                 service.config = config.services[name]
                 self.clients.start_reaper(service)
                 log.info("service '%s' controls updated", name)
         self._pending.max_total = config.max_pending
         self._pending.max_per_source = config.max_pending_per_source
         self.config = self.pairing.config = self.ready.config = self.agent_port.config = config
+        self.exposes.config = config
         self.resumes.reconfigure(config)
         log.info("config reloaded: services %s", ", ".join(self.services))
 
@@ -229,6 +243,7 @@ class ListenNode:
 
     async def close(self) -> None:
         self.resumes.give_up_all()  # with a reset: those streams cannot go on
+        self.exposes.close_all()
         self.agent_port.trimmer.cancel()
         if self._agent_server is not None:
             self._agent_server.close()

@@ -105,6 +105,16 @@ class LLResumes:
                 why = f"not resumed: agent {session.agent_id} closed its session"
                 self.table.give_up(relay, why, "closed")
 
+    def give_up_agents(self, key_ids: set[bytes], why: str) -> int:
+        """The credentials `key_ids` were revoked: their streams that wait (whichever of
+        their sessions began them) will not be resumed. Returns how many there were."""
+        count = 0
+        for relay, (_, session) in list(self._owners.items()):
+            if session.key_id in key_ids and relay.waiting_since is not None:
+                self.table.give_up(relay, f"not resumed: {why}", "revoked")
+                count += 1
+        return count
+
     def resume(self, message: Resume, channel: FrameChannel) -> None:
         """A data connection whose first frame is RESUME: check it, answer RESUMED and
         hand the connection to its stream; raise ResumeRefused (logged and counted by

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tcpgc.config import Address
-from tcpgc.ll.agents import AgentRegistry
+from tcpgc.ll.agents import AgentRegistry, AgentSession
 from tcpgc.ll.clients import Service
 from tcpgc.relay.resume_table import waiting_for
 
@@ -30,14 +30,18 @@ def ll_status(
                 "listen": str(service.address),
                 "clients": service.clients,
                 "agents": sum(1 for a in agents if name in a.services),
+                "exposed_by": service.exposed_by or None,
             }
             for name, service in services.items()
         ],
         "agents": [
             {
                 "id": agent.agent_id,
+                "name": agent.credential.name if agent.credential else None,
+                "scope": _scope(agent),
                 "peer": agent.peer,
                 "services": list(agent.services),
+                "refused": list(agent.refused),
                 "connected_for": round(time.time() - agent.since, 1),
                 "connections": len(agent.relays),
             }
@@ -56,3 +60,9 @@ def ll_status(
             for relay in service.relays
         ],
     }
+
+
+def _scope(agent: AgentSession) -> str:
+    if agent.credential is None:
+        return "shared join token: every service, no exposed port"
+    return agent.credential.scope.describe()

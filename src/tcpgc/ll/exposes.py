@@ -1,0 +1,266 @@
+"""Ports agents expose (`tcpgc cc --expose`): what each agent's credential grants of what
+it asks, the listeners the LL opens for them, and how long those stay.
+
+An exposed port is a service named ':PORT' that exists while an agent holds it. Agents
+exposing the same port (on the same address) share it as the agents of one configured
+service do. When the last holder's session ends, the port stays open for the resume
+window, so a client's stream (and new clients, who wait for an agent as usual) see an
+agent's network blip as a pause; then it closes. A revoked agent's ports close at once.
+
+The listening socket is bound while the handshake is answered, so READY can say which
+ports were refused, with why, and the LL never listens on a port it refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from tcpgc.config import Address, LLConfig, ServiceListener, ll_listeners
+from tcpgc.identity.agents import AgentCredential
+from tcpgc.ll.agents import AgentSession
+from tcpgc.ll.clients import Clients, Service
+from tcpgc.protocol.handshake import Grant, Request
+from tcpgc.protocol.messages import expose_name
+from tcpgc.transport.link import Link
+
+log = logging.getLogger("tcpgc.ll")
+
+_SHARED_TOKEN_NO_EXPOSE = (
+    "the LL's shared join token may expose no port; give this agent its own credential "
+    "('tcpgc agent add NAME --ports LOW-HIGH' on the LL)"
+)
+
+
+@dataclass(eq=False)
+class _Port:
+    """One exposed port: its service, once listening, and the sessions that hold it."""
+
+    host: str
+    port: int
+    sock: socket.socket | None
+    service: Service | None = None
+    holders: set[AgentSession] = field(default_factory=set)
+    #: Who asked first, for the log lines and the status page.
+    owner: str = ""
+    closing: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class Claim:
+    """What one handshake was granted: the names it may serve and the ports it holds
+    (bound, not yet served). `cancel` undoes it if the session does not start."""
+
+    services: tuple[str, ...] = ()
+    ports: list[_Port] = field(default_factory=list)
+    fresh: list[_Port] = field(default_factory=list)
+
+
+class ExposedPorts:
+    """The exposed ports of an LL, kept in `services` (the node's, by name) beside the
+    configured ones."""
+
+    def __init__(self, config: LLConfig, services: dict[str, Service], clients: Clients) -> None:
+        self.config = config
+        self._services = services
+        self._clients = clients
+        self._ports: dict[int, _Port] = {}
+
+    def grant(
+        self, credential: AgentCredential | None, agent_id: bytes, request: Request
+    ) -> tuple[Grant, Claim]:
+        """Decide what an agent holding `credential` (None: the LL's shared token) gets
+        of `request`, binding the ports it is granted. Returns READY's grant, and the
+        claim to `start` (or `cancel`) once the session runs (or does not)."""
+        offered, exposes = request
+        claim = Claim()
+        refusals: list[tuple[str, str]] = []
+        configured = tuple(self.config.services)
+        if credential is None:
+            ll_services, registered = configured, offered
+        else:
+            scope = credential.scope
+            ll_services = tuple(s for s in configured if scope.may_serve(s))
+            registered = tuple(s for s in offered if scope.may_serve(s))
+            for name in offered:
+                if not scope.may_serve(name):
+                    text = f"service '{name}' refused: agent '{credential.name}' may serve "
+                    refusals.append((name, text + scope.describe_services()))
+        granted: list[str] = []
+        held = self._held_by(credential, agent_id) if credential is not None else set()
+        for host, port in exposes:
+            name = expose_name(port)
+            why = self._refusal(credential, host, port, held, granted)
+            if why is None:
+                why = self._take(host, port, claim, credential)
+            if why is None:
+                granted.append(name)
+                held.add(port)
+            else:
+                refusals.append((name, f"expose of port {port} refused: {why}"))
+        claim.services = registered + tuple(granted)
+        return (ll_services + tuple(granted), tuple(refusals)), claim
+
+    def _held_by(self, credential: AgentCredential, agent_id: bytes) -> set[int]:
+        """Ports held by other sessions of the same credential (a returning agent's old
+        session is about to be replaced: its ports are not counted twice)."""
+        return {
+            number
+            for number, port in self._ports.items()
+            if any(
+                h.credential is not None
+                and h.credential.name == credential.name
+                and h.raw_id != agent_id
+                for h in port.holders
+            )
+        }
+
+    def _refusal(
+        self,
+        credential: AgentCredential | None,
+        host: str,
+        port: int,
+        held: set[int],
+        granted: list[str],
+    ) -> str | None:
+        if credential is None:
+            return _SHARED_TOKEN_NO_EXPOSE
+        scope = credential.scope
+        if not scope.may_expose(port):
+            return f"agent '{credential.name}' may expose {scope.describe_ports()}"
+        if expose_name(port) in granted:
+            return "declared twice"
+        if port not in held and len(held) >= scope.max_ports:
+            return f"agent '{credential.name}' may expose at most {scope.max_ports} at once"
+        for key, address in ll_listeners(self.config):
+            if address.port == port:
+                what = key.split(".")[1] if key.startswith("services.") else None
+                return (
+                    f"port {port} is service '{what}' of this LL"
+                    if what
+                    else f"port {port} is this LL's {key} port"
+                )
+        current = self._ports.get(port)
+        if current is not None and current.host != host:
+            where = current.host or "all addresses"
+            return f"port {port} is exposed on {where} by agent '{current.owner}'"
+        return None
+
+    def _take(
+        self, host: str, port: int, claim: Claim, credential: AgentCredential | None
+    ) -> str | None:
+        current = self._ports.get(port)
+        if current is not None:  # shared with the agents already holding it
+            claim.ports.append(current)
+            return None
+        try:
+            sock = _bind(host, port)
+        except OSError as exc:
+            where = Address(host, port) if host else f"port {port}"
+            return f"cannot listen on {where} ({exc.strerror or exc})"
+        entry = _Port(host, port, sock, owner=credential.name if credential else "")
+        self._ports[port] = entry
+        claim.ports.append(entry)
+        claim.fresh.append(entry)
+        return None
+
+    async def start(self, session: AgentSession, claim: Claim) -> None:
+        """The session runs: serve its fresh ports, and hold all it was granted."""
+        for entry in claim.ports:
+            entry.holders.add(session)
+            if entry.closing is not None:
+                entry.closing.cancel()
+                entry.closing = None
+        for entry in claim.fresh:
+            await self._serve(entry)
+
+    def cancel(self, claim: Claim) -> None:
+        """The session did not start: give back the ports no one else holds."""
+        for entry in claim.fresh:
+            if not entry.holders and entry.sock is not None:
+                entry.sock.close()
+                self._ports.pop(entry.port, None)
+
+    async def _serve(self, entry: _Port) -> None:
+        sock, entry.sock = entry.sock, None
+        if sock is None or self._ports.get(entry.port) is not entry:
+            return
+        name = expose_name(entry.port)
+        loop = asyncio.get_running_loop()
+        factory: Callable[[], Link] = lambda: Link(  # noqa: E731
+            on_made=lambda link: self._clients.connected(name, link)
+        )
+        server = await loop.create_server(factory, sock=sock, backlog=1024)
+        listener = ServiceListener(Address(entry.host, entry.port))
+        address = Address(entry.host or "0.0.0.0", sock.getsockname()[1])
+        entry.service = Service(name, listener, server, address, exposed_by=entry.owner)
+        self._services[name] = entry.service
+        log.info(
+            "port %d exposed by agent '%s': listening for clients on %s",
+            entry.port,
+            entry.owner,
+            address,
+        )
+
+    def release(self, session: AgentSession, *, at_once: bool = False) -> None:
+        """`session` ended: its ports close once no one holds them, after the resume
+        window (or `at_once`: the agent was revoked)."""
+        for entry in list(self._ports.values()):
+            if session not in entry.holders:
+                continue
+            entry.holders.discard(session)
+            if entry.holders:
+                continue
+            window = 0.0 if at_once else self.config.window_of(expose_name(entry.port))
+            if window <= 0:
+                self._close(entry, "its agent left" if not at_once else "its agent was revoked")
+            elif entry.closing is None:
+                entry.closing = asyncio.get_running_loop().call_later(
+                    window, self._close, entry, f"no agent came back within {window:.0f} s"
+                )
+
+    def _close(self, entry: _Port, why: str) -> None:
+        if entry.holders or self._ports.get(entry.port) is not entry:
+            return
+        del self._ports[entry.port]
+        if entry.closing is not None:
+            entry.closing.cancel()
+            entry.closing = None
+        if entry.sock is not None:
+            entry.sock.close()
+        service = entry.service
+        if service is not None:
+            service.server.close()
+            if service.reaper is not None:
+                service.reaper.cancel()
+            if self._services.get(service.name) is service:
+                del self._services[service.name]
+        log.info("port %d no longer exposed: %s", entry.port, why)
+
+    def close_all(self) -> None:
+        for entry in list(self._ports.values()):
+            entry.holders.clear()
+            self._close(entry, "the LL is stopping")
+
+    def holders(self, port: int) -> Iterable[AgentSession]:
+        entry = self._ports.get(port)
+        return () if entry is None else tuple(entry.holders)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on `host` (all addresses, both families, if empty)."""
+    if not host:
+        if socket.has_dualstack_ipv6():
+            return socket.create_server(
+                ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=1024
+            )
+        return socket.create_server(("", port), backlog=1024)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=1024)
+    except socket.gaierror as exc:
+        raise OSError(errno.EADDRNOTAVAIL, f"{host} is not an address here") from exc
