@@ -51,6 +51,8 @@ class Metrics:
             self.clients_active = self.bytes = self.handshake_failures = _UNCOUNTED
             self.data_wait = self.pool_size = self.reused = _UNCOUNTED
             self.resumed = self.replayed = self.resumes_failed = self.waiting = _UNCOUNTED
+            self.agent_sessions = self.agent_bytes = self.agent_refusals = _UNCOUNTED
+            self.exposed_ports = _UNCOUNTED
             return
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -109,6 +111,7 @@ class Metrics:
             "tcpgc_streams_waiting", "Streams waiting for a resume after a break", registry=r
         )
         if role != "cc":
+            self._agent_metrics(r)
             # The agent holds the ready connections: on the LL both would read 0 forever.
             self.pool_size = self.reused = _UNCOUNTED
             return
@@ -121,6 +124,36 @@ class Metrics:
             registry=r,
         )
 
+    def _agent_metrics(self, r: Any) -> None:
+        """The LL's figures by agent. The label is the agent's credential name (chosen
+        by the operator: few values), or 'shared' for the LL's shared join token; never
+        an agent id, which each agent picks."""
+        from prometheus_client import Counter, Gauge
+
+        self.agent_sessions = Gauge(
+            "tcpgc_agent_sessions", "Control sessions by agent credential", ["agent"], registry=r
+        )
+        self.agent_bytes = Counter(
+            "tcpgc_agent_bytes",
+            "Bytes relayed by agent credential; 'in' is client to server",
+            ["agent", "direction"],
+            registry=r,
+        )
+        self.agent_refusals = Counter(
+            "tcpgc_agent_refusals",
+            "Services or ports an agent asked for and its scope does not allow",
+            ["agent"],
+            registry=r,
+        )
+        self.exposed_ports = Gauge(
+            "tcpgc_exposed_ports", "Ports the LL listens on for agents (--expose)", registry=r
+        )
+
+    def counting(self, metric: Any, *labels: str) -> Any:
+        """Like `child`, but None when this node does not count: a relay then has one
+        counter fewer to feed."""
+        return None if self.registry is None else self.child(metric, *labels)
+
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, cached: prometheus-client's lookup costs tens of
         microseconds, paid on every connection otherwise."""
@@ -132,3 +165,16 @@ class Metrics:
 
 
 _UNCOUNTED: Any = _Uncounted()
+
+
+class BothCounters:
+    """Two counters fed as one (a service's bytes and its agent's)."""
+
+    __slots__ = ("first", "second")
+
+    def __init__(self, first: Any, second: Any) -> None:
+        self.first, self.second = first, second
+
+    def inc(self, amount: float = 1) -> None:
+        self.first.inc(amount)
+        self.second.inc(amount)

@@ -303,7 +303,11 @@ class AgentPort:
         # Registered for every service it offers, not only today's: a service added to
         # this LL by a reload is served by the agents already connected.
         stale = self._agents.add(session, session.services)
-        self._metrics.agents.set(len(self._agents))
+        m = self._metrics
+        m.agents.set(len(self._agents))
+        m.child(m.agent_sessions, session.metric_label).inc()
+        if session.refused:
+            m.child(m.agent_refusals, session.metric_label).inc(len(session.refused))
         if stale is not None:
             log.info("agent %s: new session replaces the one from %s", session.agent_id, stale.peer)
             stale.close()
@@ -317,7 +321,8 @@ class AgentPort:
             driver.stop()
             self._pending.session_ended(session.peer_host, time.monotonic())
             self._agents.remove(session)
-            self._metrics.agents.set(len(self._agents))
+            m.agents.set(len(self._agents))
+            m.child(m.agent_sessions, session.metric_label).dec()
             session.close()  # with its ready connections, and those offered to clients
             self._pairing.agent_gone(session)
             self._exposes.release(session, at_once=session.revoked)

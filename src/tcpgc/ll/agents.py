@@ -59,6 +59,16 @@ class AgentSession:
     #: What the LL refused of its request, as READY told it.
     refused: tuple[str, ...] = ()
 
+    #: Bytes of its clients that are done ('in': client to server), for the status page.
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    @property
+    def metric_label(self) -> str:
+        """Its label in metrics: its credential's name, or 'shared' (the LL's join
+        token): never its id, which the agent picks (metrics would grow without end)."""
+        return self.credential.name if self.credential is not None else "shared"
+
     @property
     def name(self) -> str:
         """Who the agent is, as logs and the status page say: its credential's name, or

@@ -16,7 +16,7 @@ from tcpgc.ll.agents import AgentSession
 from tcpgc.ll.pairing import ClientPairing
 from tcpgc.ll.ready import ReadyConnections
 from tcpgc.ll.resumes import LLResumes
-from tcpgc.metrics import Metrics
+from tcpgc.metrics import BothCounters, Metrics
 from tcpgc.relay.factory import start_chunked_relay
 from tcpgc.relay.result import AnyRelay, RelayResult
 from tcpgc.relay.resumable import ResumableRelay
@@ -120,6 +120,12 @@ class Clients:
     ) -> None:
         m = self._metrics
         counters = (m.child(m.bytes, service.name, "in"), m.child(m.bytes, service.name, "out"))
+        if m.registry is not None:  # and by agent
+            who = agent.metric_label
+            counters = (
+                BothCounters(counters[0], m.child(m.agent_bytes, who, "in")),
+                BothCounters(counters[1], m.child(m.agent_bytes, who, "out")),
+            )
         sent_early = link.buffered[:early]
         link.consume(early)  # the agent has them: they went behind OPEN
         # The data connection carries the client chunked, and is reused after it.
@@ -152,6 +158,8 @@ class Clients:
             self._resumes.forget(relay)
         self._gone(service)
         result = relay.result
+        agent.bytes_in += result.bytes_a_to_b
+        agent.bytes_out += result.bytes_b_to_a
         log.info(
             "client %s of service '%s' done after %.3f s: %d bytes in, %d bytes out, %s",
             link.peer,

@@ -24,6 +24,7 @@ from tcpgc.config import Address, LLConfig, ServiceListener, ll_listeners
 from tcpgc.identity.agents import AgentCredential
 from tcpgc.ll.agents import AgentSession
 from tcpgc.ll.clients import Clients, Service
+from tcpgc.metrics import Metrics
 from tcpgc.protocol.handshake import Grant, Request
 from tcpgc.protocol.messages import expose_name
 from tcpgc.transport.link import Link
@@ -64,8 +65,11 @@ class ExposedPorts:
     """The exposed ports of an LL, kept in `services` (the node's, by name) beside the
     configured ones."""
 
-    def __init__(self, config: LLConfig, services: dict[str, Service], clients: Clients) -> None:
+    def __init__(
+        self, config: LLConfig, services: dict[str, Service], clients: Clients, metrics: Metrics
+    ) -> None:
         self.config = config
+        self._metrics = metrics
         self._services = services
         self._clients = clients
         self._ports: dict[int, _Port] = {}
@@ -199,6 +203,7 @@ class ExposedPorts:
         address = Address(entry.host or "0.0.0.0", sock.getsockname()[1])
         entry.service = Service(name, listener, server, address, exposed_by=entry.owner)
         self._services[name] = entry.service
+        self._metrics.exposed_ports.inc()
         log.info(
             "port %d exposed by agent '%s': listening for clients on %s",
             entry.port,
@@ -239,6 +244,7 @@ class ExposedPorts:
                 service.reaper.cancel()
             if self._services.get(service.name) is service:
                 del self._services[service.name]
+            self._metrics.exposed_ports.dec()
         log.info("port %d no longer exposed: %s", entry.port, why)
 
     def close_all(self) -> None:

@@ -72,7 +72,7 @@ class ListenNode:
             metrics=self.metrics,
             tasks=self._tasks,
         )
-        self.exposes = ExposedPorts(config, self.services, self.clients)
+        self.exposes = ExposedPorts(config, self.services, self.clients, self.metrics)
         self.agent_port = AgentPort(
             config,
             agents=self.agents,

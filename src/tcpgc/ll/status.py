@@ -44,6 +44,8 @@ def ll_status(
                 "refused": list(agent.refused),
                 "connected_for": round(time.time() - agent.since, 1),
                 "connections": len(agent.relays),
+                "bytes_in": agent.bytes_in + sum(r.result.bytes_a_to_b for r in agent.relays),
+                "bytes_out": agent.bytes_out + sum(r.result.bytes_b_to_a for r in agent.relays),
             }
             for agent in agents
         ],

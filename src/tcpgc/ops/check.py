@@ -116,11 +116,13 @@ def _required(data: dict[str, Any], role: str, source: str, guessed: bool) -> li
     if role == "cc" and "ll" not in data:
         problems.append(f'{source}: ll: missing: the LL\'s agent address, e.g. ll = "gw:8001"')
     services = data.get("services")
-    if services is None or services == {}:
+    exposes = role == "cc" and bool(data.get("expose"))  # an agent may only expose ports
+    if (services is None or services == {}) and not exposes:
         example = 'clients = ":8000"' if role == "ll" else 'server = "127.0.0.1:80"'
         problems.append(
             f"{source}: services: no [services.NAME] section: add one, e.g. "
             f"[services.web] with {example}{hint if role == 'll' else ''}"
+            + (' (or expose a port: expose = ["8000=127.0.0.1:80"])' if role == "cc" else "")
         )
     return problems
 
