@@ -77,6 +77,12 @@ def _refuse_exposed_admin(config: LLConfig | CCConfig) -> None:
         raise UsageError(problem)
 
 
+OWN_CREDENTIALS = (
+    "\nOr give an agent a token of its own, scoped to some services or to ports it may "
+    "expose (tcpgc cc --expose PORT=SERVER): tcpgc agent add NAME --ports LOW-HIGH"
+)
+
+
 def instructions(node: ListenNode) -> str:
     """What the LL logs once it is up: how to start an agent that serves exactly the
     services this LL has (an agent offering others would be sent none of their clients)."""
@@ -97,6 +103,7 @@ def instructions(node: ListenNode) -> str:
         return (
             head
             + f"then start the agent:\n  tcpgc cc --ll {where} --server SERVER_HOST:PORT{plain}"
+            + OWN_CREDENTIALS
         )
     lines = [f'll = "{where}"']
     if node.config.insecure_plaintext:
@@ -109,6 +116,7 @@ def instructions(node: ListenNode) -> str:
         + "then write cc.toml, with each service's server (names must match this LL's):\n"
         + snippet
         + "\nand start the agent:\n  tcpgc cc -c cc.toml"
+        + OWN_CREDENTIALS
     )
 
 

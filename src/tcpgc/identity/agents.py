@@ -23,7 +23,7 @@ from typing import Any
 
 from tcpgc.errors import UsageError
 from tcpgc.identity.join_token import SECRET_SIZE, b64url, unb64url
-from tcpgc.identity.secret_files import check_private, write_private
+from tcpgc.identity.secret_files import check_private, make_private_dir, write_private
 from tcpgc.protocol.fields import MAX_EXPOSES, MAX_NAME, is_valid_name
 from tcpgc.protocol.handshake import key_id
 from tcpgc.rates import format_rate, parse_rate
@@ -145,7 +145,7 @@ def add_agent(state_dir: Path, name: str, scope: AgentScope) -> AgentCredential:
     if problem:
         raise UsageError(problem)
     folder = agents_dir(state_dir)
-    folder.mkdir(mode=0o700, exist_ok=True)
+    make_private_dir(folder)
     path = folder / (name + _SUFFIX)
     if path.exists():
         raise UsageError(f"agent '{name}' exists: revoke it first, or choose another name")

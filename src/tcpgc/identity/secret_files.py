@@ -29,6 +29,20 @@ def write_private(path: Path, data: bytes) -> None:
         os.unlink(tmp)
 
 
+def make_private_dir(path: Path) -> None:
+    """Create folder `path` 0700 if missing, its parent's owner's (as `write_private`
+    gives files): the LL, running as the service user, must be able to read it."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _give_to_dir_owner(fd, path.parent)
+    finally:
+        os.close(fd)
+
+
 def _give_to_dir_owner(fd: int, directory: Path) -> None:
     """Root writing into a state dir that belongs to the service user (`tcpgc token
     --rotate` run with sudo) makes the file that user's: a root-owned 0600 secret

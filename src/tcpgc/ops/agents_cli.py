@@ -67,15 +67,15 @@ def _add(args: argparse.Namespace) -> int:
             "serve them only once the LL's config has them",
             file=sys.stderr,
         )
-    example = "--server SERVER_HOST:PORT"
+    example = "-c cc.toml    # with a [services.NAME] section for each service"
     if ports is not None:
-        example = f"--expose {ports[0]}=SERVER_HOST:PORT"
+        example = f"--ll THIS_HOST:PORT --expose {ports[0]}=SERVER_HOST:PORT"
     print(
         f"agent '{credential.name}' added: it {scope.describe()}.\n"
         "Its join token is above (shown once; 'tcpgc agent revoke' ends it). On the "
         "agent's host:\n"
         "  read -rs TCPGC_TOKEN && export TCPGC_TOKEN\n"
-        f"  tcpgc cc --ll THIS_HOST:PORT {example}",
+        f"  tcpgc cc {example}",
         file=sys.stderr,
     )
     return 0
