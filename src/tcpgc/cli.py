@@ -90,7 +90,18 @@ def instructions(node: ListenNode) -> str:
     agent = node.agent_address
     host = agent.host if agent.host not in ("0.0.0.0", "::", "") else "THIS_HOST"
     where = format_endpoint(host, agent.port)
-    names = list(node.services)
+    names = [name for name, service in node.services.items() if not service.exposed_by]
+    plain = " --insecure-plaintext" if node.config.insecure_plaintext else ""
+    if not names:
+        return (
+            f"tcpgc LL is up; its identity is {format_fingerprint(node.identity.fingerprint)}; "
+            "no services: it serves only ports its agents expose.\n"
+            "Give an agent a token of its own with the ports it may expose (run here):\n"
+            f"  tcpgc agent add NAME --ports LOW-HIGH --state-dir {node.identity.state_dir}\n"
+            "then on the inside host, with that token:\n"
+            "  read -rs TCPGC_TOKEN && export TCPGC_TOKEN\n"
+            f"  tcpgc cc --ll {where} --expose PORT=SERVER_HOST:PORT{plain}"
+        )
     head = (
         f"tcpgc LL is up; its identity is {format_fingerprint(node.identity.fingerprint)}; "
         f"services: {', '.join(names)}.\n"
@@ -99,7 +110,6 @@ def instructions(node: ListenNode) -> str:
         f"  read -rs TCPGC_TOKEN && export TCPGC_TOKEN\n"
     )
     if names == [DEFAULT_SERVICE]:
-        plain = " --insecure-plaintext" if node.config.insecure_plaintext else ""
         return (
             head
             + f"then start the agent:\n  tcpgc cc --ll {where} --server SERVER_HOST:PORT{plain}"

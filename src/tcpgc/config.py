@@ -121,15 +121,11 @@ class LLConfig:
         return self.resume_window
 
     def require_complete(self) -> None:
-        """Raise UsageError unless the LL has an agent address and a service: a file
-        may leave either to the flags, but a node cannot start without both."""
+        """Raise UsageError unless the LL has an agent address: a file may leave it to
+        the flags. (An LL without services serves the ports its agents expose.)"""
         if self.cc is None:
             raise UsageError(
                 "tcpgc ll needs --cc HOST:PORT (where agents connect) or a config file with 'cc'"
-            )
-        if not self.services:
-            raise UsageError(
-                "tcpgc ll needs --clients HOST:PORT or a config file with [services.NAME] sections"
             )
 
 

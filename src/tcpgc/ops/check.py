@@ -76,6 +76,11 @@ def run_check(path: Path, role: str | None) -> int:
         problems += _token(data, source, notes)
     elif isinstance(config, LLConfig):
         problems += _unresolved(config, source)
+        if not config.services:
+            notes.append(
+                "no [services.NAME]: this LL serves only ports its agents expose (agents "
+                "given them with 'tcpgc agent add NAME --ports LOW-HIGH')"
+            )
     problems += _exposure(data, source)
     if problems:
         text = path.read_text(errors="replace")
@@ -116,7 +121,8 @@ def _required(data: dict[str, Any], role: str, source: str, guessed: bool) -> li
     if role == "cc" and "ll" not in data:
         problems.append(f'{source}: ll: missing: the LL\'s agent address, e.g. ll = "gw:8001"')
     services = data.get("services")
-    exposes = role == "cc" and bool(data.get("expose"))  # an agent may only expose ports
+    # An agent may only expose ports; an LL may only serve the ports agents expose.
+    exposes = role == "ll" or bool(data.get("expose"))
     if (services is None or services == {}) and not exposes:
         example = 'clients = ":8000"' if role == "ll" else 'server = "127.0.0.1:80"'
         problems.append(
