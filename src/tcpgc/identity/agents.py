@@ -157,15 +157,23 @@ def add_agent(state_dir: Path, name: str, scope: AgentScope) -> AgentCredential:
 
 
 def revoke_agent(state_dir: Path, name: str) -> None:
-    """Delete agent `name`'s credential; UsageError if there is none."""
+    """Delete agent `name`'s credential; UsageError if there is none. Its secret is
+    overwritten first: a copy of the state dir taken later holds nothing of it."""
     if name_problem(name):
         raise UsageError(f"no agent named {name!r}")
+    path = agents_dir(state_dir) / (name + _SUFFIX)
+    doomed = path.with_name(f".{path.name}.{secrets.token_hex(4)}.revoked")
     try:
-        (agents_dir(state_dir) / (name + _SUFFIX)).unlink()
+        os.rename(path, doomed)  # at once out of the LL's sight, never half-erased in it
     except FileNotFoundError:
         raise UsageError(
             f"no agent named '{name}' in {agents_dir(state_dir)} ('tcpgc agent list' shows them)"
         ) from None
+    with doomed.open("r+b") as file:
+        file.write(b"\0" * os.fstat(file.fileno()).st_size)
+        file.flush()
+        os.fsync(file.fileno())
+    doomed.unlink()
 
 
 def load_agents(state_dir: Path) -> dict[bytes, AgentCredential]:
