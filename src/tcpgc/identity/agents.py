@@ -102,10 +102,10 @@ def name_problem(name: str) -> str | None:
 
 def parse_ports(text: str) -> tuple[int, int]:
     """'8000' or '8000-8005' as an inclusive range; UsageError if it is not one."""
-    low_text, _, high_text = text.partition("-")
+    low_text, dash, high_text = text.partition("-")
     try:
         low = int(low_text)
-        high = int(high_text) if high_text else low
+        high = int(high_text) if dash else low
     except ValueError:
         low = high = 0
     if not (0 < low <= high < 65536):
