@@ -26,7 +26,7 @@ from tcpgc.identity.join_token import SECRET_SIZE, b64url, unb64url
 from tcpgc.identity.secret_files import check_private, make_private_dir, write_private
 from tcpgc.protocol.fields import MAX_EXPOSES, MAX_NAME, is_valid_name
 from tcpgc.protocol.handshake import key_id
-from tcpgc.rates import format_rate, parse_rate
+from tcpgc.rates import format_rate, parse_rate, rate_problem
 
 AGENTS_DIR = "agents"
 SEEN_FILE = "seen.json"
@@ -102,10 +102,10 @@ def name_problem(name: str) -> str | None:
 
 def parse_ports(text: str) -> tuple[int, int]:
     """'8000' or '8000-8005' as an inclusive range; UsageError if it is not one."""
-    low_text, _, high_text = text.partition("-")
+    low_text, dash, high_text = text.partition("-")
     try:
         low = int(low_text)
-        high = int(high_text) if high_text else low
+        high = int(high_text) if dash else low
     except ValueError:
         low = high = 0
     if not (0 < low <= high < 65536):
@@ -135,6 +135,9 @@ def make_scope(
         raise UsageError("--max-ports applies only with --ports")
     if max_ports is not None and not 0 < max_ports <= MAX_EXPOSES:
         raise UsageError(f"--max-ports must be between 1 and {MAX_EXPOSES}")
+    problem = rate_problem(rate) if rate is not None else None
+    if problem is not None:
+        raise UsageError(f"--rate: {problem}")
     bits = parse_rate(rate) if rate is not None else None
     return AgentScope(services, ports, min(max_ports or span, span, MAX_EXPOSES), bits)
 
