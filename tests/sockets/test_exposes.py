@@ -17,6 +17,7 @@ from tcpgc.config import Address, LLConfig, ServiceListener
 from tcpgc.identity.agents import AgentCredential, AgentScope
 from tcpgc.ll.agents import AgentSession
 from tcpgc.ll.exposes import ExposedPorts
+from tcpgc.metrics import Metrics
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,7 +50,9 @@ class Ports:
             resume_window=window,
         )
         self.services: dict = {}
-        self.exposes = ExposedPorts(self.config, self.services, MagicMock())
+        self.exposes = ExposedPorts(
+            self.config, self.services, MagicMock(), Metrics("ll", enabled=False)
+        )
 
     def grant(self, cred, exposes, services=(), raw_id=b"\x01" * 16):  # type: ignore[no-untyped-def]
         return self.exposes.grant(cred, raw_id, (tuple(services), tuple(exposes)))
