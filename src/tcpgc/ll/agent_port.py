@@ -291,7 +291,10 @@ class AgentPort:
         loop = asyncio.get_running_loop()
         ended: asyncio.Future[SessionEnded] = loop.create_future()
         core = LLControlSession(
-            agent_id=session.agent_id,
+            # Its credential's name, if it has one, in the lines that say how it ended.
+            agent_id=f"'{session.name}' ({session.agent_id})"
+            if session.credential
+            else session.agent_id,
             peer=session.peer,
             heartbeat=self.config.heartbeat,
             now=loop.time(),
@@ -369,6 +372,7 @@ class AgentPort:
                 len(relays),
             )
             session.close()
+        self._exposes.revoked(set(names))
         waited = self._resumes.give_up_agents(set(names), "agent revoked")
         if waited:
             log.warning("%d connections waiting for revoked agents closed", waited)

@@ -49,6 +49,9 @@ class _Port:
     #: Who asked first, for the log lines and the status page.
     owner: str = ""
     closing: asyncio.TimerHandle | None = None
+    #: The key id of its last holder while it waits for one to come back: revoking
+    #: that credential closes it at once.
+    left_by: bytes = b""
 
 
 @dataclass
@@ -220,6 +223,7 @@ class ExposedPorts:
             entry.holders.discard(session)
             if entry.holders:
                 continue
+            entry.left_by = session.key_id
             window = 0.0 if at_once else self.config.window_of(expose_name(entry.port))
             if window <= 0:
                 self._close(entry, "its agent left" if not at_once else "its agent was revoked")
@@ -246,6 +250,13 @@ class ExposedPorts:
                 del self._services[service.name]
             self._metrics.exposed_ports.dec()
         log.info("port %d no longer exposed: %s", entry.port, why)
+
+    def revoked(self, key_ids: set[bytes]) -> None:
+        """Credentials were revoked: the ports their agents left, waiting for them to
+        come back, close now (those they hold close as their sessions end)."""
+        for entry in list(self._ports.values()):
+            if not entry.holders and entry.left_by in key_ids:
+                self._close(entry, "its agent was revoked")
 
     def close_all(self) -> None:
         for entry in list(self._ports.values()):
