@@ -203,7 +203,9 @@ class ExposedPorts:
         )
         server = await loop.create_server(factory, sock=sock, backlog=1024)
         listener = ServiceListener(Address(entry.host, entry.port))
-        address = Address(entry.host or "0.0.0.0", sock.getsockname()[1])
+        # '[::]' for all addresses of both families, as `ss` shows a dual-stack socket.
+        anywhere = "::" if sock.family == socket.AF_INET6 else "0.0.0.0"
+        address = Address(entry.host or anywhere, sock.getsockname()[1])
         entry.service = Service(name, listener, server, address, exposed_by=entry.owner)
         self._services[name] = entry.service
         self._metrics.exposed_ports.inc()
