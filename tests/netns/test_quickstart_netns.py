@@ -6,8 +6,10 @@ The test reads the document: each ```sh block starts with a comment naming where
 runs (`# on the outside host`, `# on the inside host`, `# from a client`) and each
 ```toml block with the file it is; they run in the order written. What the document
 leaves to the reader is done as it says: the token printed by `tcpgc token` is what is
-pasted, a running node is stopped with Ctrl-C (SIGINT) before a new one of the same
-kind starts on that host, and "try it as in step 4" runs step 4's client block again.
+pasted, then the one printed by `tcpgc agent add` (each `read` takes the next line), a
+running node is stopped with Ctrl-C (SIGINT) before a new one of the same kind starts on
+that host (an agent that exposes a port runs beside the first: it is another agent), and
+"try it as in step 4" runs step 4's client block again.
 The install block (`# on both hosts: install`) is not run: the checkout is the install.
 Commands of a tool that is not installed (`nc`) are skipped, with the reason printed.
 """
@@ -82,8 +84,10 @@ def test_quickstart_literally(pair: NamespacePair, tmp_path: Path) -> None:
     client = Host(pair, pair.outside, "client", tmp_path, HOSTS)
     running: dict[tuple[str, str], Process] = {}
     token = ""
+    agent_token = ""
     client_block: list[str] = []
     ran_client = 0
+    reran = False
 
     def run_client(lines: list[str]) -> None:
         for line in lines[1:]:
@@ -123,12 +127,14 @@ def test_quickstart_literally(pair: NamespacePair, tmp_path: Path) -> None:
                 host.prelude.append(line)
                 continue
             if words[:2] in (["tcpgc", "ll"], ["tcpgc", "cc"]):
-                kind = words[1]
+                kind = words[1] + (" --expose" if "--expose" in words else "")
                 assert (host.name, kind) not in running, f"a second {kind} on {host.name}"
                 node = running[host.name, kind] = host.spawn(line)
                 node.wait_for(RE_LL_AGENT_PORT if kind == "ll" else RE_CC_JOINED, READY)
                 if kind == "cc":
                     running[("outside", "ll")].wait_for(r"agent \S+ connected from", READY)
+                if kind == "cc --expose":
+                    running[("outside", "ll")].wait_for(r"port \d+ exposed by agent", READY)
                 continue
             result = host.run(line)
             assert result.returncode == 0, (host.name, line, result.stdout, result.stderr)
@@ -136,12 +142,21 @@ def test_quickstart_literally(pair: NamespacePair, tmp_path: Path) -> None:
                 token = result.stdout.strip()
                 assert re.fullmatch(r"tcpgc1\.\S+", token), result.stdout
                 hosts["inside"].stdin.write_text(token + "\n")  # pasted on the inside
+            if words[:3] == ["tcpgc", "agent", "add"]:
+                agent_token = result.stdout.strip()
+                assert re.fullmatch(r"tcpgc1\.\S+", agent_token), result.stdout
+                assert agent_token != token, "an agent's token is its own"
+                with hosts["inside"].stdin.open("a") as pasted:  # the next `read` takes it
+                    pasted.write(agent_token + "\n")
             if words[0] == "curl" and "metrics" in line:
                 assert "tcpgc_agents_connected 1.0" in result.stdout, result.stdout
-        if lines[0] == "# on the inside host" and ("inside", "cc") in running and client_block:
+        inside_cc = ("inside", "cc") in running
+        if lines[0] == "# on the inside host" and inside_cc and client_block and not reran:
             run_client(client_block)  # "Then try it as in step 4."
             ran_client += 1
+            reran = True
 
     assert token, "no 'tcpgc token' in the quick start"
-    assert ran_client == 2, "the quick start's client block ran only once"
-    assert set(running) == {("outside", "ll"), ("inside", "cc")}, running
+    assert agent_token, "no 'tcpgc agent add' in the quick start"
+    assert ran_client == 3, "step 4's client block twice, then the exposed port's"
+    assert set(running) == {("outside", "ll"), ("inside", "cc"), ("inside", "cc --expose")}, running
