@@ -236,6 +236,9 @@ class AgentPort:
             claims.append(claim)
             return found
 
+        gone = credentials.refresh_for(hello.key_id)  # an agent added this very second?
+        if gone:
+            self.revoke(gone)
         handshake = LLHandshake(
             credentials.secrets,
             heartbeat_ms=int(self.config.heartbeat * 1000),

@@ -5,8 +5,10 @@ TLS context(s) of its agent port."""
 from __future__ import annotations
 
 import ssl
+import time
 
 from tcpgc.config import LLConfig
+from tcpgc.errors import UsageError
 from tcpgc.identity import Certificate, Identity, default_state_dir, load_identity
 from tcpgc.identity.agents import AgentCredential, agents_fingerprint, load_agents
 from tcpgc.protocol.handshake import key_id
@@ -24,6 +26,7 @@ class Credentials:
         #: The agents' own credentials by key id (see `tcpgc agent`).
         self.agents: dict[bytes, AgentCredential] = {}
         self._agents_seen: object = None
+        self._refreshed = 0.0
         #: The agent port's TLS context; None in plaintext mode.
         self.tls: ssl.SSLContext | None = None
         self._binding_of_context: dict[int, bytes] = {}
@@ -68,6 +71,21 @@ class Credentials:
         gone = [agent for kid, agent in self.agents.items() if kid not in agents]
         self._set_agents(agents, fingerprint)
         return gone
+
+    def refresh_for(self, unknown_key_id: bytes) -> list[AgentCredential]:
+        """An agent presents a key id this LL does not know: it may have been added
+        this very second, so read the folder now rather than at the next poll (at most
+        ten times a second, however many bad key ids arrive). Returns what
+        `refresh_agents` does; nothing if the folder cannot be read (the watcher says
+        why)."""
+        now = time.monotonic()
+        if unknown_key_id in self.secrets or now - self._refreshed < 0.1:
+            return []
+        self._refreshed = now
+        try:
+            return self.refresh_agents()
+        except (UsageError, OSError):
+            return []
 
     def binding_of(self, link: Link) -> bytes:
         """The fingerprint of the certificate this LL presented on `link`: what every
