@@ -51,6 +51,7 @@ class Metrics:
             self.clients_active = self.bytes = self.handshake_failures = _UNCOUNTED
             self.data_wait = self.pool_size = self.reused = _UNCOUNTED
             self.resumed = self.replayed = self.resumes_failed = self.waiting = _UNCOUNTED
+            self.rate_limited = _UNCOUNTED
             return
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -107,6 +108,12 @@ class Metrics:
         )
         self.waiting = Gauge(
             "tcpgc_streams_waiting", "Streams waiting for a resume after a break", registry=r
+        )
+        self.rate_limited = Counter(
+            "tcpgc_rate_limited",
+            "Pauses of a client's relay (one direction) to keep within a rate limit",
+            ["service"],
+            registry=r,
         )
         if role != "cc":
             # The agent holds the ready connections: on the LL both would read 0 forever.

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from tcpgc.protocol.ll_pairing import ReadyOffers
 from tcpgc.protocol.messages import Open
+from tcpgc.relay.rate_limit import RateLimits
 from tcpgc.relay.result import AnyRelay
 from tcpgc.transport.frame_channel import FrameChannel
 
@@ -50,6 +51,9 @@ class AgentSession:
     control: ControlSender | None = None
     #: Relays running over this agent's data connections.
     relays: set[AnyRelay] = field(default_factory=set)
+    #: The rate all this agent's relays together may move, each direction (None: no
+    #: limit of its own): its buckets are shared by every client it serves.
+    rate: RateLimits | None = None
     since: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import collections
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -18,12 +18,16 @@ from tcpgc.ll.ready import ReadyConnections
 from tcpgc.ll.resumes import LLResumes
 from tcpgc.metrics import Metrics
 from tcpgc.relay.factory import start_chunked_relay
+from tcpgc.relay.rate_limit import RateLimits, combine
 from tcpgc.relay.result import AnyRelay, RelayResult
 from tcpgc.relay.resumable import ResumableRelay
 from tcpgc.task_set import TaskSet
 from tcpgc.transport.link import Link
 
 log = logging.getLogger("tcpgc.ll")
+
+#: What a removed service limit becomes for the relays that hold its buckets.
+UNLIMITED = 10**15
 
 
 @dataclass(eq=False)
@@ -37,6 +41,25 @@ class Service:
     relays: set[AnyRelay] = field(default_factory=set)
     clients: int = 0  # waiting or relayed
     reaper: asyncio.Task[Any] | None = None
+    #: The buckets all its clients share, if it has a `rate_limit`.
+    limits: RateLimits | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.config.rate_limit is not None:
+            self.limits = RateLimits.of(self.config.rate_limit)
+
+    def reconfigure(self, config: ServiceListener) -> None:
+        """New controls (a reload). A changed or removed rate limit applies to the
+        clients being relayed too; one added, to those that come after."""
+        self.config = config
+        if config.rate_limit is None:
+            if self.limits is not None:  # lifted for the clients it held
+                self.limits.reconfigure(UNLIMITED)
+            self.limits = None
+        elif self.limits is None:
+            self.limits = RateLimits.of(config.rate_limit)
+        else:
+            self.limits.reconfigure(config.rate_limit)
 
 
 class Clients:
@@ -120,17 +143,19 @@ class Clients:
         counters = (m.child(m.bytes, service.name, "in"), m.child(m.bytes, service.name, "out"))
         sent_early = link.buffered[:early]
         link.consume(early)  # the agent has them: they went behind OPEN
+        limits = self._limits(service, agent)
         # The data connection carries the client chunked, and is reused after it.
         relay: AnyRelay
         if self._resumes.config.window_of(service.name) > 0:
             relay = self._resumes.start(
                 service.name, link, data_link, agent, stream_id, sent_early, counters,
-                self._ready.data_connection_idle,
+                self._ready.data_connection_idle, limits,
             )  # fmt: skip
         else:
             relay = start_chunked_relay(
-                link, data_link, *counters, on_idle=self._ready.data_connection_idle
-            )
+                link, data_link, *counters, on_idle=self._ready.data_connection_idle,
+                limits=limits,
+            )  # fmt: skip
         if early:
             relay.result.bytes_a_to_b += early
             counters[0].inc(early)
@@ -139,6 +164,17 @@ class Clients:
         m.child(m.clients_active, service.name).inc()
         # A partial, not a closure or a future: it lives as long as the connection.
         relay.on_done = partial(self._finished, service, agent, link, relay)
+
+    def _limits(self, service: Service, agent: AgentSession) -> RateLimits | None:
+        """The buckets a client of `service` served by `agent` answers to: the
+        service's, its own, the agent's; None (no cost at all) if there are none."""
+        per_client = self._resumes.config.client_rate_of(service.name)
+        own = RateLimits.of(per_client) if per_client is not None else None
+        limits = combine(service.limits, own, agent.rate)
+        if limits is None:
+            return None
+        m = self._metrics
+        return replace(limits, on_limited=m.child(m.rate_limited, service.name).inc)
 
     def _finished(
         self, service: Service, agent: AgentSession, link: Link, relay: AnyRelay, _: RelayResult

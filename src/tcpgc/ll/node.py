@@ -202,7 +202,7 @@ class ListenNode:
         set_reuse_port((service.server for service in opened.values()), False)
         for name, service in self.services.items():
             if name not in opened and service.config != config.services[name]:
-                service.config = config.services[name]
+                service.reconfigure(config.services[name])
                 self.clients.start_reaper(service)
                 log.info("service '%s' controls updated", name)
         self._pending.max_total = config.max_pending
