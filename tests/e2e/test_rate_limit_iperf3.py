@@ -7,10 +7,13 @@ default) and over plaintext without (splice, or copy under TCPGC_NO_SPLICE)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +22,7 @@ from support import (
     RE_LL_AGENT_JOINED,
     RE_LL_AGENT_PORT,
     Harness,
+    Node,
     Process,
     free_port,
     node_toml,
@@ -69,30 +73,29 @@ def _iperf3(port: int, *args: str) -> float:
     return float(report["end"]["sum_received"]["bits_per_second"]) / 1e6
 
 
-@pytest.mark.parametrize("mode", ["tls-resumable", "plaintext"])
-def test_rate_limit_holds_each_direction_and_spares_the_unlimited_service(
-    harness: Harness, iperf3_server: int, mode: str
-) -> None:
+def _ll_toml(top: dict[str, object], limit: str) -> str:
+    return node_toml(
+        top,
+        {
+            "limited": {"clients": "127.0.0.1:0", "rate_limit": limit},
+            "free": {"clients": "127.0.0.1:0"},
+        },
+    )
+
+
+def _tunnel(harness: Harness, iperf3_port: int, mode: str) -> tuple[Node, dict[str, int]]:
+    """An LL (config in tmp_path/ll.toml) with services 'limited' (80 Mbit/s) and
+    'free', and an agent serving both with the iperf3 server; the LL and each
+    service's port."""
     state = harness.state_dir()
     token = harness.token(state)
-    top: dict[str, object] = {"cc": "127.0.0.1:0", "state_dir": str(state)}
-    if mode == "plaintext":
-        top.update(insecure_plaintext=True, resume_window=0)
     ll_toml = harness.tmp_path / "ll.toml"
-    ll_toml.write_text(
-        node_toml(
-            top,
-            {
-                "limited": {"clients": "127.0.0.1:0", "rate_limit": "80Mbit"},
-                "free": {"clients": "127.0.0.1:0"},
-            },
-        )
-    )
+    ll_toml.write_text(_ll_toml(_ll_top(state, mode), "80Mbit"))
     ll = harness.node("ll", "-c", str(ll_toml), name="ll")
     agent = ll.wait_for(RE_LL_AGENT_PORT, READY)["addr"]
     ports = {name: parse_addr(ll.wait_for(service_re(name), READY)["addr"])[1]
              for name in ("limited", "free")}  # fmt: skip
-    server = f"127.0.0.1:{iperf3_server}"
+    server = f"127.0.0.1:{iperf3_port}"
     cc_top: dict[str, object] = {"ll": agent}
     if mode == "plaintext":
         cc_top["insecure_plaintext"] = True
@@ -103,7 +106,21 @@ def test_rate_limit_holds_each_direction_and_spares_the_unlimited_service(
     cc = harness.start_cc("-c", str(cc_toml), token=token)
     cc.wait_for(RE_CC_JOINED, READY)
     ll.wait_for(RE_LL_AGENT_JOINED, READY)
+    return ll, ports
 
+
+def _ll_top(state: Path, mode: str) -> dict[str, object]:
+    top: dict[str, object] = {"cc": "127.0.0.1:0", "state_dir": str(state)}
+    if mode == "plaintext":
+        top.update(insecure_plaintext=True, resume_window=0)
+    return top
+
+
+@pytest.mark.parametrize("mode", ["tls-resumable", "plaintext"])
+def test_rate_limit_holds_each_direction_and_spares_the_unlimited_service(
+    harness: Harness, iperf3_server: int, mode: str
+) -> None:
+    _, ports = _tunnel(harness, iperf3_server, mode)
     up = _iperf3(ports["limited"])
     down = _iperf3(ports["limited"], "-R")
     free = _iperf3(ports["free"])
@@ -111,3 +128,30 @@ def test_rate_limit_holds_each_direction_and_spares_the_unlimited_service(
     assert 0.9 * LIMIT <= up <= 1.1 * LIMIT, f"client to server: {up:.1f} Mbit/s"
     assert 0.9 * LIMIT <= down <= 1.1 * LIMIT, f"server to client: {down:.1f} Mbit/s"
     assert free > 3 * LIMIT, f"the unlimited service: {free:.1f} Mbit/s"
+
+
+def test_reload_changes_the_limit_of_a_running_client(harness: Harness, iperf3_server: int) -> None:
+    ll, ports = _tunnel(harness, iperf3_server, "tls-resumable")
+    argv = ["iperf3", "-c", "127.0.0.1", "-p", str(ports["limited"]), "-R", "-t", "6"]
+    client = Process([*argv, "-i", "1", "--forceflush", "-f", "m"], name="iperf3 -c")
+    try:
+        client.wait_for(r"\b1\.00-2\.00\s+sec", READY, stream="stdout")
+        ll_toml = harness.tmp_path / "ll.toml"
+        ll_toml.write_text(_ll_toml(_ll_top(harness.state_dir(), "tls-resumable"), "40Mbit"))
+        ll.proc.send_signal(signal.SIGHUP)
+        ll.wait_for(r"service 'limited' controls updated", READY)
+        client.wait_for(r"\b5\.00-6\.00\s+sec", READY, stream="stdout")
+        assert client.proc.wait(READY) == 0, client.output()
+    finally:
+        client.stop()
+    interval = re.compile(r"\s(?P<start>\d+\.\d+)-\d+\.\d+\s+sec.*\s(?P<rate>[\d.]+) Mbits/sec")
+    rates = {
+        float(m["start"]): float(m["rate"])
+        for m in map(interval.search, client.stdout_lines)
+        if m is not None
+    }
+    print("Mbit/s each second:", rates)
+    assert 0.8 * LIMIT <= rates[1.0] <= 1.2 * LIMIT, rates
+    # The reload came after the second second: the last two are at the new rate.
+    for second in (4.0, 5.0):
+        assert 0.8 * LIMIT / 2 <= rates[second] <= 1.2 * LIMIT / 2, rates
