@@ -5,12 +5,19 @@ what `tcpgc check` says of bad ones."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+from unittest.mock import MagicMock
 
 import pytest
 
-from tcpgc.config import ll_config_from
+from tcpgc.config import Address, LLConfig, ServiceListener, ll_config_from
 from tcpgc.errors import UsageError
+from tcpgc.ll.agents import AgentSession
+from tcpgc.ll.clients import UNLIMITED, Clients, Service
+from tcpgc.metrics import Metrics
 from tcpgc.ops.check import run_check
 from tcpgc.relay.rate_limit import MIN_BURST, RateLimits, Throttle, TokenBucket, combine
 
@@ -213,3 +220,50 @@ def test_check_reports_a_bad_rate_with_its_line(
     assert lines[0].startswith(f"tcpgc: {path}:4: services.web.rate_limit: expected a rate")
     path.write_text(path.read_text().replace("80 MB", "80 Mbit"))
     assert run_check(path, "ll") == 0
+
+
+def test_a_reload_reconfigures_a_service_buckets_in_place() -> None:
+    listener = ServiceListener(Address("127.0.0.1", 0), rate_limit=80 * MBIT)
+    service = Service("web", listener, cast(Any, None), listener.listen)
+    held = service.limits
+    assert held is not None
+    service.reconfigure(replace(listener, rate_limit=10 * MBIT))
+    assert service.limits is held  # the clients being relayed hold these buckets
+    assert [b.bits_per_s for b in held.up + held.down] == [10 * MBIT, 10 * MBIT]
+    service.reconfigure(replace(listener, rate_limit=None))
+    assert service.limits is None
+    assert all(b.bits_per_s >= UNLIMITED for b in held.up + held.down)  # lifted for them
+    service.reconfigure(listener)
+    assert service.limits is not None and service.limits is not held
+    assert service.limits.up[0].bits_per_s == 80 * MBIT
+
+
+def test_a_client_answers_to_its_service_its_own_limit_and_its_agent() -> None:
+    async def main() -> None:
+        web = ServiceListener(Address("127.0.0.1", 0), rate_limit=80 * MBIT)
+        free = ServiceListener(Address("127.0.0.1", 0))
+        config = LLConfig(services={"web": web, "free": free}, client_rate_limit=10 * MBIT)
+        services = {
+            name: Service(name, listener, cast(Any, None), listener.listen)
+            for name, listener in config.services.items()
+        }
+        clients = Clients(
+            services, pairing=cast(Any, None), ready=cast(Any, None),
+            resumes=cast(Any, SimpleNamespace(config=config)), metrics=Metrics("ll", False),
+            tasks=cast(Any, None),
+        )  # fmt: skip
+        agent = AgentSession("a", "127.0.0.1:1", "127.0.0.1", ("web",), MagicMock())
+        first, second = (clients._limits(services["web"], agent) for _ in range(2))
+        assert first is not None and second is not None
+        assert first.up[0] is second.up[0]  # the service's bucket: shared
+        assert first.up[1] is not second.up[1]  # each client's own
+        assert [b.bits_per_s for b in first.up] == [80 * MBIT, 10 * MBIT]
+        assert first.on_limited is not None
+        agent.rate = RateLimits.of(5 * MBIT)
+        third = clients._limits(services["web"], agent)
+        assert third is not None and third.down[-1] is agent.rate.down[0]
+        config.client_rate_limit = None
+        agent.rate = None
+        assert clients._limits(services["free"], agent) is None  # no cost at all
+
+    asyncio.run(main())
