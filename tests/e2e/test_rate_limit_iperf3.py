@@ -135,23 +135,22 @@ def test_reload_changes_the_limit_of_a_running_client(harness: Harness, iperf3_s
     argv = ["iperf3", "-c", "127.0.0.1", "-p", str(ports["limited"]), "-R", "-t", "6"]
     client = Process([*argv, "-i", "1", "--forceflush", "-f", "m"], name="iperf3 -c")
     try:
-        client.wait_for(r"\b1\.00-2\.00\s+sec", READY, stream="stdout")
+        client.wait_for(r"\]\s+1\.\d+-2\.\d+\s+sec", READY, stream="stdout")
         ll_toml = harness.tmp_path / "ll.toml"
         ll_toml.write_text(_ll_toml(_ll_top(harness.state_dir(), "tls-resumable"), "40Mbit"))
         ll.proc.send_signal(signal.SIGHUP)
         ll.wait_for(r"service 'limited' controls updated", READY)
-        client.wait_for(r"\b5\.00-6\.00\s+sec", READY, stream="stdout")
         assert client.proc.wait(READY) == 0, client.output()
     finally:
         client.stop()
     interval = re.compile(r"\s(?P<start>\d+\.\d+)-\d+\.\d+\s+sec.*\s(?P<rate>[\d.]+) Mbits/sec")
     rates = {
-        float(m["start"]): float(m["rate"])
+        round(float(m["start"])): float(m["rate"])
         for m in map(interval.search, client.stdout_lines)
         if m is not None
     }
     print("Mbit/s each second:", rates)
-    assert 0.8 * LIMIT <= rates[1.0] <= 1.2 * LIMIT, rates
+    assert 0.8 * LIMIT <= rates[1] <= 1.2 * LIMIT, rates
     # The reload came after the second second: the last two are at the new rate.
-    for second in (4.0, 5.0):
+    for second in (4, 5):
         assert 0.8 * LIMIT / 2 <= rates[second] <= 1.2 * LIMIT / 2, rates
