@@ -24,7 +24,7 @@ from tcpgc.task_set import NO_CONTEXT
 #: A bucket holds this much time's worth of bytes: enough for TCP to keep a steady
 #: flow between pauses, too little to let a client exceed its rate visibly.
 BURST_SECONDS = 0.05
-#: ... and at least this much, so a slow limit still lets a full socket read through.
+#: ... and at least this much, so a slow limit still lets a few full segments go at once.
 MIN_BURST = 16 * 1024
 
 
