@@ -44,6 +44,12 @@ class ServiceListener:
     idle_timeout: float = 0.0
     #: This service's own resume window (None: the LL's `resume_window`).
     resume_window: float | None = None
+    #: Bits per second all clients of the service together may move, each direction
+    #: (None: no limit).
+    rate_limit: int | None = None
+    #: Bits per second each client connection may move, each direction (None: the
+    #: LL's `client_rate_limit`).
+    client_rate_limit: int | None = None
 
     def admits(self, host: str) -> str | None:
         """None if a client from `host` may connect, else why not."""
@@ -112,6 +118,16 @@ class LLConfig:
     #: Bytes all streams waiting for a resume may keep in all; past it, the oldest is
     #: given up.
     resume_memory: int = DEFAULT_RESUME_MEMORY
+    #: Bits per second each client connection may move, each direction, in services
+    #: without a `client_rate_limit` of their own (None: no limit).
+    client_rate_limit: int | None = None
+
+    def client_rate_of(self, service: str) -> int | None:
+        """The per-client rate limit of `service`'s clients (bits per second), if any."""
+        listener = self.services.get(service)
+        if listener is not None and listener.client_rate_limit is not None:
+            return listener.client_rate_limit
+        return self.client_rate_limit
 
     def window_of(self, service: str) -> float:
         """The resume window of `service`'s streams."""
@@ -150,8 +166,12 @@ _LL_KEYS = {
     "resume_window",
     "resume_buffer",
     "resume_memory",
+    "client_rate_limit",
 }
-_LL_SERVICE_KEYS = {"clients", "allow", "deny", "max_clients", "idle_timeout", "resume_window"}
+_LL_SERVICE_KEYS = {
+    "clients", "allow", "deny", "max_clients", "idle_timeout", "resume_window", "rate_limit",
+    "client_rate_limit",
+}  # fmt: skip
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -184,6 +204,8 @@ def ll_config_from(data: dict[str, Any], source: str) -> LLConfig:
                 if "resume_window" in body
                 else None
             ),
+            rate_limit=p.rate(body, "rate_limit", f"{where}.rate_limit"),
+            client_rate_limit=p.rate(body, "client_rate_limit", f"{where}.client_rate_limit"),
         )
         if listen is not None:
             services[name] = service
@@ -212,6 +234,7 @@ def ll_config_from(data: dict[str, Any], source: str) -> LLConfig:
         resume_window=p.number(data, "resume_window", LLConfig.resume_window, 0.0),
         resume_buffer=resume_buffer(p, data),
         resume_memory=p.integer(data, "resume_memory", DEFAULT_RESUME_MEMORY),
+        client_rate_limit=p.rate(data, "client_rate_limit"),
     )
     if (config.tls_cert is None) != (config.tls_key is None):
         p.add("tls_cert", "tls_cert and tls_key go together")

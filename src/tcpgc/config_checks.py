@@ -13,6 +13,7 @@ from tcpgc.addresses import Address, address_or_problem
 from tcpgc.admin_access import host_name_problem
 from tcpgc.errors import UsageError
 from tcpgc.protocol.messages import is_valid_name
+from tcpgc.rates import parse_rate, rate_problem
 
 IPNetwork: TypeAlias = IPv4Network | IPv6Network
 
@@ -86,6 +87,15 @@ class ConfigProblems:
             self.add(label or key, f"expected a whole number >= 0, got {value!r}")
             return default
         return value
+
+    def rate(self, data: dict[str, Any], key: str, label: str = "") -> int | None:
+        """A bandwidth such as "80Mbit", in bits per second; None if absent or bad."""
+        if key not in data:
+            return None
+        if (problem := rate_problem(data[key])) is not None:
+            self.add(label or key, problem)
+            return None
+        return parse_rate(data[key])
 
     def path(self, data: dict[str, Any], key: str) -> Path | None:
         value = data.get(key)

@@ -52,7 +52,8 @@ class Metrics:
             self.data_wait = self.pool_size = self.reused = _UNCOUNTED
             self.resumed = self.replayed = self.resumes_failed = self.waiting = _UNCOUNTED
             self.agent_sessions = self.agent_bytes = self.agent_refusals = _UNCOUNTED
-            self.exposed_ports = _UNCOUNTED
+            self.exposed_ports = self.agent_rate_limited = _UNCOUNTED
+            self.rate_limited = _UNCOUNTED
             return
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -110,6 +111,12 @@ class Metrics:
         self.waiting = Gauge(
             "tcpgc_streams_waiting", "Streams waiting for a resume after a break", registry=r
         )
+        self.rate_limited = Counter(
+            "tcpgc_rate_limited",
+            "Pauses of a client's relay (one direction) to keep within a rate limit",
+            ["service"],
+            registry=r,
+        )
         if role != "cc":
             self._agent_metrics(r)
             # The agent holds the ready connections: on the LL both would read 0 forever.
@@ -142,6 +149,12 @@ class Metrics:
         self.agent_refusals = Counter(
             "tcpgc_agent_refusals",
             "Services or ports an agent asked for and its scope does not allow",
+            ["agent"],
+            registry=r,
+        )
+        self.agent_rate_limited = Counter(
+            "tcpgc_agent_rate_limited",
+            "Pauses of its clients' relays (one direction) to keep within a rate limit",
             ["agent"],
             registry=r,
         )

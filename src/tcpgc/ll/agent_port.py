@@ -270,6 +270,7 @@ class AgentPort:
             session_key=handshake.session_key,
             key_id=handshake.key_id,
             credential=credentials.agents.get(handshake.key_id),
+            rate=credentials.rate_of(credentials.agents.get(handshake.key_id)),
             refused=tuple(why for _, why in ready.refusals),  # type: ignore[union-attr]
         )
         self._claims[session] = claim

@@ -14,6 +14,7 @@ from typing import Protocol
 from tcpgc.identity.agents import AgentCredential
 from tcpgc.protocol.ll_pairing import ReadyOffers
 from tcpgc.protocol.messages import Open
+from tcpgc.relay.rate_limit import RateLimits
 from tcpgc.relay.result import AnyRelay
 from tcpgc.transport.frame_channel import FrameChannel
 
@@ -51,6 +52,9 @@ class AgentSession:
     control: ControlSender | None = None
     #: Relays running over this agent's data connections.
     relays: set[AnyRelay] = field(default_factory=set)
+    #: The rate all this agent's relays together may move, each direction (None: no
+    #: limit of its own): its buckets are shared by every client it serves.
+    rate: RateLimits | None = None
     since: float = field(default_factory=time.time)
     #: The agent's own credential (None: the LL's shared join token, full scope).
     credential: AgentCredential | None = None
@@ -62,6 +66,8 @@ class AgentSession:
     #: Bytes of its clients that are done ('in': client to server), for the status page.
     bytes_in: int = 0
     bytes_out: int = 0
+    #: How many times one of its relays was paused to keep within a rate limit.
+    limited: int = 0
 
     @property
     def metric_label(self) -> str:

@@ -7,7 +7,7 @@ import asyncio
 import collections
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -18,12 +18,16 @@ from tcpgc.ll.ready import ReadyConnections
 from tcpgc.ll.resumes import LLResumes
 from tcpgc.metrics import BothCounters, Metrics
 from tcpgc.relay.factory import start_chunked_relay
+from tcpgc.relay.rate_limit import RateLimits, combine
 from tcpgc.relay.result import AnyRelay, RelayResult
 from tcpgc.relay.resumable import ResumableRelay
 from tcpgc.task_set import TaskSet
 from tcpgc.transport.link import Link
 
 log = logging.getLogger("tcpgc.ll")
+
+#: What a removed service limit becomes for the relays that hold its buckets.
+UNLIMITED = 10**15
 
 
 @dataclass(eq=False)
@@ -39,6 +43,25 @@ class Service:
     reaper: asyncio.Task[Any] | None = None
     #: For a port an agent exposes (named ':PORT'): the agent that asked for it first.
     exposed_by: str = ""
+    #: The buckets all its clients share, if it has a `rate_limit`.
+    limits: RateLimits | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.config.rate_limit is not None:
+            self.limits = RateLimits.of(self.config.rate_limit)
+
+    def reconfigure(self, config: ServiceListener) -> None:
+        """New controls (a reload). A changed or removed rate limit applies to the
+        clients being relayed too; one added, to those that come after."""
+        self.config = config
+        if config.rate_limit is None:
+            if self.limits is not None:  # lifted for the clients it held
+                self.limits.reconfigure(UNLIMITED)
+            self.limits = None
+        elif self.limits is None:
+            self.limits = RateLimits.of(config.rate_limit)
+        else:
+            self.limits.reconfigure(config.rate_limit)
 
 
 class Clients:
@@ -128,17 +151,19 @@ class Clients:
             )
         sent_early = link.buffered[:early]
         link.consume(early)  # the agent has them: they went behind OPEN
+        limits = self._limits(service, agent)
         # The data connection carries the client chunked, and is reused after it.
         relay: AnyRelay
         if self._resumes.config.window_of(service.name) > 0:
             relay = self._resumes.start(
                 service.name, link, data_link, agent, stream_id, sent_early, counters,
-                self._ready.data_connection_idle,
+                self._ready.data_connection_idle, limits,
             )  # fmt: skip
         else:
             relay = start_chunked_relay(
-                link, data_link, *counters, on_idle=self._ready.data_connection_idle
-            )
+                link, data_link, *counters, on_idle=self._ready.data_connection_idle,
+                limits=limits,
+            )  # fmt: skip
         if early:
             relay.result.bytes_a_to_b += early
             counters[0].inc(early)
@@ -147,6 +172,25 @@ class Clients:
         m.child(m.clients_active, service.name).inc()
         # A partial, not a closure or a future: it lives as long as the connection.
         relay.on_done = partial(self._finished, service, agent, link, relay)
+
+    def _limits(self, service: Service, agent: AgentSession) -> RateLimits | None:
+        """The buckets a client of `service` served by `agent` answers to: the
+        service's, its own, the agent's; None (no cost at all) if there are none."""
+        per_client = self._resumes.config.client_rate_of(service.name)
+        own = RateLimits.of(per_client) if per_client is not None else None
+        limits = combine(service.limits, own, agent.rate)
+        if limits is None:
+            return None
+        m = self._metrics
+        by_service = m.child(m.rate_limited, service.name)
+        by_agent = m.child(m.agent_rate_limited, agent.metric_label)
+
+        def limited() -> None:
+            by_service.inc()
+            by_agent.inc()
+            agent.limited += 1
+
+        return replace(limits, on_limited=limited)
 
     def _finished(
         self, service: Service, agent: AgentSession, link: Link, relay: AnyRelay, _: RelayResult

@@ -12,6 +12,7 @@ from tcpgc.errors import UsageError
 from tcpgc.identity import Certificate, Identity, default_state_dir, load_identity
 from tcpgc.identity.agents import AgentCredential, agents_fingerprint, load_agents
 from tcpgc.protocol.handshake import key_id
+from tcpgc.relay.rate_limit import RateLimits
 from tcpgc.transport.link import Link
 
 
@@ -27,6 +28,7 @@ class Credentials:
         self.agents: dict[bytes, AgentCredential] = {}
         self._agents_seen: object = None
         self._refreshed = 0.0
+        self._rates: dict[bytes, RateLimits] = {}
         #: The agent port's TLS context; None in plaintext mode.
         self.tls: ssl.SSLContext | None = None
         self._binding_of_context: dict[int, bytes] = {}
@@ -56,6 +58,7 @@ class Credentials:
         shared = {key_id(secret): secret for secret in self.identity.secrets}
         self.secrets = {kid: agent.secret for kid, agent in agents.items()} | shared
         self.agents = {kid: agent for kid, agent in agents.items() if kid not in shared}
+        self._rates = {kid: r for kid, r in self._rates.items() if kid in self.agents}
         self._agents_seen = fingerprint
 
     def refresh_agents(self) -> list[AgentCredential]:
@@ -71,6 +74,15 @@ class Credentials:
         gone = [agent for kid, agent in self.agents.items() if kid not in agents]
         self._set_agents(agents, fingerprint)
         return gone
+
+    def rate_of(self, credential: AgentCredential | None) -> RateLimits | None:
+        """The buckets every session of `credential` shares (its scope's rate)."""
+        if credential is None or credential.scope.rate is None:
+            return None
+        limits = self._rates.get(credential.key_id)
+        if limits is None:
+            limits = self._rates[credential.key_id] = RateLimits.of(credential.scope.rate)
+        return limits
 
     def refresh_for(self, unknown_key_id: bytes) -> list[AgentCredential]:
         """An agent presents a key id this LL does not know: it may have been added

@@ -215,7 +215,7 @@ class ListenNode:
                 and name not in opened
                 and service.config != config.services[name]
             ):
-                service.config = config.services[name]
+                service.reconfigure(config.services[name])
                 self.clients.start_reaper(service)
                 log.info("service '%s' controls updated", name)
         self._pending.max_total = config.max_pending

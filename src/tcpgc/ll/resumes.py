@@ -21,6 +21,7 @@ from tcpgc.metrics import Metrics
 from tcpgc.protocol.handshake import resume_proof, resumed_proof, stream_key
 from tcpgc.protocol.messages import MAX_VERSION, Resume, Resumed
 from tcpgc.protocol.resumable import RecordDecoder, Retention
+from tcpgc.relay.rate_limit import RateLimits
 from tcpgc.relay.result import ByteCounter
 from tcpgc.relay.resumable import ResumableRelay
 from tcpgc.relay.resume_table import ResumeTable
@@ -58,9 +59,11 @@ class LLResumes:
         early: bytes,
         counters: tuple[ByteCounter | None, ByteCounter | None],
         on_idle: Callable[[Link], None],
+        limits: RateLimits | None = None,
     ) -> ResumableRelay:
         """Relay client `link` over `data_link` as a resumable stream. `early`: the
-        client's first bytes, which went to the agent behind OPEN (kept until acked)."""
+        client's first bytes, which went to the agent behind OPEN (kept until acked).
+        `limits`: the rate limits the stream answers to, if any."""
         relay = ResumableRelay(
             link,
             data_link,
@@ -74,6 +77,7 @@ class LLResumes:
             counters=counters,
             on_broken=self.table.broken,
             on_idle=on_idle,
+            limits=limits,
         )
         self.table.add(relay)
         self._owners[relay] = (service, agent)

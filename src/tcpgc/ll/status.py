@@ -46,6 +46,8 @@ def ll_status(
                 "connections": len(agent.relays),
                 "bytes_in": agent.bytes_in + sum(r.result.bytes_a_to_b for r in agent.relays),
                 "bytes_out": agent.bytes_out + sum(r.result.bytes_b_to_a for r in agent.relays),
+                "rate_limit": agent.credential.scope.rate if agent.credential else None,
+                "limited": agent.limited,
             }
             for agent in agents
         ],

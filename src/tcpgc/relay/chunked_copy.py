@@ -11,7 +11,8 @@ handshake per client, most of what a new TLS client costs the two nodes.
 Anything else (a reset on either side, the data connection closing before its end
 marker, a malformed chunk, `close()`) ends both sides, and the data connection is not
 reused. Back-pressure works as in `CopyRelay`: a side whose write buffer fills
-stops the reading of the other.
+stops the reading of the other; under rate limits, through the same throttle that
+pauses a side for the rate (see `tcpgc.relay.copy`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 
 from tcpgc.errors import ProtocolError
 from tcpgc.protocol.chunks import END, MAX_CHUNK, ChunkDecoder, chunk_header
+from tcpgc.relay.rate_limit import RateLimits, Throttle
 from tcpgc.relay.result import ByteCounter, ByteTally, Completion, RelayResult, is_reset
 from tcpgc.transport.link import Link
 from tcpgc.transport.link_handlers import Ignoring
@@ -127,6 +129,34 @@ class _DataSide(ByteTally):
         self.relay.a.resume_reading()
 
 
+class _LimitedPlainSide(_PlainSide):
+    __slots__ = ()
+
+    def add(self, n: int) -> None:
+        super().add(n)
+        self.relay.throttles[0].moved(n)
+
+    def on_pause(self) -> None:
+        self.relay.throttles[1].block()
+
+    def on_resume(self) -> None:
+        self.relay.throttles[1].unblock()
+
+
+class _LimitedDataSide(_DataSide):
+    __slots__ = ()
+
+    def add(self, n: int) -> None:
+        super().add(n)
+        self.relay.throttles[1].moved(n)
+
+    def on_pause(self) -> None:
+        self.relay.throttles[0].block()
+
+    def on_resume(self) -> None:
+        self.relay.throttles[0].unblock()
+
+
 class ChunkedCopyRelay(Completion):
     """Relay plain link `a` <-> chunked data link `b`; `await relay.done` for the result.
     `on_idle(b)` gets the data connection back once both directions ended, with whatever
@@ -134,7 +164,7 @@ class ChunkedCopyRelay(Completion):
 
     __slots__ = (
         "a", "b", "result", "on_idle", "sent_end", "got_end", "idle", "ended",
-        "leftover",
+        "leftover", "throttles",
     )  # fmt: skip
 
     def __init__(
@@ -144,6 +174,7 @@ class ChunkedCopyRelay(Completion):
         count_a_to_b: ByteCounter | None = None,
         count_b_to_a: ByteCounter | None = None,
         on_idle: Callable[[Link], None] | None = None,
+        limits: RateLimits | None = None,
     ) -> None:
         self.a = a
         self.b = b
@@ -158,13 +189,24 @@ class ChunkedCopyRelay(Completion):
         # Held for the life of the client: on lean transports of our own.
         a.move_to_socket()
         b.move_to_socket()
-        a.attach(_PlainSide(self, count_a_to_b))
-        b.attach(_DataSide(self, count_b_to_a))
+        #: Under rate limits: the throttles of a to b and of b to a.
+        self.throttles: tuple[Throttle, ...] = ()
+        if limits is None:
+            a.attach(_PlainSide(self, count_a_to_b))
+            b.attach(_DataSide(self, count_b_to_a))
+            return
+        self.throttles = (
+            limits.throttle(True, a.pause_reading, a.resume_reading),
+            limits.throttle(False, b.pause_reading, b.resume_reading),
+        )
+        a.attach(_LimitedPlainSide(self, count_a_to_b))
+        b.attach(_LimitedDataSide(self, count_b_to_a))
 
     def check_idle(self) -> None:
         if not (self.sent_end and self.got_end) or self.ended:
             return
         self.idle = self.ended = True
+        self._stop_throttles()
         # The plain side is done with the data connection: its late events (a drained
         # write buffer resuming the reader it paused) must not reach the next client's.
         self.a.handler = Ignoring()
@@ -184,6 +226,7 @@ class ChunkedCopyRelay(Completion):
         if self.ended:
             return
         self.ended = True
+        self._stop_throttles()
         if self.result.ended == "closed":
             self.result.ended = reason
         if reset:
@@ -193,6 +236,11 @@ class ChunkedCopyRelay(Completion):
             self.a.close()
             self.b.abort()
         self._settle()
+
+    def _stop_throttles(self) -> None:
+        # The data link may serve another client next: no late resume may reach it.
+        for throttle in self.throttles:
+            throttle.stop()
 
     def close(self) -> None:
         """End both directions now (idle timeout, drain, lost LL)."""

@@ -11,6 +11,9 @@ past a chunk, and nothing after the end marker, is ever read here. Once both dir
 have ended, the data link gets its socket back, unread bytes and all, and goes to
 `on_idle` to serve the next client.
 
+Under rate limits the directions are `LimitedDirection`s as in `SpliceRelay`: a chunk
+is then at most a burst.
+
 Failures end both sides with a reset, as in `ChunkedCopyRelay`: a data connection that
 closes before its end marker must not look like a complete stream.
 """
@@ -21,11 +24,20 @@ import errno
 import os
 import socket
 from collections.abc import Callable
+from typing import cast
 
 from tcpgc.errors import ProtocolError
 from tcpgc.protocol.chunks import END, HEADER_SIZE, ChunkDecoder, chunk_header, parse_chunk_header
+from tcpgc.relay.rate_limit import RateLimits
 from tcpgc.relay.result import RESET_ERRNOS, ByteCounter
-from tcpgc.relay.splice import PIPES, SPLICE_FLAGS, SpliceDirection, SpliceRelay, close_socket
+from tcpgc.relay.splice import (
+    PIPES,
+    SPLICE_FLAGS,
+    LimitedDirection,
+    SpliceDirection,
+    SpliceRelay,
+    close_socket,
+)
 from tcpgc.transport.link import Link
 from tcpgc.transport.socket_handover import hand_over, lend, take_back
 
@@ -99,7 +111,9 @@ class _DechunkingDirection(SpliceDirection):
         if self.pipe is None:
             self.pipe = PIPES.take()
         try:
-            n = os.splice(self.src.fileno(), self.pipe[1], self.remaining, flags=SPLICE_FLAGS)
+            n = os.splice(
+                self.src.fileno(), self.pipe[1], min(self.remaining, self.chunk), flags=SPLICE_FLAGS
+            )
         except BlockingIOError:
             self._release_if_empty()
             return
@@ -114,6 +128,14 @@ class _DechunkingDirection(SpliceDirection):
         self._flush()
 
 
+class _LimitedChunking(LimitedDirection, _ChunkingDirection):
+    pass
+
+
+class _LimitedDechunking(LimitedDirection, _DechunkingDirection):
+    pass
+
+
 class ChunkedSpliceRelay(SpliceRelay):
     """Plain link `a` <-> plain data link `b` carrying the chunked stream. `on_idle(b)`
     gets the data link back once both directions ended."""
@@ -125,9 +147,11 @@ class ChunkedSpliceRelay(SpliceRelay):
         count_a_to_b: ByteCounter | None,
         count_b_to_a: ByteCounter | None,
         on_idle: Callable[[Link], None] | None,
+        limits: RateLimits | None = None,
     ) -> None:
         self._init_relay(a, b)
         self.on_idle = on_idle
+        self._limits = limits
         self._counters = (count_a_to_b, count_b_to_a)
         self._directions = ()
         self.leftover = b""
@@ -159,14 +183,20 @@ class ChunkedSpliceRelay(SpliceRelay):
             prefix_b, broken = b"", f"error: {exc}"
         if decoder.ended:
             self.leftover = decoder.leftover  # the peer's next message: kept for later
-        out = _ChunkingDirection(self, self._sa, self._sb, prefix_a, eof_a, True, count_a_to_b)
+        limited = self._limits is not None
+        out = (_LimitedChunking if limited else _ChunkingDirection)(
+            self, self._sa, self._sb, prefix_a, eof_a, True, count_a_to_b
+        )
         if prefix_a:  # read before the relay began: within MAX_CHUNK (a link buffers less)
             out.header = chunk_header(len(prefix_a))
-        back = _DechunkingDirection(
+        back = (_LimitedDechunking if limited else _DechunkingDirection)(
             self, self._sb, self._sa, prefix_b, decoder.ended, count_b_to_a,
             remaining=decoder.remaining, partial=decoder.partial_header,
         )  # fmt: skip
         self._directions = (out, back)
+        if self._limits is not None:
+            cast(LimitedDirection, out).limit(self._limits, True)
+            cast(LimitedDirection, back).limit(self._limits, False)
         if broken is not None:
             self.stream_broken(broken)
             return True

@@ -7,10 +7,15 @@ data as data, EOF as a half-close (the other direction keeps flowing), a reset a
 reset. When a side's outgoing buffer passes its high-water mark, the side feeding it
 stops reading until it drains, so a slow reader slows its writer instead of growing
 our memory. Both links close once each direction has seen its EOF.
+
+Under rate limits (`tcpgc.relay.rate_limit`) each half is a `_LimitedHalf`: after it
+forwards bytes, its source may pause for the rate, and back-pressure goes through the
+same throttle so that neither lifts the other's pause. An unlimited relay pays nothing.
 """
 
 from __future__ import annotations
 
+from tcpgc.relay.rate_limit import RateLimits, Throttle
 from tcpgc.relay.result import ByteCounter, ByteTally, Completion, RelayResult, is_reset
 from tcpgc.transport.link import Link
 
@@ -60,6 +65,26 @@ class _Half(ByteTally):
         self.dst.resume_reading()
 
 
+class _LimitedHalf(_Half):
+    """A half under rate limits: `throttle` pauses its source, `other` is the half of
+    the opposite direction (whose source back-pressure from ours pauses)."""
+
+    __slots__ = ("throttle", "other")
+
+    throttle: Throttle
+    other: _LimitedHalf
+
+    def add(self, n: int) -> None:
+        super().add(n)
+        self.throttle.moved(n)
+
+    def on_pause(self) -> None:
+        self.other.throttle.block()
+
+    def on_resume(self) -> None:
+        self.other.throttle.unblock()
+
+
 class CopyRelay(Completion):
     """Relay `a` <-> `b`; `await relay.done` (or set `on_done`) for the result."""
 
@@ -69,18 +94,32 @@ class CopyRelay(Completion):
         b: Link,
         count_a_to_b: ByteCounter | None = None,
         count_b_to_a: ByteCounter | None = None,
+        limits: RateLimits | None = None,
     ) -> None:
         self.a = a
         self.b = b
         self.result = RelayResult()
         self._lost = 0
         self._init_completion()
-        a.attach(_Half(self, a, b, True, count_a_to_b))
-        b.attach(_Half(self, b, a, False, count_b_to_a))
+        self._throttles: tuple[Throttle, ...] = ()
+        if limits is None:
+            a.attach(_Half(self, a, b, True, count_a_to_b))
+            b.attach(_Half(self, b, a, False, count_b_to_a))
+            return
+        up = _LimitedHalf(self, a, b, True, count_a_to_b)
+        down = _LimitedHalf(self, b, a, False, count_b_to_a)
+        up.throttle = limits.throttle(True, a.pause_reading, a.resume_reading)
+        down.throttle = limits.throttle(False, b.pause_reading, b.resume_reading)
+        up.other, down.other = down, up
+        self._throttles = (up.throttle, down.throttle)
+        a.attach(up)
+        b.attach(down)
 
     def side_lost(self) -> None:
         self._lost += 1
         if self._lost == 2:
+            for throttle in self._throttles:
+                throttle.stop()
             self._settle()
 
     def close(self) -> None:

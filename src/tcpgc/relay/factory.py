@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from tcpgc.relay.chunked_copy import ChunkedCopyRelay
 from tcpgc.relay.copy import CopyRelay
+from tcpgc.relay.rate_limit import RateLimits
 from tcpgc.relay.result import AnyRelay, ByteCounter
 from tcpgc.transport.link import Link
 from tcpgc.transport.socket_handover import can_hand_over, can_lend
@@ -49,16 +50,18 @@ def start_relay(
     count_a_to_b: ByteCounter | None = None,
     count_b_to_a: ByteCounter | None = None,
     on_first_b_to_a: Callable[[], None] | None = None,
+    limits: RateLimits | None = None,
 ) -> AnyRelay:
     """Relay `a` <-> `b` with the fastest engine the two links allow: splice(2) when
     both are plain TCP and can hand their sockets over, the copy engine otherwise.
     `on_first_b_to_a` is called once the first bytes from `b` have been moved on, by an
-    engine that does not pass them through `b`'s protocol (splice)."""
+    engine that does not pass them through `b`'s protocol (splice). `limits`: the
+    rate limits `a` -> `b` (up) and `b` -> `a` (down) answer to; None for none."""
     if splice_available() and can_hand_over(a) and can_hand_over(b):
         from tcpgc.relay.splice import SpliceRelay
 
-        return SpliceRelay(a, b, count_a_to_b, count_b_to_a, on_first_b_to_a)
-    return CopyRelay(a, b, count_a_to_b, count_b_to_a)
+        return SpliceRelay(a, b, count_a_to_b, count_b_to_a, on_first_b_to_a, limits)
+    return CopyRelay(a, b, count_a_to_b, count_b_to_a, limits)
 
 
 def start_chunked_relay(
@@ -67,6 +70,7 @@ def start_chunked_relay(
     count_a_to_b: ByteCounter | None = None,
     count_b_to_a: ByteCounter | None = None,
     on_idle: Callable[[Link], None] | None = None,
+    limits: RateLimits | None = None,
 ) -> AnyRelay:
     """Relay plain link `a` over data link `b`, which carries the chunked stream and is
     handed to `on_idle` once both directions ended: with splice(2) when `a` can hand
@@ -75,8 +79,8 @@ def start_chunked_relay(
     if splice_available() and can_hand_over(a) and can_lend(b):
         from tcpgc.relay.chunked_splice import ChunkedSpliceRelay
 
-        relay = ChunkedSpliceRelay(a, b, count_a_to_b, count_b_to_a, on_idle)
+        relay = ChunkedSpliceRelay(a, b, count_a_to_b, count_b_to_a, on_idle, limits)
         if relay.start():
             return relay
         # Out of descriptors for a socket's duplicate: both links are as they were.
-    return ChunkedCopyRelay(a, b, count_a_to_b, count_b_to_a, on_idle=on_idle)
+    return ChunkedCopyRelay(a, b, count_a_to_b, count_b_to_a, on_idle=on_idle, limits=limits)

@@ -12,7 +12,8 @@ break, only a pause.
 It moves bytes through Python, as TLS requires; the retention is the bytes objects the
 plain side's reads produced (no copy). Back-pressure as in the other engines, plus one
 more: a sender whose retention reaches `limit` stops reading its source until the
-receiver acknowledges.
+receiver acknowledges. Under rate limits the plain side pauses for the rate as for
+the others (`RATE`), and the data connection (whichever it is) as for back-pressure.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from functools import partial
 
 from tcpgc.errors import ProtocolError
 from tcpgc.protocol.chunks import END, MAX_CHUNK, chunk_header
@@ -30,7 +32,18 @@ from tcpgc.protocol.resumable import (
     ack_record,
     chunk_records,
 )
-from tcpgc.relay.result import ByteCounter, ByteTally, Completion, RelayResult, is_reset
+from tcpgc.relay.rate_limit import RateLimits, Throttle
+from tcpgc.relay.result import ByteCounter, Completion, RelayResult
+from tcpgc.relay.resumable_sides import (
+    FULL,
+    RATE,
+    WAITING,
+    WRITE,
+    DataSide,
+    LimitedDataSide,
+    LimitedPlainSide,
+    PlainSide,
+)
 from tcpgc.task_set import NO_CONTEXT
 from tcpgc.transport.link import Link
 from tcpgc.transport.link_handlers import Ignoring
@@ -45,70 +58,6 @@ DRAIN_AFTER_RESET = 5.0
 #: What may follow the stream's end before the connection's next frame is read.
 _MAX_LEFTOVER = 4096
 
-#: Why the plain side is not read (bits: a set would cost 200 bytes per stream).
-_WAITING, _FULL, _WRITE = 1, 2, 4
-
-
-class _PlainSide(ByteTally):
-    __slots__ = ("relay",)
-
-    def __init__(self, relay: ResumableRelay, counter: ByteCounter | None) -> None:
-        super().__init__(relay.result, True, counter)
-        self.relay = relay
-
-    def on_data(self, data: bytes) -> None:
-        self.add(len(data))
-        self.relay.send(data)
-
-    def on_eof(self) -> None:
-        self.relay.send_end()
-
-    def on_lost(self, exc: BaseException | None) -> None:
-        relay = self.relay
-        if relay.ended:
-            return
-        relay.abort("reset" if is_reset(exc) else f"error: {exc}" if exc else "closed early")
-
-    def on_pause(self) -> None:
-        self.relay.plain_blocked(True)
-
-    def on_resume(self) -> None:
-        self.relay.plain_blocked(False)
-
-
-class _DataSide(ByteTally):
-    """Handler of one data connection of the stream: events of a replaced one are stale."""
-
-    __slots__ = ("relay", "link")
-
-    def __init__(self, relay: ResumableRelay, link: Link, counter: ByteCounter | None) -> None:
-        super().__init__(relay.result, False, counter)
-        self.relay = relay
-        self.link = link
-
-    def on_data(self, data: bytes) -> None:
-        if self.relay.b is self.link:
-            self.relay.received(data, self)
-
-    def on_eof(self) -> None:
-        # A FIN comes from the peer's own system, never from the network in between:
-        # the peer node let go of the stream (its process ended), so it cannot resume.
-        relay = self.relay
-        if relay.b is self.link:
-            relay.fail("data connection closed mid-stream")
-
-    def on_lost(self, exc: BaseException | None) -> None:
-        why = "data connection reset" if is_reset(exc) else f"data connection lost: {exc}"
-        self.relay.broken(self.link, why if exc else "data connection lost")
-
-    def on_pause(self) -> None:
-        if self.relay.b is self.link:
-            self.relay.hold(_WRITE)
-
-    def on_resume(self) -> None:
-        if self.relay.b is self.link:
-            self.relay.release(_WRITE)
-
 
 class ResumableRelay(Completion):
     """Relay plain link `a` <-> data link `b` (None while waiting for a new one).
@@ -121,7 +70,7 @@ class ResumableRelay(Completion):
     __slots__ = (
         "a", "b", "result", "out", "inbound", "limit", "window", "stream_id", "key",
         "epoch", "label", "waiting_since", "ended", "on_broken", "on_idle", "_holds",
-        "_a_blocked", "_acked_sent", "_ack_timer", "_eof_sent", "_counter_in",
+        "_a_blocked", "_acked_sent", "_ack_timer", "_eof_sent", "_counter_in", "throttles",
     )  # fmt: skip
 
     def __init__(
@@ -139,6 +88,7 @@ class ResumableRelay(Completion):
         counters: tuple[ByteCounter | None, ByteCounter | None] = (None, None),
         on_broken: Callable[[ResumableRelay, str], None],
         on_idle: Callable[[Link], None] | None = None,
+        limits: RateLimits | None = None,
     ) -> None:
         self.a = a
         self.b: Link | None = None
@@ -162,15 +112,22 @@ class ResumableRelay(Completion):
         self._ack_timer: asyncio.TimerHandle | None = None
         self._eof_sent = False
         self._counter_in = counters[1]
+        #: Under rate limits: the throttles of the plain side and of the data connection.
+        self.throttles: tuple[Throttle, ...] = ()
+        if limits is not None:
+            self.throttles = (
+                limits.throttle(True, partial(self.hold, RATE), partial(self.release, RATE)),
+                limits.throttle(False, self._pause_data, self._resume_data),
+            )
         a.move_to_socket()
         b.move_to_socket()
         self.b = b  # before the plain side's held bytes are replayed into `send`
-        a.attach(_PlainSide(self, counters[0]))
+        a.attach((LimitedPlainSide if self.throttles else PlainSide)(self, counters[0]))
         self._connect(b)
         if decoder.offset:
             self._ack_now()  # the first bytes came with OPEN
         if retention.kept >= limit:
-            self.hold(_FULL)
+            self.hold(FULL)
 
     # ---- bytes -------------------------------------------------------------------
 
@@ -181,7 +138,7 @@ class ResumableRelay(Completion):
         if self.b is not None:
             self._write(data)
         if out.kept >= self.limit:
-            self.hold(_FULL)
+            self.hold(FULL)
 
     def _write(self, data: bytes | memoryview) -> None:
         link = self.b
@@ -201,7 +158,7 @@ class ResumableRelay(Completion):
         if self.b is not None:
             self.b.write(END, prefix=self._pending_ack())
 
-    def received(self, data: bytes, side: _DataSide) -> None:
+    def received(self, data: bytes, side: DataSide) -> None:
         inbound = self.inbound
         try:
             pieces = inbound.feed(data)
@@ -211,7 +168,7 @@ class ResumableRelay(Completion):
             if inbound.acked > self.out.acked:
                 self.out.ack(inbound.acked)
                 if self.out.kept < self.limit:
-                    self.release(_FULL)
+                    self.release(FULL)
         except ProtocolError as exc:
             self.fail(f"error: {exc}")
             return
@@ -265,17 +222,30 @@ class ResumableRelay(Completion):
         """The plain side's write buffer filled (or drained): stop (or go on) reading
         the data connection."""
         self._a_blocked = blocked
+        if self.b is None:
+            return
+        if blocked:
+            self.b.pause_reading()
+        elif not (self.throttles and self.throttles[1].waiting):
+            self.b.resume_reading()
+
+    def _pause_data(self) -> None:
         if self.b is not None:
-            (self.b.pause_reading if blocked else self.b.resume_reading)()
+            self.b.pause_reading()
+
+    def _resume_data(self) -> None:
+        if self.b is not None and not self._a_blocked:
+            self.b.resume_reading()
 
     # ---- the data connection -------------------------------------------------------
 
     def _connect(self, link: Link) -> None:
         self.b = link
         link.move_to_socket()
-        if self._a_blocked:
+        if self._a_blocked or (self.throttles and self.throttles[1].waiting):
             link.pause_reading()
-        link.attach(_DataSide(self, link, self._counter_in))
+        kind = LimitedDataSide if self.throttles else DataSide
+        link.attach(kind(self, link, self._counter_in))
 
     def broken(self, link: Link, reason: str) -> None:
         """`link`, this stream's data connection, is gone: wait for another one."""
@@ -290,8 +260,8 @@ class ResumableRelay(Completion):
             return
         self.inbound.reset_partial()
         self.waiting_since = time.monotonic()
-        self.hold(_WAITING)
-        self.release(_WRITE)
+        self.hold(WAITING)
+        self.release(WRITE)
         self.on_broken(self, reason)
 
     def attach(self, link: Link, peer_received: int) -> int:
@@ -314,9 +284,9 @@ class ResumableRelay(Completion):
         if end_again:
             link.write(END)
         self._ack_now()
-        self.release(_WAITING)
+        self.release(WAITING)
         if self.out.kept < self.limit:
-            self.release(_FULL)
+            self.release(FULL)
         return replayed
 
     # ---- the end -----------------------------------------------------------------
@@ -324,6 +294,8 @@ class ResumableRelay(Completion):
     def _idle(self) -> None:
         self.ended = True
         self._cancel_ack_timer()
+        for throttle in self.throttles:  # the data link may serve someone else next
+            throttle.stop()
         leftover = self.inbound.leftover
         self.a.handler = Ignoring()
         self.a.close()
@@ -368,6 +340,8 @@ class ResumableRelay(Completion):
             return
         self.ended = True
         self._cancel_ack_timer()
+        for throttle in self.throttles:  # the data link may serve someone else next
+            throttle.stop()
         if self.result.ended == "closed":
             self.result.ended = reason
         link, self.b = self.b, None

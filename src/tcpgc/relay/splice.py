@@ -10,6 +10,10 @@ the pipe stays full and the source is not read. A pipe is taken from a shared po
 while bytes are in flight and returned as soon as it is empty, so idle connections hold
 no pipe file descriptors.
 
+Under rate limits each direction is a `LimitedDirection`: it splices at most its
+smallest bucket's burst per call and stops reading its source while the buckets are
+owed (see `tcpgc.relay.rate_limit`); unlimited directions are untouched.
+
 Only for links without TLS (`--insecure-plaintext`, classic mode, and the client and
 server legs); TLS records have to be decrypted in user space anyway.
 """
@@ -21,8 +25,10 @@ import fcntl
 import os
 import socket
 from collections.abc import Callable
+from typing import cast
 
 from tcpgc.protocol.chunks import chunk_header
+from tcpgc.relay.rate_limit import RateLimits, Throttle
 from tcpgc.relay.result import RESET_ERRNOS, ByteCounter, ByteTally, Completion, RelayResult
 from tcpgc.transport.link import Link
 from tcpgc.transport.socket_handover import hand_over
@@ -90,6 +96,8 @@ class SpliceDirection(ByteTally):
 
     #: Each batch goes out as a chunk (`tcpgc.protocol.chunks`): see `tcpgc.relay.chunked_splice`.
     chunked = False
+    #: Bytes spliced from the source per call.
+    chunk = CHUNK
 
     def __init__(
         self,
@@ -160,7 +168,7 @@ class SpliceDirection(ByteTally):
         if self.pipe is None:
             self.pipe = PIPES.take()
         try:
-            n = os.splice(self.src.fileno(), self.pipe[1], CHUNK, flags=SPLICE_FLAGS)
+            n = os.splice(self.src.fileno(), self.pipe[1], self.chunk, flags=SPLICE_FLAGS)
         except BlockingIOError:
             self._release_if_empty()
             return
@@ -238,6 +246,36 @@ class SpliceDirection(ByteTally):
             self.pipe = None
 
 
+class LimitedDirection(SpliceDirection):
+    """A direction under rate limits (`limit` is called once, before `start`)."""
+
+    throttle: Throttle
+
+    def limit(self, limits: RateLimits, up: bool) -> None:
+        self.throttle = limits.throttle(up, self._read_off, self._resume)
+
+    @property
+    def chunk(self) -> int:  # type: ignore[override]
+        # At most a burst per call: a 1 MiB splice would be a 1 MiB burst.
+        return min(CHUNK, self.throttle.smallest_burst())
+
+    def add(self, n: int) -> None:
+        super().add(n)
+        self.throttle.moved(n)
+
+    def _read_on(self) -> None:
+        if not self.throttle.waiting:
+            super()._read_on()
+
+    def _resume(self) -> None:
+        if not (self.header or self.prefix or self.in_pipe):  # else once dst drains
+            super()._read_on()
+
+    def stop(self) -> None:
+        self.throttle.stop()
+        super().stop()
+
+
 class SpliceRelay(Completion):
     """Same interface as `tcpgc.relay.copy.CopyRelay`, moving bytes with splice(2).
     Both links must be able to hand their socket over (`socket_handover.can_hand_over`)."""
@@ -249,6 +287,7 @@ class SpliceRelay(Completion):
         count_a_to_b: ByteCounter | None = None,
         count_b_to_a: ByteCounter | None = None,
         on_first_b_to_a: Callable[[], None] | None = None,
+        limits: RateLimits | None = None,
     ) -> None:
         self._init_relay(a, b)
         handed_a = hand_over(a)
@@ -261,12 +300,14 @@ class SpliceRelay(Completion):
         assert handed_a is not None and handed_b is not None
         self._sa, prefix_a, eof_a = handed_a
         self._sb, prefix_b, eof_b = handed_b
+        kind = SpliceDirection if limits is None else LimitedDirection
         self._directions: tuple[SpliceDirection, ...] = (
-            SpliceDirection(self, self._sa, self._sb, prefix_a, eof_a, True, count_a_to_b),
-            SpliceDirection(
-                self, self._sb, self._sa, prefix_b, eof_b, False, count_b_to_a, on_first_b_to_a
-            ),
+            kind(self, self._sa, self._sb, prefix_a, eof_a, True, count_a_to_b),
+            kind(self, self._sb, self._sa, prefix_b, eof_b, False, count_b_to_a, on_first_b_to_a),
         )
+        if limits is not None:
+            for direction in self._directions:
+                cast(LimitedDirection, direction).limit(limits, direction.a_to_b)
         for direction in self._directions:
             direction.start()
 
