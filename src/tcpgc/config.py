@@ -138,7 +138,8 @@ class LLConfig:
 
     def require_complete(self) -> None:
         """Raise UsageError unless the LL has an agent address: a file may leave it to
-        the flags. (An LL without services serves the ports its agents expose.)"""
+        the flags. (An LL without services may serve the ports its agents expose: the
+        node checks that, knowing its agents.)"""
         if self.cc is None:
             raise UsageError(
                 "tcpgc ll needs --cc HOST:PORT (where agents connect) or a config file with 'cc'"

@@ -75,6 +75,11 @@ class Credentials:
         self._set_agents(agents, fingerprint)
         return gone
 
+    @property
+    def may_expose(self) -> bool:
+        """Whether any agent's credential lets it expose a port."""
+        return any(agent.scope.ports is not None for agent in self.agents.values())
+
     def rate_of(self, credential: AgentCredential | None) -> RateLimits | None:
         """The buckets every session of `credential` shares (its scope's rate)."""
         if credential is None or credential.scope.rate is None:

@@ -107,6 +107,12 @@ class ListenNode:
         self.config.require_complete()
         assert self.config.cc is not None
         self.credentials.load(self.config)
+        if not self.config.services and not self.credentials.may_expose:
+            raise UsageError(
+                "tcpgc ll needs --clients HOST:PORT or a config file with [services.NAME] "
+                "sections, or an agent that may expose ports ('tcpgc agent add NAME --ports "
+                "LOW-HIGH', same state dir)"
+            )
         try:
             self._agent_server = await listen(
                 # The context as of each accept: a reload may have replaced it.

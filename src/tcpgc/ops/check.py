@@ -31,7 +31,8 @@ from tcpgc.config import (
     read_toml,
 )
 from tcpgc.errors import UsageError
-from tcpgc.identity import Certificate, check_private, read_token
+from tcpgc.identity import Certificate, check_private, default_state_dir, read_token
+from tcpgc.identity.agents import load_agents
 
 EXIT_USAGE = 2
 
@@ -76,7 +77,7 @@ def run_check(path: Path, role: str | None) -> int:
         problems += _token(data, source, notes)
     elif isinstance(config, LLConfig):
         problems += _unresolved(config, source)
-        if not config.services:
+        if not config.services and not problems:
             notes.append(
                 "no [services.NAME]: this LL serves only ports its agents expose (agents "
                 "given them with 'tcpgc agent add NAME --ports LOW-HIGH')"
@@ -122,15 +123,29 @@ def _required(data: dict[str, Any], role: str, source: str, guessed: bool) -> li
         problems.append(f'{source}: ll: missing: the LL\'s agent address, e.g. ll = "gw:8001"')
     services = data.get("services")
     # An agent may only expose ports; an LL may only serve the ports agents expose.
-    exposes = role == "ll" or bool(data.get("expose"))
+    exposes = _agents_may_expose(data) if role == "ll" else bool(data.get("expose"))
     if (services is None or services == {}) and not exposes:
-        example = 'clients = ":8000"' if role == "ll" else 'server = "127.0.0.1:80"'
+        if role == "ll":
+            example = 'clients = ":8000", or let an agent expose ports (\'tcpgc agent add '
+            example += f"NAME --ports LOW-HIGH'){hint}"
+        else:
+            example = 'server = "127.0.0.1:80", or expose a port: expose = ["8000=127.0.0.1:80"]'
         problems.append(
             f"{source}: services: no [services.NAME] section: add one, e.g. "
-            f"[services.web] with {example}{hint if role == 'll' else ''}"
-            + (' (or expose a port: expose = ["8000=127.0.0.1:80"])' if role == "cc" else "")
+            f"[services.web] with {example}"
         )
     return problems
+
+
+def _agents_may_expose(data: dict[str, Any]) -> bool:
+    """Whether the LL's state dir holds an agent that may expose ports (all an LL
+    without services could serve)."""
+    state_dir = data.get("state_dir")
+    try:
+        agents = load_agents(Path(state_dir) if isinstance(state_dir, str) else default_state_dir())
+    except (UsageError, OSError):
+        return False
+    return any(agent.scope.ports is not None for agent in agents.values())
 
 
 def _files(data: dict[str, Any], keys: dict[str, bool], source: str) -> list[str]:
