@@ -6,13 +6,12 @@ unit tier stays a quick local run; CI sets 10000.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
-import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
+from fuzz_settings import fuzz, names, timeout
 from tcpgc.errors import PeerRefused, ProtocolError
 from tcpgc.protocol.frame_decoder import FrameDecoder
 from tcpgc.protocol.handshake import AgentHandshake, LLHandshake, State, key_id
@@ -41,22 +40,10 @@ from tcpgc.protocol.messages import (
     encode,
 )
 
-EXAMPLES = int(os.environ.get("TCPGC_FUZZ_EXAMPLES", "100"))
-
-# ~5 ms an example on a slow machine; the default per-test timeout is sized for 500.
-pytestmark = pytest.mark.timeout(max(180, EXAMPLES // 20))
-
-fuzz = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    # Large generated inputs are the point here, not a problem.
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+pytestmark = timeout
 
 # -- strategies -----------------------------------------------------------------------
 
-NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_."
-names = st.text(alphabet=NAME_CHARS, min_size=1, max_size=64)
 u8 = st.integers(0, 0xFF)
 u32 = st.integers(0, 0xFFFFFFFF)
 u64 = st.integers(0, 0xFFFFFFFFFFFFFFFF)

@@ -8,13 +8,13 @@ Examples per test: $TCPGC_FUZZ_EXAMPLES (100 by default), as in test_fuzz.py.
 from __future__ import annotations
 
 import dataclasses
-import os
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from fuzz_settings import fuzz, names, timeout
 from tcpgc.errors import AuthenticationError, ProtocolError
 from tcpgc.protocol.fields import MAX_REFUSAL_TEXT
 from tcpgc.protocol.handshake import AgentHandshake, LLHandshake, key_id
@@ -30,17 +30,9 @@ from tcpgc.protocol.messages import (
     exposes_blob,
 )
 
-EXAMPLES = int(os.environ.get("TCPGC_FUZZ_EXAMPLES", "100"))
-pytestmark = pytest.mark.timeout(max(180, EXAMPLES // 20))
-fuzz = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+pytestmark = timeout
 
 SECRET = bytes(range(32))
-NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_."
-names = st.text(alphabet=NAME_CHARS, min_size=1, max_size=64)
 ports = st.integers(1, 65535)
 hosts = st.sampled_from(["", "127.0.0.1", "::1", "10.1.2.3", "2001:db8::7"])
 exposes = st.lists(st.tuples(hosts, ports), max_size=MAX_EXPOSES).map(tuple)
