@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_tools import agent_add, free_port_range, start_agents_ll, token_secret
+from agent_tools import agent_add, agent_revoke, free_port_range, start_agents_ll, token_secret
 from support import Harness, node_toml, run_tcpgc, tcpgc_cmd, tcpgc_env
 
 pytestmark = pytest.mark.timeout(120)
@@ -77,7 +77,8 @@ def test_list_shows_scopes_and_never_a_token(tmp_path: Path) -> None:
     run_tcpgc("token", "--state-dir", str(state))
     empty = agent("list", state=state)
     assert empty.returncode == 0 and "no agents" in empty.stdout
-    assert json.loads(agent("list", "--json", state=state).stdout) == {"agents": []}
+    listed = json.loads(agent("list", "--json", state=state).stdout)
+    assert listed == {"agents": [], "unreadable": []}
     tok_a = agent_add(state, "a", "--ports", "8000-8005", "--max-ports", "2")
     tok_b = agent_add(state, "b", "--services", "web")
     text = agent("list", state=state)
@@ -166,8 +167,10 @@ def test_add_with_the_ll_config_uses_its_state_dir_and_warns_of_unknown_services
     proc = run_tcpgc("agent", "add", "a", "--services", "web,db", "-c", str(config))
     assert proc.returncode == 0, proc.stderr
     assert (state / "agents" / "a.json").exists()
-    warning = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    warning = [line for line in proc.stderr.splitlines() if "not configured" in line]
     assert len(warning) == 1 and "db" in warning[0] and "web" not in warning[0]
+    # The state dir had no LL identity yet: one was made, and the operator is told.
+    assert any("no LL identity in" in line for line in proc.stderr.splitlines())
     listed = run_tcpgc("agent", "list", "--json", "-c", str(config))
     assert [row["name"] for row in json.loads(listed.stdout)["agents"]] == ["a"]
 
@@ -192,3 +195,26 @@ def test_last_seen_is_recorded_once_the_agent_connected(harness: Harness) -> Non
     seen_file = env.state_dir / "agents" / "seen.json"
     assert stat.S_IMODE(seen_file.stat().st_mode) == 0o600
     assert token_secret(token) not in seen_file.read_text()
+
+
+def test_an_unreadable_credential_is_listed_and_hides_no_other(tmp_path: Path) -> None:
+    """One corrupt file does not stop `list` (it names the file on stderr and under
+    "unreadable") nor a revocation of another agent."""
+    state = tmp_path / "state"
+    run_tcpgc("token", "--state-dir", str(state))
+    agent_add(state, "good", "--ports", "9000")
+    agent_add(state, "other", "--ports", "9001")
+    junk = state / "agents" / "junk.json"
+    junk.write_text("not json")
+    junk.chmod(0o600)
+    listed = agent("list", "--json", state=state)
+    assert listed.returncode == 0, listed.stderr
+    data = json.loads(listed.stdout)
+    assert [row["name"] for row in data["agents"]] == ["good", "other"]
+    assert len(data["unreadable"]) == 1 and "junk.json" in data["unreadable"][0]
+    assert "junk.json" in listed.stderr and "Traceback" not in listed.stderr
+    agent_revoke(state, "other")
+    names = [
+        row["name"] for row in json.loads(agent("list", "--json", state=state).stdout)["agents"]
+    ]
+    assert names == ["good"]

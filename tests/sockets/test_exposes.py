@@ -31,7 +31,7 @@ def credential(name: str, ports: tuple[int, int] | None, services=(), max_ports=
 def session(cred: AgentCredential | None, raw_id: bytes) -> AgentSession:
     return AgentSession(
         raw_id.hex()[:12], "127.0.0.1:1", "127.0.0.1", (), MagicMock(),
-        raw_id=raw_id, credential=cred,
+        raw_id=raw_id, credential=cred, key_id=cred.key_id if cred else b"shared",
     )  # fmt: skip
 
 
@@ -188,6 +188,48 @@ def test_ports_stay_for_the_resume_window_unless_revoked(loop_name: str) -> None
             await asyncio.sleep(0.05)
         assert time.monotonic() - start >= 0.2 and in_use(p)
         made.exposes.release(second, at_once=True)
+        await loop_turns()
+        assert not in_use(p) and f":{p}" not in made.services
+
+    try:
+        run_on(loop_name, main)
+    finally:
+        made.close()
+
+
+def test_a_port_name_offered_as_a_service_is_refused_to_every_credential(ports: Ports) -> None:
+    """':PORT' offered as a service (not an expose) would join the agents of that port
+    and take their clients, past every scope check."""
+    p = ports.base + 3
+    for cred in (None, credential("a", (p, p))):
+        (granted, refusals), claim = ports.grant(cred, [], services=("web", f":{p}", f":0{p}"))
+        assert f":{p}" not in granted and f":{p}" not in claim.services
+        assert f":0{p}" not in claim.services
+        assert "declare an exposed port with --expose" in dict(refusals)[f":{p}"]
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_max_ports_counts_the_ports_waiting_for_the_agent(loop_name: str) -> None:
+    """Leaving and coming back asking for other ports must not add up past max_ports:
+    the ports waiting out their resume window are still the credential's."""
+    made = Ports(window=60)
+    p = made.base + 3
+    cred = credential("a", (p, p + 1), max_ports=1)
+
+    async def main() -> None:
+        first = session(cred, b"\x01" * 16)
+        _, claim = made.grant(cred, [("", p)], raw_id=first.raw_id)
+        await made.exposes.start(first, claim)
+        made.exposes.release(first)  # away: p waits for it
+        assert in_use(p)
+        grant, claim = made.grant(cred, [("", p + 1)], raw_id=b"\x02" * 16)
+        assert grant[0] == () and "at most 1" in reasons(grant)[f":{p + 1}"]
+        assert connect_refused(p + 1)
+        made.exposes.cancel(claim)
+        grant, claim = made.grant(cred, [("", p)], raw_id=b"\x02" * 16)
+        assert grant[0] == (f":{p}",), reasons(grant)  # its own port back
+        made.exposes.cancel(claim)
+        made.exposes.revoked({cred.key_id})  # and a revocation closes it at once
         await loop_turns()
         assert not in_use(p) and f":{p}" not in made.services
 

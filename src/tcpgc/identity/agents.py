@@ -179,9 +179,10 @@ def revoke_agent(state_dir: Path, name: str) -> None:
     doomed.unlink()
 
 
-def load_agents(state_dir: Path) -> dict[bytes, AgentCredential]:
-    """Every agent credential in `state_dir`, by key id (none if there is no folder);
-    UsageError naming the file if one cannot be read."""
+def load_agents(state_dir: Path, problems: list[str] | None = None) -> dict[bytes, AgentCredential]:
+    """Every agent credential in `state_dir`, by key id (none if there is no folder).
+    A file that cannot be read raises UsageError naming it; or, given `problems`, is
+    left out and its problem appended there (one bad file must not hide the others)."""
     folder = agents_dir(state_dir)
     try:
         names = sorted(os.listdir(folder))
@@ -194,6 +195,11 @@ def load_agents(state_dir: Path) -> dict[bytes, AgentCredential]:
         try:
             credential = _read(folder / entry)
         except FileNotFoundError:  # revoked while we read the folder
+            continue
+        except (UsageError, OSError) as exc:
+            if problems is None:
+                raise UsageError(str(exc)) from None
+            problems.append(str(exc))
             continue
         agents[credential.key_id] = credential
     return agents

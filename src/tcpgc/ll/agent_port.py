@@ -34,6 +34,7 @@ from tcpgc.ll.exposes import Claim, ExposedPorts
 from tcpgc.ll.pairing import ClientPairing
 from tcpgc.ll.ready import ReadyConnections
 from tcpgc.ll.resumes import LLResumes
+from tcpgc.ll.watch_agents import revoke_sessions
 from tcpgc.memory_trim import BurstTrimmer
 from tcpgc.metrics import Metrics
 from tcpgc.protocol.frame_auth import CONTROL, frame_auth
@@ -107,12 +108,12 @@ class AgentPort:
         if session is None:
             return
         claim = self._claims.pop(session)
-        if session.credential is not None and session.key_id not in self._credentials.agents:
-            # Revoked while it was answered: its token is refused from now on.
+        if session.key_id not in self._credentials.secrets:
+            # Revoked (or retired) while it was answered: refused from now on.
             self._exposes.cancel(claim)
             session.channel.send(Error(ErrorCode.AUTHENTICATION, "authentication failed"))
             session.channel.link.close()
-            log.warning("agent '%s' refused: its credential was just revoked", session.name)
+            log.warning("agent %s refused: its credential was just revoked", session.name)
         elif self._admit(session):
             await self._run_session(session, claim)
         else:
@@ -123,6 +124,18 @@ class AgentPort:
         open thousands (each with its ready connections). A returning agent replaces its
         own session, so it is not counted against itself."""
         cap = self.config.max_sessions_per_token
+        other = self._agents.find(session.raw_id)
+        if other is not None and other.key_id != session.key_id:
+            # An agent id names a session to replace only for the same credential.
+            self._failed(
+                session.channel.link,
+                TooManySessions(
+                    f"agent {session.agent_id} refused: its id is in use by another credential"
+                ),
+            )
+            session.channel.send(Error(ErrorCode.UNAVAILABLE, "agent id in use: restart the agent"))
+            session.channel.link.close()
+            return False
         held = self._agents.sessions_with_key(session.key_id, besides=session.raw_id)
         if not cap or held < cap:
             return True
@@ -227,18 +240,19 @@ class AgentPort:
         link = channel.link
         credentials = self._credentials
         claims: list[Claim] = []
-
-        def grant(kid: bytes, request: Request) -> Grant:
-            # The credential the agent proved decides what it gets, not what it asks.
-            found, claim = self._exposes.grant(
-                credentials.agents.get(kid), handshake.agent_id, request
-            )
-            claims.append(claim)
-            return found
-
         gone = credentials.refresh_for(hello.key_id)  # an agent added this very second?
         if gone:
             self.revoke(gone)
+        # Looked up once, with the secret the handshake checks: a revocation meanwhile
+        # must not turn the agent into a holder of the shared token.
+        credential = credentials.agents.get(hello.key_id)
+
+        def grant(_: bytes, request: Request) -> Grant:
+            # The credential the agent proved decides what it gets, not what it asks.
+            found, claim = self._exposes.grant(credential, handshake.agent_id, request)
+            claims.append(claim)
+            return found
+
         handshake = LLHandshake(
             credentials.secrets,
             heartbeat_ms=int(self.config.heartbeat * 1000),
@@ -269,8 +283,8 @@ class AgentPort:
             raw_id=handshake.agent_id,
             session_key=handshake.session_key,
             key_id=handshake.key_id,
-            credential=credentials.agents.get(handshake.key_id),
-            rate=credentials.rate_of(credentials.agents.get(handshake.key_id)),
+            credential=credential,
+            rate=credentials.rate_of(credential),
             refused=tuple(why for _, why in ready.refusals),  # type: ignore[union-attr]
         )
         self._claims[session] = claim
@@ -291,7 +305,6 @@ class AgentPort:
             )
         for why in session.refused:
             log.warning("%s from %s: %s", who, link.peer, why)
-        await self._exposes.start(session, claim)
         loop = asyncio.get_running_loop()
         ended: asyncio.Future[SessionEnded] = loop.create_future()
         core = LLControlSession(
@@ -321,6 +334,8 @@ class AgentPort:
         # Its address's ready and data connections are now kept apart from any flood.
         self._pending.authenticated(session.peer_host, time.monotonic())
         try:
+            # Registered first: a revocation while its ports open finds the session.
+            await self._exposes.start(session, claim)
             end = await ended
         finally:
             found = self._agents.find(session.raw_id)
@@ -358,28 +373,8 @@ class AgentPort:
                 relay.close()
 
     def revoke(self, gone: list[AgentCredential]) -> None:
-        """These credentials were revoked: end their sessions, their clients (running or
-        waiting for a resume) and their ports, now. Other agents are not touched."""
-        names = {credential.key_id: credential.name for credential in gone}
-        for session in self._agents:
-            if session.key_id not in names:
-                continue
-            session.revoked = True
-            relays = list(session.relays)
-            for relay in relays:
-                relay.result.ended = "agent revoked"
-                relay.close()
-            log.warning(
-                "agent '%s' revoked: session from %s ended, %d connections closed",
-                session.name,
-                session.peer,
-                len(relays),
-            )
-            session.close()
-        self._exposes.revoked(set(names))
-        waited = self._resumes.give_up_agents(set(names), "agent revoked")
-        if waited:
-            log.warning("%d connections waiting for revoked agents closed", waited)
+        """These credentials were revoked: see `revoke_sessions`."""
+        revoke_sessions(self._agents, self._resumes, self._exposes, gone)
 
     def _session_event(
         self, session: AgentSession, ended: asyncio.Future[SessionEnded], event: Event

@@ -177,6 +177,8 @@ class Clients:
         """The buckets a client of `service` served by `agent` answers to: the
         service's, its own, the agent's; None (no cost at all) if there are none."""
         per_client = self._resumes.config.client_rate_of(service.name)
+        if per_client is None and service.limits is None and agent.rate is None:
+            return None  # the common case, at no cost
         own = RateLimits.of(per_client) if per_client is not None else None
         limits = combine(service.limits, own, agent.rate)
         if limits is None:

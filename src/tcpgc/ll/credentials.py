@@ -4,8 +4,10 @@ TLS context(s) of its agent port."""
 
 from __future__ import annotations
 
+import logging
 import ssl
 import time
+from pathlib import Path
 
 from tcpgc.config import LLConfig
 from tcpgc.errors import UsageError
@@ -14,6 +16,8 @@ from tcpgc.identity.agents import AgentCredential, agents_fingerprint, load_agen
 from tcpgc.protocol.handshake import key_id
 from tcpgc.relay.rate_limit import RateLimits
 from tcpgc.transport.link import Link
+
+log = logging.getLogger("tcpgc.ll")
 
 
 class Credentials:
@@ -29,6 +33,7 @@ class Credentials:
         self._agents_seen: object = None
         self._refreshed = 0.0
         self._rates: dict[bytes, RateLimits] = {}
+        self._problems: set[str] = set()
         #: The agent port's TLS context; None in plaintext mode.
         self.tls: ssl.SSLContext | None = None
         self._binding_of_context: dict[int, bytes] = {}
@@ -37,8 +42,10 @@ class Credentials:
     def plaintext(self) -> bool:
         return self.tls is None
 
-    def load(self, config: LLConfig) -> None:
-        """Load (or reload) what `config` names; raises, changing nothing, if it cannot."""
+    def load(self, config: LLConfig) -> list[AgentCredential]:
+        """Load (or reload) what `config` names; raises, changing nothing, if it cannot.
+        Returns the agents' credentials that are gone since (revoked), whose sessions
+        must end."""
         identity = load_identity(config.state_dir or default_state_dir(), create=True)
         if config.tls_cert is not None and config.tls_key is not None:
             identity = identity.with_certificate(Certificate.load(config.tls_cert, config.tls_key))
@@ -47,33 +54,45 @@ class Credentials:
         if not config.insecure_plaintext:
             tls, bindings = identity.server_context(config.tls_client_ca)
         fingerprint = agents_fingerprint(identity.state_dir)
-        agents = load_agents(identity.state_dir)
+        agents = self._read_agents(identity.state_dir)
         # Only now that everything loaded: a reload that fails changes nothing.
         self.identity = identity
         self.tls, self._binding_of_context = tls, bindings
-        self._set_agents(agents, fingerprint)
+        return self._set_agents(agents, fingerprint)
 
-    def _set_agents(self, agents: dict[bytes, AgentCredential], fingerprint: object) -> None:
+    def _read_agents(self, state_dir: Path) -> dict[bytes, AgentCredential]:
+        """The credentials that can be read; each that cannot is logged (once per
+        distinct problem) and left out: its agent is refused, and dropped if connected,
+        and no bad file keeps a revocation from taking effect."""
+        problems: list[str] = []
+        agents = load_agents(state_dir, problems)
+        for problem in problems:
+            if problem not in self._problems:
+                log.warning("agent credential left out: %s", problem)
+        self._problems = set(problems)
+        return agents
+
+    def _set_agents(
+        self, agents: dict[bytes, AgentCredential], fingerprint: object
+    ) -> list[AgentCredential]:
         assert self.identity is not None
+        gone = [agent for kid, agent in self.agents.items() if kid not in agents]
         shared = {key_id(secret): secret for secret in self.identity.secrets}
         self.secrets = {kid: agent.secret for kid, agent in agents.items()} | shared
         self.agents = {kid: agent for kid, agent in agents.items() if kid not in shared}
         self._rates = {kid: r for kid, r in self._rates.items() if kid in self.agents}
         self._agents_seen = fingerprint
+        return gone
 
     def refresh_agents(self) -> list[AgentCredential]:
         """Read the agents' credentials again if the state dir's changed (`tcpgc agent
         add` or `revoke` ran): cheap when nothing did. Returns the credentials that are
-        gone (revoked), whose sessions must end. Raises UsageError, changing nothing,
-        if a credential file cannot be read."""
+        gone (revoked, or unreadable), whose sessions must end."""
         assert self.identity is not None
         fingerprint = agents_fingerprint(self.identity.state_dir)
         if fingerprint == self._agents_seen:
             return []
-        agents = load_agents(self.identity.state_dir)
-        gone = [agent for kid, agent in self.agents.items() if kid not in agents]
-        self._set_agents(agents, fingerprint)
-        return gone
+        return self._set_agents(self._read_agents(self.identity.state_dir), fingerprint)
 
     @property
     def may_expose(self) -> bool:

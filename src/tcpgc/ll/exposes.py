@@ -86,6 +86,13 @@ class ExposedPorts:
         offered, exposes = request
         claim = Claim()
         refusals: list[tuple[str, str]] = []
+        # A ':PORT' name is only ever granted through an expose: offered as a service
+        # it would join the port's agents (and take its clients) unchecked.
+        for name in offered:
+            if name.startswith(":"):
+                text = f"service '{name}' refused: declare an exposed port with --expose"
+                refusals.append((name, text))
+        offered = tuple(name for name in offered if not name.startswith(":"))
         configured = tuple(self.config.services)
         if credential is None:
             ll_services, registered = configured, offered
@@ -113,17 +120,14 @@ class ExposedPorts:
         return (ll_services + tuple(granted), tuple(refusals)), claim
 
     def _held_by(self, credential: AgentCredential, agent_id: bytes) -> set[int]:
-        """Ports held by other sessions of the same credential (a returning agent's old
-        session is about to be replaced: its ports are not counted twice)."""
+        """Ports held by other sessions of the same credential, or waiting for one of
+        them to come back (a returning agent's old session is about to be replaced:
+        its ports are not counted twice)."""
         return {
             number
             for number, port in self._ports.items()
-            if any(
-                h.credential is not None
-                and h.credential.name == credential.name
-                and h.raw_id != agent_id
-                for h in port.holders
-            )
+            if (not port.holders and port.left_by == credential.key_id)
+            or any(h.key_id == credential.key_id and h.raw_id != agent_id for h in port.holders)
         }
 
     def _refusal(
@@ -179,6 +183,7 @@ class ExposedPorts:
         """The session runs: serve its fresh ports, and hold all it was granted."""
         for entry in claim.ports:
             entry.holders.add(session)
+            _name_holders(entry)
             if entry.closing is not None:
                 entry.closing.cancel()
                 entry.closing = None
@@ -224,6 +229,7 @@ class ExposedPorts:
                 continue
             entry.holders.discard(session)
             if entry.holders:
+                _name_holders(entry)
                 continue
             entry.left_by = session.key_id
             window = 0.0 if at_once else self.config.window_of(expose_name(entry.port))
@@ -268,6 +274,15 @@ class ExposedPorts:
     def holders(self, port: int) -> Iterable[AgentSession]:
         entry = self._ports.get(port)
         return () if entry is None else tuple(entry.holders)
+
+
+def _name_holders(entry: _Port) -> None:
+    """Who exposes the port now, for refusals, logs and the status page."""
+    names = sorted({holder.name for holder in entry.holders})
+    if names:
+        entry.owner = ", ".join(names)
+        if entry.service is not None:
+            entry.service.exposed_by = entry.owner
 
 
 def _bind(host: str, port: int) -> socket.socket:

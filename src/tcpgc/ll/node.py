@@ -165,7 +165,9 @@ class ListenNode:
             raise UsageError(
                 "'cc' and 'insecure_plaintext' cannot change on reload: restart instead"
             )
-        self.credentials.load(config)
+        gone = self.credentials.load(config)
+        if gone:  # revoked since the last look: the reload must not swallow that
+            self.agent_port.revoke(gone)
         # Ports agents expose are theirs, not the config's: a reload leaves them be.
         configured = {name: s for name, s in self.services.items() if not s.exposed_by}
         moving = [

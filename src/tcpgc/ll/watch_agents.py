@@ -1,7 +1,7 @@
 """The LL's watch over its agents' credentials: `tcpgc agent add` and `revoke` write the
 state dir, and a running LL notices within a second, with no restart and no reload:
-a new agent may join, a revoked one is dropped. It also records when each agent was last
-seen, for `tcpgc agent list`."""
+a new agent may join, a revoked one is dropped (`revoke_sessions`). It also records
+when each agent was last seen, for `tcpgc agent list`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from tcpgc.errors import UsageError
 from tcpgc.identity.agents import AgentCredential, record_seen
 from tcpgc.ll.agents import AgentRegistry
 from tcpgc.ll.credentials import Credentials
+from tcpgc.ll.exposes import ExposedPorts
+from tcpgc.ll.resumes import LLResumes
 
 log = logging.getLogger("tcpgc.ll")
 
@@ -59,3 +61,34 @@ async def watch_agents(
                 record_seen(credentials.identity.state_dir, seen)
             except (UsageError, OSError) as exc:
                 log.warning("cannot record when agents were last seen: %s", exc)
+
+
+def revoke_sessions(
+    agents: AgentRegistry,
+    resumes: LLResumes,
+    exposes: ExposedPorts,
+    gone: list[AgentCredential],
+) -> None:
+    """These credentials were revoked: end their sessions, their clients (running or
+    waiting for a resume) and their ports (held, or waiting for them to come back),
+    now. Other agents are not touched."""
+    key_ids = {credential.key_id for credential in gone}
+    for session in agents:
+        if session.key_id not in key_ids:
+            continue
+        session.revoked = True
+        relays = list(session.relays)
+        for relay in relays:
+            relay.result.ended = "agent revoked"
+            relay.close()
+        log.warning(
+            "agent '%s' revoked: session from %s ended, %d connections closed",
+            session.name,
+            session.peer,
+            len(relays),
+        )
+        session.close()
+    exposes.revoked(key_ids)
+    waited = resumes.give_up_agents(key_ids, "agent revoked")
+    if waited:
+        log.warning("%d connections waiting for revoked agents closed", waited)

@@ -14,7 +14,14 @@ import time
 from pathlib import Path
 
 from tcpgc.config import LLConfig, ll_config_from, read_toml
-from tcpgc.identity import Certificate, Identity, JoinToken, default_state_dir, load_identity
+from tcpgc.identity import (
+    SECRET_FILE,
+    Certificate,
+    Identity,
+    JoinToken,
+    default_state_dir,
+    load_identity,
+)
 from tcpgc.identity.agents import (
     add_agent,
     load_agents,
@@ -57,9 +64,24 @@ def _add(args: argparse.Namespace) -> int:
     services = tuple(name for name in args.services.split(",") if name)
     ports = parse_ports(args.ports) if args.ports is not None else None
     scope = make_scope(services, ports, args.max_ports, args.rate)
+    config = ll_config_from(read_toml(args.config), str(args.config)) if args.config else LLConfig()
+    state_dir: Path = args.state_dir or config.state_dir or default_state_dir()
+    if not (state_dir / SECRET_FILE).exists():
+        print(
+            f"warning: no LL identity in {state_dir} yet: created one. Start the LL with "
+            "this state dir (--state-dir, or state_dir in its config), or this agent's "
+            "token will not be accepted",
+            file=sys.stderr,
+        )
     identity, config = ll_identity(args, create=True)
     credential = add_agent(identity.state_dir, args.name, scope)
     print(JoinToken(credential.secret, identity.fingerprint))
+    if ports is not None and ports[0] < 1024:
+        print(
+            f"warning: ports {ports[0]}-{ports[1]} include privileged ones (below 1024): "
+            "an LL running as root lets this agent listen on them",
+            file=sys.stderr,
+        )
     unknown = [name for name in services if args.config and name not in config.services]
     if unknown:
         print(
@@ -82,7 +104,8 @@ def _add(args: argparse.Namespace) -> int:
 
 
 def _list(identity: Identity, *, as_json: bool) -> None:
-    agents = sorted(load_agents(identity.state_dir).values(), key=lambda a: a.name)
+    problems: list[str] = []
+    agents = sorted(load_agents(identity.state_dir, problems).values(), key=lambda a: a.name)
     seen = read_seen(identity.state_dir)
     rows = [
         {
@@ -97,8 +120,10 @@ def _list(identity: Identity, *, as_json: bool) -> None:
         }
         for agent in agents
     ]
+    for problem in problems:  # on stderr: stdout stays a clean listing
+        print(f"tcpgc: unreadable (its agent is refused): {problem}", file=sys.stderr)
     if as_json:
-        print(json.dumps({"agents": rows}, indent=1))
+        print(json.dumps({"agents": rows, "unreadable": problems}, indent=1))
         return
     if not rows:
         print("no agents: add one with 'tcpgc agent add NAME --services ... | --ports ...'")
