@@ -22,7 +22,7 @@ from tcpgc.config_cc import cc_config_from as cc_config_from
 from tcpgc.config_checks import DEFAULT_RESUME_BUFFER as DEFAULT_RESUME_BUFFER
 from tcpgc.config_checks import DEFAULT_RESUME_MEMORY as DEFAULT_RESUME_MEMORY
 from tcpgc.config_checks import MIN_RESUME_BUFFER as MIN_RESUME_BUFFER
-from tcpgc.config_checks import ConfigProblems, IPNetwork, resume_buffer
+from tcpgc.config_checks import ConfigProblems, IPNetwork, NodeControls, resume_buffer
 from tcpgc.config_checks import find_key_line as find_key_line
 from tcpgc.errors import UsageError
 
@@ -69,7 +69,7 @@ class ServiceListener:
 
 
 @dataclass
-class LLConfig:
+class LLConfig(NodeControls):
     """The outside node: where agents connect and where each service takes clients."""
 
     #: Where agents (CC nodes) connect.
@@ -85,15 +85,6 @@ class LLConfig:
     #: Interval between heartbeats on control connections; a peer silent for three
     #: intervals is declared dead.
     heartbeat: float = 10.0
-    #: On SIGTERM, how long connections in flight may take to finish.
-    drain_timeout: float = 30.0
-    #: Admin HTTP endpoint (/metrics, /healthz, status page); off unless set.
-    admin: Address | None = None
-    #: File holding a bearer token the admin endpoint requires (none: no auth).
-    admin_token_file: Path | None = None
-    #: Host names, besides loopback ones and IP addresses, that a tokenless admin
-    #: endpoint answers to (a defence against DNS rebinding).
-    admin_hosts: tuple[str, ...] = ()
     #: Unauthenticated connections on the agent port at once, in all and per source
     #: network (/24, /64; an address where an agent authenticated is a source of its
     #: own, outside the total). Past a cap one pending is dropped: at random within the

@@ -13,6 +13,7 @@ from tcpgc.config_checks import (
     DEFAULT_RESUME_BUFFER,
     DEFAULT_RESUME_MEMORY,
     ConfigProblems,
+    NodeControls,
     resume_buffer,
 )
 from tcpgc.errors import UsageError
@@ -69,7 +70,7 @@ def expose_or_problem(text: object) -> Expose | str:
 
 
 @dataclass
-class CCConfig:
+class CCConfig(NodeControls):
     """The inside node: which LLs to serve and which server each service reaches."""
 
     ll: list[Address] = field(default_factory=list)
@@ -83,15 +84,6 @@ class CCConfig:
     #: Reconnect backoff: first delay and cap, in seconds (with jitter).
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
-    #: On SIGTERM, how long connections in flight may take to finish.
-    drain_timeout: float = 30.0
-    #: Admin HTTP endpoint (/metrics, /healthz, status page); off unless set.
-    admin: Address | None = None
-    #: File holding a bearer token the admin endpoint requires (none: no auth).
-    admin_token_file: Path | None = None
-    #: Host names, besides loopback ones and IP addresses, that a tokenless admin
-    #: endpoint answers to (a defence against DNS rebinding).
-    admin_hosts: tuple[str, ...] = ()
     #: Authenticated data connections kept open to each LL, ready for new clients
     #: (0: dial one per client). Each one idle for `pool_ttl` seconds is replaced.
     pool_size: int = 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -14,6 +15,22 @@ from tcpgc.admin_access import host_name_problem
 from tcpgc.errors import UsageError
 from tcpgc.protocol.messages import is_valid_name
 from tcpgc.rates import parse_rate, rate_problem
+
+
+@dataclass
+class NodeControls:
+    """What both nodes' configurations have: how they drain, and their admin endpoint."""
+
+    #: On SIGTERM, how long connections in flight may take to finish.
+    drain_timeout: float = 30.0
+    #: Admin HTTP endpoint (/metrics, /healthz, status page); off unless set.
+    admin: Address | None = None
+    #: File holding a bearer token the admin endpoint requires (none: no auth).
+    admin_token_file: Path | None = None
+    #: Host names, besides loopback ones and IP addresses, that a tokenless admin
+    #: endpoint answers to (a defence against DNS rebinding).
+    admin_hosts: tuple[str, ...] = ()
+
 
 IPNetwork: TypeAlias = IPv4Network | IPv6Network
 
