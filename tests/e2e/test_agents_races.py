@@ -151,3 +151,25 @@ def test_an_agent_id_in_use_by_another_credential_is_refused(harness: Harness) -
         env.ll.wait_for(r"its id is in use by another credential", 10, since=mark)
         assert not env.ll.find_all(r"new session replaces", since=mark)
         assert not env.ll.find_all(r"agent 'a' .*disconnected", since=mark)
+
+
+def test_a_credential_file_left_out_comes_back_once_fixed(harness: Harness) -> None:
+    """A file others can read is left out (its agent refused, the others unharmed);
+    fixing its mode, which changes no mtime, lets the agent in without a reload."""
+    env = start_agents_ll(harness, ("web",))
+    port = free_port_range(2)
+    server = harness.echo_server()
+    token = env.add("a", "--ports", str(port))
+    token_b = env.add("b", "--ports", str(port + 1))
+    path = env.state_dir / "agents" / "a.json"
+    path.chmod(0o644)
+    mark = env.ll.mark()
+    cc = env.start_cc(token, name="cc-a", exposes=[f"{LOCAL}:{port}={server.addr_str}"], wait=False)
+    env.ll.wait_for(r"agent credential left out: .*a\.json", 10, since=mark)
+    env.ll.wait_for(r"handshake failed", 10, since=mark)
+    env.start_cc(token_b, name="cc-b", exposes=[f"{LOCAL}:{port + 1}={server.addr_str}"])
+    env.ll.wait_for(re_exposed(port + 1), 10, since=mark)
+    path.chmod(0o600)
+    env.ll.wait_for(re_exposed(port), 15, since=mark)
+    assert echo_roundtrip((LOCAL, port), b"back") == b"back"
+    assert cc.proc.poll() is None

@@ -19,7 +19,15 @@ from tcpgc.ll.agents import AgentSession
 from tcpgc.ll.clients import UNLIMITED, Clients, Service
 from tcpgc.metrics import Metrics
 from tcpgc.ops.check import run_check
-from tcpgc.relay.rate_limit import MIN_BURST, RateLimits, Throttle, TokenBucket, combine
+from tcpgc.rates import MIN_RATE
+from tcpgc.relay.rate_limit import (
+    MAX_WAIT,
+    MIN_BURST,
+    RateLimits,
+    Throttle,
+    TokenBucket,
+    combine,
+)
 
 MBIT = 1_000_000
 
@@ -116,9 +124,12 @@ class _Source:
 
 
 def _fire(throttle: Throttle) -> None:
-    """The throttle's timer, run now: time is not what these tests are about."""
+    """The throttle's timer, run now, its debt paid: time is not what these tests are
+    about."""
     assert throttle.timer is not None
     throttle.timer.cancel()
+    for bucket in throttle.buckets:
+        bucket.level = bucket.burst
     throttle._due()
 
 
@@ -157,6 +168,23 @@ def test_back_pressure_and_the_rate_do_not_lift_each_others_pause() -> None:
         assert throttle.timer is None
         throttle.unblock()
         assert source.paused, "a stopped throttle resumed its source"
+
+    asyncio.run(main())
+
+
+def test_a_lifted_limit_frees_a_paused_source_soon() -> None:
+    """A reload that lifts a limit frees a source paused for a long debt within
+    MAX_WAIT, not after what the old rate made it owe."""
+
+    async def main() -> None:
+        source = _Source()
+        bucket = TokenBucket(MIN_RATE)  # 15 kB/s
+        throttle = Throttle([bucket], source.pause, source.resume)
+        throttle.moved(16_384 + 150_000)  # 10 s owed at that rate
+        assert source.paused
+        bucket.reconfigure(10**15)  # lifted
+        await asyncio.wait_for(source.resumed.wait(), MAX_WAIT + 1)
+        assert not source.paused
 
     asyncio.run(main())
 

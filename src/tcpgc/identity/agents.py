@@ -181,8 +181,9 @@ def revoke_agent(state_dir: Path, name: str) -> None:
 
 def load_agents(state_dir: Path, problems: list[str] | None = None) -> dict[bytes, AgentCredential]:
     """Every agent credential in `state_dir`, by key id (none if there is no folder).
-    A file that cannot be read raises UsageError naming it; or, given `problems`, is
-    left out and its problem appended there (one bad file must not hide the others)."""
+    A file whose content or mode is wrong raises UsageError naming it; or, given
+    `problems`, is left out and its problem appended there (one bad file must not hide
+    the others). OSError (the system failed to read) is raised as it is."""
     folder = agents_dir(state_dir)
     try:
         names = sorted(os.listdir(folder))
@@ -196,9 +197,9 @@ def load_agents(state_dir: Path, problems: list[str] | None = None) -> dict[byte
             credential = _read(folder / entry)
         except FileNotFoundError:  # revoked while we read the folder
             continue
-        except (UsageError, OSError) as exc:
+        except UsageError as exc:  # its content or its mode: the operator's to fix
             if problems is None:
-                raise UsageError(str(exc)) from None
+                raise
             problems.append(str(exc))
             continue
         agents[credential.key_id] = credential

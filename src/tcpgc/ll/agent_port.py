@@ -125,7 +125,7 @@ class AgentPort:
         own session, so it is not counted against itself."""
         cap = self.config.max_sessions_per_token
         other = self._agents.find(session.raw_id)
-        if other is not None and other.key_id != session.key_id:
+        if other is not None and other.alive and other.key_id != session.key_id:
             # An agent id names a session to replace only for the same credential.
             self._failed(
                 session.channel.link,
@@ -133,7 +133,9 @@ class AgentPort:
                     f"agent {session.agent_id} refused: its id is in use by another credential"
                 ),
             )
-            session.channel.send(Error(ErrorCode.UNAVAILABLE, "agent id in use: restart the agent"))
+            session.channel.send(
+                Error(ErrorCode.UNAVAILABLE, "agent id in use by another credential: retry later")
+            )
             session.channel.link.close()
             return False
         held = self._agents.sessions_with_key(session.key_id, besides=session.raw_id)

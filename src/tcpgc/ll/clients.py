@@ -122,7 +122,13 @@ class Clients:
         finally:
             if paired is None:
                 self._gone(service)
-        if paired is not None:
+        if paired is not None and not paired[1].alive:
+            # Its agent's session ended (revoked) as they were paired: a relay started
+            # now would outlive it.
+            paired[0].abort()
+            link.abort()
+            self._gone(service)
+        elif paired is not None:
             # From here on callbacks, not this task, see the client through: a task and
             # its frames per idle connection would cost kilobytes each.
             self._relay(service, link, *paired)

@@ -65,7 +65,10 @@ class Credentials:
         distinct problem) and left out: its agent is refused, and dropped if connected,
         and no bad file keeps a revocation from taking effect."""
         problems: list[str] = []
-        agents = load_agents(state_dir, problems)
+        try:
+            agents = load_agents(state_dir, problems)
+        except OSError as exc:  # EMFILE, EIO...: try again later, drop no one meanwhile
+            raise UsageError(f"cannot read the agents' credentials: {exc}") from None
         for problem in problems:
             if problem not in self._problems:
                 log.warning("agent credential left out: %s", problem)
@@ -81,7 +84,9 @@ class Credentials:
         self.secrets = {kid: agent.secret for kid, agent in agents.items()} | shared
         self.agents = {kid: agent for kid, agent in agents.items() if kid not in shared}
         self._rates = {kid: r for kid, r in self._rates.items() if kid in self.agents}
-        self._agents_seen = fingerprint
+        # With a file left out, look again at each poll: a chmod that fixes it changes
+        # no fingerprint.
+        self._agents_seen = None if self._problems else fingerprint
         return gone
 
     def refresh_agents(self) -> list[AgentCredential]:

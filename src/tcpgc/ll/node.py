@@ -199,6 +199,10 @@ class ListenNode:
             if name not in config.services or name in opened
         }
         for name, service in opened.items():
+            old = replaced.get(name)
+            if old is not None:  # moved: its clients so far and from now share one limit
+                old.reconfigure(config.services[name])
+                service.limits = old.limits or service.limits
             self.services[name] = service  # its clients, from either listener, from now
             log.info("service '%s' listening for clients on %s", name, service.address)
         if opened and replaced:

@@ -36,7 +36,8 @@ class ReadyConnections:
         """Keep a ready data connection of an authenticated agent for a future client;
         ProtocolError if it does not prove that agent's session."""
         session = self._agents.find(pool.agent_id)
-        offers = session.offers if session is not None else None
+        # A closed session (revoked, ending) takes no more: it would never offer it.
+        offers = session.offers if session is not None and session.alive else None
         binding = self._credentials.binding_of(channel.link)
         auth = accept_pool(offers, pool, binding, plaintext=self._credentials.plaintext)
         assert offers is not None

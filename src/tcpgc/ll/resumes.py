@@ -133,6 +133,8 @@ class LLResumes:
         if session is None or not session.alive:
             self._refuse("session", "the stream's agent has no session (yet)")
         assert session is not None
+        if session.key_id != owner.key_id:  # a stream stays with the credential it began with
+            self._refuse("session", "the stream's agent holds another credential now")
         expected = resume_proof(
             relay.key, session.session_key, message.stream_id, message.epoch, message.received,
             binding,

@@ -66,16 +66,17 @@ def _add(args: argparse.Namespace) -> int:
     scope = make_scope(services, ports, args.max_ports, args.rate)
     config = ll_config_from(read_toml(args.config), str(args.config)) if args.config else LLConfig()
     state_dir: Path = args.state_dir or config.state_dir or default_state_dir()
-    if not (state_dir / SECRET_FILE).exists():
-        print(
-            f"warning: no LL identity in {state_dir} yet: created one. Start the LL with "
-            "this state dir (--state-dir, or state_dir in its config), or this agent's "
-            "token will not be accepted",
-            file=sys.stderr,
-        )
+    new_identity = not (state_dir / SECRET_FILE).exists()
     identity, config = ll_identity(args, create=True)
     credential = add_agent(identity.state_dir, args.name, scope)
     print(JoinToken(credential.secret, identity.fingerprint))
+    if new_identity:
+        print(
+            f"warning: there was no LL identity in {state_dir}: created one. Start the LL "
+            "with this state dir (--state-dir, or state_dir in its config), or this "
+            "agent's token will not be accepted",
+            file=sys.stderr,
+        )
     if ports is not None and ports[0] < 1024:
         print(
             f"warning: ports {ports[0]}-{ports[1]} include privileged ones (below 1024): "

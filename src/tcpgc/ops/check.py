@@ -142,8 +142,9 @@ def _agents_may_expose(data: dict[str, Any]) -> bool:
     without services could serve)."""
     state_dir = data.get("state_dir")
     try:
-        agents = load_agents(Path(state_dir) if isinstance(state_dir, str) else default_state_dir())
-    except (UsageError, OSError):
+        folder = Path(state_dir) if isinstance(state_dir, str) else default_state_dir()
+        agents = load_agents(folder, [])  # unreadable ones are the LL's to report
+    except OSError:
         return False
     return any(agent.scope.ports is not None for agent in agents.values())
 

@@ -106,6 +106,10 @@ def combine(*limits: RateLimits | None) -> RateLimits | None:
     return out or None
 
 
+#: The longest a paused source waits before its buckets are looked at again.
+MAX_WAIT = 0.5
+
+
 class Throttle:
     """One direction of a limited relay: after it moves bytes (`moved`), its source is
     paused for as long as the slowest bucket says. Back-pressure, which pauses the same
@@ -152,12 +156,22 @@ class Throttle:
                 self.on_limited()
         else:
             self.timer.cancel()  # more was owed since: wait for all of it
+        self._wait(delay)
+
+    def _wait(self, delay: float) -> None:
+        # Looked at again at least every MAX_WAIT: a limit a reload raises or lifts
+        # frees the source then, not after what the old rate made it owe.
         loop = asyncio.get_running_loop()
-        self.timer = loop.call_later(delay, self._due, context=NO_CONTEXT)
+        self.timer = loop.call_later(min(delay, MAX_WAIT), self._due, context=NO_CONTEXT)
 
     def _due(self) -> None:
         self.timer = None
-        if not self.blocked and not self.stopped:
+        if self.stopped:
+            return
+        delay = max(bucket.take(0, time.monotonic()) for bucket in self.buckets)
+        if delay > 0:
+            self._wait(delay)
+        elif not self.blocked:
             self.resume()
 
     def block(self) -> None:
