@@ -15,6 +15,7 @@ from agent_tools import (
     RE_CC_AUTH_FAILED,
     RE_CC_JOINED_LL,
     EchoStream,
+    agent_add,
     agent_revoke,
     connect_refused,
     free_port_range,
@@ -200,3 +201,23 @@ def test_without_a_resume_window_an_exposed_port_closes_with_its_agent(
     cc.stop()
     env.ll.wait_for(re_unexposed(base), 10, since=mark)
     wait_refused(base, 5)
+
+
+def test_an_ll_with_only_an_agent_port_serves_the_ports_agents_added_later_expose(
+    harness: Harness,
+) -> None:
+    """`tcpgc ll --cc` alone, the way an `ssh -R` user starts: it warns that it serves
+    nothing yet; an agent added afterwards (no restart) exposes a port through it."""
+    state = harness.state_dir()
+    ll, agent_addr = harness.start_ll("--cc", "127.0.0.1:0", "--state-dir", str(state))
+    ll.wait_for(r"serves nothing until one is added", 10)
+    port = free_port_range(1)
+    server = harness.echo_server()
+    token = agent_add(state, "laptop", "--ports", str(port))
+    cc = harness.start_cc(
+        "--ll", f"127.0.0.1:{agent_addr[1]}", "--expose", f"127.0.0.1:{port}={server.addr_str}",
+        token=token,
+    )  # fmt: skip
+    ll.wait_for(re_exposed(port), 10)
+    assert echo_roundtrip(("127.0.0.1", port), b"reached") == b"reached"
+    assert cc.proc.poll() is None

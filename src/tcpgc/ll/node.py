@@ -108,10 +108,11 @@ class ListenNode:
         assert self.config.cc is not None
         self.credentials.load(self.config)
         if not self.config.services and not self.credentials.may_expose:
-            raise UsageError(
-                "tcpgc ll needs --clients HOST:PORT or a config file with [services.NAME] "
-                "sections, or an agent that may expose ports ('tcpgc agent add NAME --ports "
-                "LOW-HIGH', same state dir)"
+            # Agents may be given ports once it runs: it waits for them, and says so.
+            log.warning(
+                "no services (--clients, [services.NAME]) and no agent that may expose "
+                "ports yet: this LL serves nothing until one is added ('tcpgc agent add "
+                "NAME --ports LOW-HIGH', same state dir)"
             )
         try:
             self._agent_server = await listen(
