@@ -277,7 +277,9 @@ def start_tcpgc_ll(client_wait: float = 10.0) -> tuple[Proc, int, int]:
             "--clients",
             "127.0.0.1:0",
             "--cc",
-            "127.0.0.1:0",
+            # Not port 0: classic mode closes its agent port between clients, and a port
+            # the kernel picked may go, meanwhile, to the client listener's port 0.
+            f"127.0.0.1:{free_port()}",
             "--client-wait",
             str(client_wait),
         ),
