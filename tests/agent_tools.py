@@ -83,12 +83,15 @@ def free_port_range(span: int) -> int:
 
 
 def connect_refused(port: int, host: str = "127.0.0.1") -> bool:
-    """True if nothing listens on host:port (the connect is refused)."""
+    """True if nothing listens on host:port (the connect is refused). A connect reset
+    (the listener closed as it was being accepted) is False: look again."""
     try:
         with socket.create_connection((host, port), timeout=3):
             return False
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False
 
 
 def wait_refused(port: int, timeout: float) -> float:

@@ -207,3 +207,32 @@ def test_a_channel_stops_reading_while_its_peer_does_not_read(loop_name: str) ->
             assert not channel.write_blocked
 
     run_on(loop_name, main, 10)
+
+
+class _FailingEofTransport:
+    """Stands for a transport whose socket lost its peer: shutdown() says ENOTCONN."""
+
+    def __init__(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._transport, name)
+
+    def write_eof(self) -> None:
+        raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_half_close_to_a_peer_already_gone_is_a_reset_not_an_error(loop_name: str) -> None:
+    """write_eof on a socket whose peer vanished raises ENOTCONN in asyncio's transport:
+    the link resets, and nothing reaches the relay that asked for the half-close."""
+
+    async def main() -> None:
+        async with _pair() as (client, _, _):
+            real = client.transport
+            assert real is not None
+            client.transport = _FailingEofTransport(real)  # type: ignore[assignment]
+            client.write_eof()  # raised OSError out of the relay before
+            assert client.sent_eof and real.is_closing()
+
+    run_on(loop_name, main)

@@ -336,7 +336,10 @@ class Link(asyncio.Protocol):
             self._tls.close_notify()  # TLS 1.3 lets us go on reading
             self._flush()
         if self.transport.can_write_eof():
-            self.transport.write_eof()
+            try:
+                self.transport.write_eof()
+            except OSError:  # the peer is gone already (ENOTCONN): a reset, not a bug
+                self.reset()
 
     def pause_reading(self) -> None:
         if (
