@@ -17,7 +17,6 @@ from tcpgc.environment import take_from_environment
 from tcpgc.errors import UsageError
 from tcpgc.identity import (
     JoinToken,
-    default_state_dir,
     format_fingerprint,
     read_token,
     retire_previous,
@@ -25,7 +24,7 @@ from tcpgc.identity import (
 )
 from tcpgc.ll.node import ListenNode
 from tcpgc.memory_trim import tune_allocator
-from tcpgc.ops.agents_cli import ll_identity, run_agent
+from tcpgc.ops.agents_cli import ll_identity, ll_state, run_agent
 from tcpgc.ops.check import read_admin_token, run_check
 from tcpgc.ops.logs import setup_logging
 from tcpgc.runner import Reload, Service, choose_loop, raise_fd_limit, run_on, serve_until_stopped
@@ -133,8 +132,7 @@ def instructions(node: ListenNode) -> str:
 def _token(args: argparse.Namespace) -> JoinToken | None:
     """The join token to print; None after --retire-previous, which changes no token."""
     if args.rotate or args.rotate_certificate:
-        _, config = ll_identity(args, create=True)  # validates what is there first
-        state_dir = args.state_dir or config.state_dir or default_state_dir()
+        _, state_dir = ll_state(args)
         rotate(state_dir, secret=args.rotate, certificate=args.rotate_certificate)
         print(
             "rotated: send the LL SIGHUP (or restart it) to accept the new token besides "
@@ -142,8 +140,7 @@ def _token(args: argparse.Namespace) -> JoinToken | None:
             file=sys.stderr,
         )
     elif args.retire_previous:
-        _, config = ll_identity(args, create=False)
-        retire_previous(args.state_dir or config.state_dir or default_state_dir())
+        retire_previous(ll_state(args)[1])
         print(
             "retired: send the LL SIGHUP (or restart it); agents holding the old token are "
             "then refused (the token, unchanged, is printed by 'tcpgc token')",

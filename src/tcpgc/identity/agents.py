@@ -206,6 +206,11 @@ def load_agents(state_dir: Path, problems: list[str] | None = None) -> dict[byte
     return agents
 
 
+def any_may_expose(agents: dict[bytes, AgentCredential]) -> bool:
+    """Whether any of `agents` may expose a port (all an LL without services serves)."""
+    return any(agent.scope.ports is not None for agent in agents.values())
+
+
 def agents_fingerprint(state_dir: Path) -> object:
     """Something that changes whenever an agent is added or revoked: cheap to poll."""
     folder = agents_dir(state_dir)

@@ -12,7 +12,12 @@ from pathlib import Path
 from tcpgc.config import LLConfig
 from tcpgc.errors import UsageError
 from tcpgc.identity import Certificate, Identity, default_state_dir, load_identity
-from tcpgc.identity.agents import AgentCredential, agents_fingerprint, load_agents
+from tcpgc.identity.agents import (
+    AgentCredential,
+    agents_fingerprint,
+    any_may_expose,
+    load_agents,
+)
 from tcpgc.protocol.handshake import key_id
 from tcpgc.relay.rate_limit import RateLimits
 from tcpgc.transport.link import Link
@@ -102,7 +107,7 @@ class Credentials:
     @property
     def may_expose(self) -> bool:
         """Whether any agent's credential lets it expose a port."""
-        return any(agent.scope.ports is not None for agent in self.agents.values())
+        return any_may_expose(self.agents)
 
     def rate_of(self, credential: AgentCredential | None) -> RateLimits | None:
         """The buckets every session of `credential` shares (its scope's rate)."""

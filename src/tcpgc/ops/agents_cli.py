@@ -32,16 +32,24 @@ from tcpgc.identity.agents import (
 )
 
 
-def ll_identity(args: argparse.Namespace, *, create: bool) -> tuple[Identity, LLConfig]:
-    """The LL's identity as `tcpgc token` and `tcpgc agent` see it: from --state-dir,
-    else the config's, else the default; with the config's own certificate if it names
-    one (the fingerprint agents pin)."""
+def ll_state(args: argparse.Namespace) -> tuple[LLConfig, Path]:
+    """The LL's config (-c, if given) and its state dir as `tcpgc token` and `tcpgc
+    agent` see it: --state-dir, else the config's, else the default."""
     config = ll_config_from(read_toml(args.config), str(args.config)) if args.config else LLConfig()
-    state_dir: Path = args.state_dir or config.state_dir or default_state_dir()
-    identity = load_identity(state_dir, create=create)
+    return config, args.state_dir or config.state_dir or default_state_dir()
+
+
+def _presented(identity: Identity, config: LLConfig) -> Identity:
+    """With the config's own certificate if it names one (the fingerprint agents pin)."""
     if config.tls_cert is not None and config.tls_key is not None:
-        identity = identity.with_certificate(Certificate.load(config.tls_cert, config.tls_key))
-    return identity, config
+        return identity.with_certificate(Certificate.load(config.tls_cert, config.tls_key))
+    return identity
+
+
+def ll_identity(args: argparse.Namespace, *, create: bool) -> tuple[Identity, LLConfig]:
+    """The LL's identity as `tcpgc token` and `tcpgc agent` see it (see `ll_state`)."""
+    config, state_dir = ll_state(args)
+    return _presented(load_identity(state_dir, create=create), config), config
 
 
 def run_agent(args: argparse.Namespace) -> int:
@@ -64,10 +72,9 @@ def _add(args: argparse.Namespace) -> int:
     services = tuple(name for name in args.services.split(",") if name)
     ports = parse_ports(args.ports) if args.ports is not None else None
     scope = make_scope(services, ports, args.max_ports, args.rate)
-    config = ll_config_from(read_toml(args.config), str(args.config)) if args.config else LLConfig()
-    state_dir: Path = args.state_dir or config.state_dir or default_state_dir()
+    config, state_dir = ll_state(args)
     new_identity = not (state_dir / SECRET_FILE).exists()
-    identity, config = ll_identity(args, create=True)
+    identity = _presented(load_identity(state_dir, create=True), config)
     credential = add_agent(identity.state_dir, args.name, scope)
     print(JoinToken(credential.secret, identity.fingerprint))
     if new_identity:

@@ -32,7 +32,7 @@ from tcpgc.config import (
 )
 from tcpgc.errors import UsageError
 from tcpgc.identity import Certificate, check_private, default_state_dir, read_token
-from tcpgc.identity.agents import load_agents
+from tcpgc.identity.agents import any_may_expose, load_agents
 
 EXIT_USAGE = 2
 
@@ -146,7 +146,7 @@ def _agents_may_expose(data: dict[str, Any]) -> bool:
         agents = load_agents(folder, [])  # unreadable ones are the LL's to report
     except OSError:
         return False
-    return any(agent.scope.ports is not None for agent in agents.values())
+    return any_may_expose(agents)
 
 
 def _files(data: dict[str, Any], keys: dict[str, bool], source: str) -> list[str]:
