@@ -17,6 +17,7 @@ from tcpgc.config import (
     cc_config_from,
     ll_config_from,
     ll_listeners,
+    ll_udp_listeners,
     parse_address,
     read_toml,
 )
@@ -233,7 +234,7 @@ def ll_config(args: argparse.Namespace) -> LLConfig:
         config.insecure_plaintext = True
     config.require_complete()
     # A flag may collide with the file (the file's own collisions are reported with it).
-    clashes = collisions(ll_listeners(config))
+    clashes = collisions(ll_listeners(config)) + collisions(ll_udp_listeners(config))
     if clashes:
         raise UsageError(
             "\n".join(f"{a} and {b} are on the same port: both cannot listen" for a, b in clashes)

@@ -50,6 +50,18 @@ class ServiceListener:
     #: Bits per second each client connection may move, each direction (None: the
     #: LL's `client_rate_limit`).
     client_rate_limit: int | None = None
+    #: "tcp", or "udp": datagrams, each client address a flow (see docs/configuration.md).
+    protocol: str = "tcp"
+    #: A UDP flow with no datagram either way for this many seconds ends.
+    udp_idle_timeout: float = 60.0
+    #: UDP flows of the service at once, in all and per client IP address; past either,
+    #: a new flow's datagrams are dropped (counted).
+    max_flows: int = 10000
+    max_flows_per_source: int = 1000
+
+    @property
+    def udp(self) -> bool:
+        return self.protocol == "udp"
 
     def admits(self, host: str) -> str | None:
         """None if a client from `host` may connect, else why not."""
@@ -123,6 +135,8 @@ class LLConfig(NodeControls):
     def window_of(self, service: str) -> float:
         """The resume window of `service`'s streams."""
         listener = self.services.get(service)
+        if listener is not None and listener.udp:
+            return 0.0  # datagrams are not resent: a flow is never resumed
         if listener is not None and listener.resume_window is not None:
             return listener.resume_window
         return self.resume_window
@@ -160,9 +174,12 @@ _LL_KEYS = {
     "resume_memory",
     "client_rate_limit",
 }
+#: Keys of a UDP service only, and keys of a TCP service only.
+UDP_KEYS = ("udp_idle_timeout", "max_flows", "max_flows_per_source")
+_TCP_ONLY_KEYS = ("max_clients", "idle_timeout", "resume_window", "rate_limit", "client_rate_limit")
 _LL_SERVICE_KEYS = {
     "clients", "allow", "deny", "max_clients", "idle_timeout", "resume_window", "rate_limit",
-    "client_rate_limit",
+    "client_rate_limit", "protocol", *UDP_KEYS,
 }  # fmt: skip
 
 
@@ -198,6 +215,7 @@ def ll_config_from(data: dict[str, Any], source: str) -> LLConfig:
             ),
             rate_limit=p.rate(body, "rate_limit", f"{where}.rate_limit"),
             client_rate_limit=p.rate(body, "client_rate_limit", f"{where}.client_rate_limit"),
+            **_udp_controls(p, body, where),
         )
         if listen is not None:
             services[name] = service
@@ -232,16 +250,57 @@ def ll_config_from(data: dict[str, Any], source: str) -> LLConfig:
         p.add("tls_cert", "tls_cert and tls_key go together")
     if config.max_pending < 1 or config.max_pending_per_source < 1:
         p.add("max_pending", "max_pending and max_pending_per_source must be at least 1")
-    for first, second in collisions(ll_listeners(config)):
+    for first, second in collisions(ll_listeners(config)) + collisions(ll_udp_listeners(config)):
         p.add(second, f"same port as {first}: both cannot listen ('address already in use')")
     p.check()
     return config
 
 
+def _udp_controls(p: ConfigProblems, body: dict[str, Any], where: str) -> dict[str, Any]:
+    """A service's protocol and the controls of a UDP service; each key of the other
+    protocol is reported."""
+    protocol = p.protocol(body, f"{where}.protocol")
+    if protocol != "udp":
+        for key in UDP_KEYS:
+            if key in body:
+                p.add(f"{where}.{key}", 'only for a UDP service (protocol = "udp")')
+        return {}
+    for key in _TCP_ONLY_KEYS:
+        if key in body:
+            p.add(f"{where}.{key}", "not for a UDP service (its flows have udp_idle_timeout, "
+                  "max_flows and max_flows_per_source)")  # fmt: skip
+    max_flows = p.integer(body, "max_flows", ServiceListener.max_flows, f"{where}.max_flows")
+    per_source = p.integer(
+        body, "max_flows_per_source", ServiceListener.max_flows_per_source,
+        f"{where}.max_flows_per_source",
+    )  # fmt: skip
+    if max_flows < 1 or per_source < 1:
+        p.add(f"{where}.max_flows", "max_flows and max_flows_per_source must be at least 1")
+    return {
+        "protocol": "udp",
+        "udp_idle_timeout": p.number(
+            body,
+            "udp_idle_timeout",
+            ServiceListener.udp_idle_timeout,
+            0.001,
+            f"{where}.udp_idle_timeout",
+        ),  # fmt: skip
+        "max_flows": max(max_flows, 1),
+        "max_flows_per_source": max(per_source, 1),
+    }
+
+
 def ll_listeners(config: LLConfig) -> list[tuple[str, Address]]:
-    """Every address an LL listens on, labelled by its config key."""
+    """Every TCP address an LL listens on, labelled by its config key."""
     out = [("cc", config.cc)] if config.cc is not None else []
-    out += [(f"services.{name}.clients", s.listen) for name, s in config.services.items()]
+    out += [
+        (f"services.{name}.clients", s.listen) for name, s in config.services.items() if not s.udp
+    ]
     if config.admin is not None:
         out.append(("admin", config.admin))
     return out
+
+
+def ll_udp_listeners(config: LLConfig) -> list[tuple[str, Address]]:
+    """Every UDP address an LL listens on, labelled by its config key."""
+    return [(f"services.{name}.clients", s.listen) for name, s in config.services.items() if s.udp]

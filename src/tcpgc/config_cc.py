@@ -90,6 +90,9 @@ class CCConfig(NodeControls):
     pool_ttl: float = 60.0
     #: Service name -> PROXY protocol version (1 or 2) to send its server first.
     proxy_protocol: dict[str, int] = field(default_factory=dict)
+    #: The UDP services (the others are TCP): name -> how long one of its flows may be
+    #: idle, in seconds, before the agent ends it.
+    udp_services: dict[str, float] = field(default_factory=dict)
     #: Verify the LL's certificate chain and name against this CA bundle instead of
     #: pinning the fingerprint from the token.
     tls_ca: Path | None = None
@@ -159,15 +162,19 @@ _CC_KEYS = {
     "resume_memory",
     "expose",
 }
-_CC_SERVICE_KEYS = {"server", "proxy_protocol"}
+_CC_SERVICE_KEYS = {"server", "proxy_protocol", "protocol", "udp_idle_timeout"}
+#: How long a UDP flow may be idle before the agent ends it, unless configured.
+DEFAULT_UDP_IDLE = 60.0
 
 
 def _cc_services(
     p: ConfigProblems, data: dict[str, Any]
-) -> tuple[dict[str, Address], dict[str, int]]:
-    """Each service's server, and the PROXY protocol version of those that send it."""
+) -> tuple[dict[str, Address], dict[str, int], dict[str, float]]:
+    """Each service's server, the PROXY protocol version of those that send it, and the
+    idle timeout of the UDP ones."""
     services: dict[str, Address] = {}
     proxy: dict[str, int] = {}
+    udp: dict[str, float] = {}
     table = data.get("services", {})
     if isinstance(table, dict) and len(table) > MAX_SERVICES:
         p.add("services", f"an agent serves at most {MAX_SERVICES} services")
@@ -181,7 +188,16 @@ def _cc_services(
             p.add(f"services.{name}.proxy_protocol", f"expected 1, 2 or 0 (off), got {version!r}")
         elif version:
             proxy[name] = version
-    return services, proxy
+        where = f"services.{name}"
+        if p.protocol(body, f"{where}.protocol") == "udp":
+            udp[name] = p.number(
+                body, "udp_idle_timeout", DEFAULT_UDP_IDLE, 0.001, f"{where}.udp_idle_timeout"
+            )
+            if version:
+                p.add(f"{where}.proxy_protocol", "not for a UDP service")
+        elif "udp_idle_timeout" in body:
+            p.add(f"{where}.udp_idle_timeout", 'only for a UDP service (protocol = "udp")')
+    return services, proxy, udp
 
 
 def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
@@ -199,11 +215,12 @@ def cc_config_from(data: dict[str, Any], source: str) -> CCConfig:
             )
             if address is not None:
                 addresses.append(address)
-    services, proxy = _cc_services(p, data)
+    services, proxy, udp = _cc_services(p, data)
     config = CCConfig(
         ll=addresses,
         services=services,
         proxy_protocol=proxy,
+        udp_services=udp,
         connect_timeout=p.number(data, "connect_timeout", CCConfig.connect_timeout),
         reconnect_min=p.number(data, "reconnect_min", CCConfig.reconnect_min),
         reconnect_max=p.number(data, "reconnect_max", CCConfig.reconnect_max),

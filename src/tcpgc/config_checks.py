@@ -87,6 +87,14 @@ class ConfigProblems:
             return default
         return float(value)
 
+    def protocol(self, data: dict[str, Any], label: str) -> str:
+        """A service's `protocol`: "tcp" (the default) or "udp"."""
+        value = data.get("protocol", "tcp")
+        if value not in ("tcp", "udp"):
+            self.add(label, f'expected "tcp" or "udp", got {value!r}')
+            return "tcp"
+        return str(value)
+
     def flag(self, data: dict[str, Any], key: str) -> bool:
         value = data.get(key, False)
         if not isinstance(value, bool):

@@ -54,6 +54,8 @@ class Metrics:
             self.agent_sessions = self.agent_bytes = self.agent_refusals = _UNCOUNTED
             self.exposed_ports = self.agent_rate_limited = _UNCOUNTED
             self.rate_limited = _UNCOUNTED
+            self.udp_flows = self.udp_flows_active = self.udp_datagrams = _UNCOUNTED
+            self.udp_bytes = self.udp_drops = _UNCOUNTED
             return
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -117,6 +119,7 @@ class Metrics:
             ["service"],
             registry=r,
         )
+        self._udp_metrics(r)
         if role != "cc":
             self._agent_metrics(r)
             # The agent holds the ready connections: on the LL both would read 0 forever.
@@ -128,6 +131,32 @@ class Metrics:
         self.reused = Counter(
             "tcpgc_data_connections_reused",
             "TLS data connections offered again after their client was done",
+            registry=r,
+        )
+
+    def _udp_metrics(self, r: Any) -> None:
+        """UDP services' figures: flows, datagrams, bytes, and what was dropped."""
+        from prometheus_client import Counter, Gauge
+
+        self.udp_flows = Counter("tcpgc_udp_flows", "UDP flows started", ["service"], registry=r)
+        self.udp_flows_active = Gauge(
+            "tcpgc_udp_flows_active", "UDP flows open now", ["service"], registry=r
+        )
+        self.udp_datagrams = Counter(
+            "tcpgc_udp_datagrams",
+            "UDP datagrams relayed; direction 'in' is client to server, 'out' server to client",
+            ["service", "direction"],
+            registry=r,
+        )
+        self.udp_bytes = Counter(
+            "tcpgc_udp_bytes", "UDP payload bytes relayed, by direction as for datagrams",
+            ["service", "direction"], registry=r,
+        )  # fmt: skip
+        self.udp_drops = Counter(
+            "tcpgc_udp_drops",
+            "UDP datagrams dropped, by reason (queue_full, max_flows, source_flows, denied, "
+            "no_agent, send_failed, empty)",
+            ["service", "reason"],
             registry=r,
         )
 

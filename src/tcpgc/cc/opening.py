@@ -14,12 +14,15 @@ from collections.abc import Callable
 from functools import partial
 from typing import Protocol
 
+from tcpgc.addresses import format_endpoint
 from tcpgc.cc.open_limits import OpenLimits, RefusalLog
 from tcpgc.cc.resumer import CCResumes
+from tcpgc.cc.udp_flow import flow_counters, open_server_socket, start_flow
 from tcpgc.config import Address, CCConfig
 from tcpgc.errors import TcpgcError
 from tcpgc.metrics import Metrics
 from tcpgc.protocol.messages import Open
+from tcpgc.relay.datagrams import DatagramRelay
 from tcpgc.relay.factory import start_chunked_relay
 from tcpgc.relay.result import AnyRelay, RelayResult
 from tcpgc.relay.resumable import ResumableRelay
@@ -118,7 +121,8 @@ class Opener:
             return
         relays = self.relays.setdefault(ll, {})
         relays[relay] = request
-        self.metrics.child(self.metrics.clients_active, request.service).inc()
+        if not isinstance(relay, DatagramRelay):
+            self.metrics.child(self.metrics.clients_active, request.service).inc()
         relay.on_done = partial(self._finished, ll, relays, relay)
 
     def _finished(
@@ -128,9 +132,19 @@ class Opener:
         if isinstance(relay, ResumableRelay):
             self.resumes.forget(relay)
         self.limits.release(ll, request.service)
-        self.metrics.child(self.metrics.clients_active, request.service).dec()
         self._check_idle()
         result = relay.result
+        if isinstance(relay, DatagramRelay):
+            self.metrics.child(self.metrics.udp_flows_active, request.service).dec()
+            log.info(
+                "udp flow of service '%s' (client %s) ended after %.1f s (%s): %d datagrams "
+                "in (%d bytes), %d out (%d bytes), %d dropped",
+                request.service, format_endpoint(request.client_host, request.client_port),
+                result.duration, result.ended, relay.datagrams_down, result.bytes_b_to_a,
+                relay.datagrams_up, result.bytes_a_to_b, relay.dropped,
+            )  # fmt: skip
+            return
+        self.metrics.child(self.metrics.clients_active, request.service).dec()
         log.info(
             "service '%s' connection done after %.3f s: %d bytes to server, %d bytes from it, %s",
             request.service,
@@ -166,12 +180,45 @@ class Opener:
             ).inc()
             return None
 
+    async def _open_flow(
+        self, ll: Address, request: Open, claim: Claim, on_idle: OnIdle, idle_timeout: float
+    ) -> AnyRelay | None:
+        """A UDP flow: its own socket toward the server, then the flow claimed."""
+        server = self.config.services[request.service]
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                end = await open_server_socket(server)
+        except (OSError, TimeoutError) as exc:
+            failure = transport_error(exc)
+            log.warning("cannot reach server %s for service '%s': %s", server, request.service,
+                        failure)  # fmt: skip
+            claim.refuse(f"cannot reach its server: {failure}")
+            return None
+        try:
+            claimed = await claim.connect()
+        except BaseException:
+            end.abort()
+            raise
+        if claimed is None:
+            end.abort()
+            return None
+        data_link, data_frame, first = claimed
+        data_link.write(data_frame)
+        m = self.metrics
+        m.child(m.udp_flows, request.service).inc()
+        m.child(m.udp_flows_active, request.service).inc()
+        counters = flow_counters(m, request.service)
+        return start_flow(end, data_link, first, counters, idle_timeout, on_idle)
+
     async def _connect_both(
         self, ll: Address, request: Open, claim: Claim, on_idle: OnIdle
     ) -> AnyRelay | None:
         """Dial the server, then claim the client. The server comes first so that a
         refusal is reported to the LL as such (OPEN_FAILED) instead of as a connection
         that closes."""
+        udp_idle = self.config.udp_services.get(request.service)
+        if udp_idle is not None and request.service in self.config.services:
+            return await self._open_flow(ll, request, claim, on_idle, udp_idle)
         server_link = await self._dial_server(ll, request, claim)
         if server_link is None:
             return None

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from tcpgc.config import Address, ServiceListener
 from tcpgc.ll.agents import AgentSession
@@ -30,13 +32,23 @@ log = logging.getLogger("tcpgc.ll")
 UNLIMITED = 10**15
 
 
+class Listener(Protocol):
+    """What a service listens with: an asyncio.Server (TCP), or its UDP flows'
+    sockets (`tcpgc.ll.udp_flows.UdpFlows`)."""
+
+    @property
+    def sockets(self) -> Sequence[socket.socket]: ...
+    def close(self) -> None: ...
+    def is_serving(self) -> bool: ...
+
+
 @dataclass(eq=False)
 class Service:
     """One service's listener and its clients."""
 
     name: str
     config: ServiceListener
-    server: asyncio.Server
+    server: Listener
     address: Address
     relays: set[AnyRelay] = field(default_factory=set)
     clients: int = 0  # waiting or relayed

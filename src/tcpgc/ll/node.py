@@ -31,6 +31,7 @@ from tcpgc.ll.pairing import ClientPairing
 from tcpgc.ll.ready import ReadyConnections
 from tcpgc.ll.resumes import LLResumes
 from tcpgc.ll.status import ll_status
+from tcpgc.ll.udp_flows import UdpFlows
 from tcpgc.ll.watch_agents import watch_agents
 from tcpgc.memory_trim import trim_periodically
 from tcpgc.metrics import Metrics
@@ -141,11 +142,20 @@ class ListenNode:
         )
         log.info("listening for agents on %s (%s)", self.agent_address, security)
         for name, service in self.services.items():
-            log.info("service '%s' listening for clients on %s", name, service.address)
+            log.info("service '%s' listening for clients on %s%s", name, service.address,
+                     " (UDP)" if service.config.udp else "")  # fmt: skip
 
     async def _open_service(
         self, name: str, listener: ServiceListener, reuse_port: bool = False
     ) -> Service:
+        if listener.udp:
+            flows = UdpFlows(
+                name, listener, pairing=self.pairing, ready=self.ready, metrics=self.metrics,
+                tasks=self._tasks, reuse_port=reuse_port,
+            )  # fmt: skip
+            service = Service(name, listener, flows, bound(flows, listener.listen))
+            flows.service = service
+            return service
         server = await listen(
             partial(Link, on_made=partial(self.clients.connected, name)),
             listener.listen,
@@ -174,7 +184,7 @@ class ListenNode:
         moving = [
             service
             for name, service in configured.items()
-            if name not in config.services or service.config.listen != config.services[name].listen
+            if name not in config.services or _moves(service.config, config.services[name])
         ]
         # A listener that closes may share its port with one that opens (a service
         # moved from 0.0.0.0:8002 to 10.0.0.1:8002, or from [::]:2222 to :2222, or a
@@ -186,7 +196,7 @@ class ListenNode:
         try:
             for name, listener in config.services.items():
                 current = self.services.get(name)
-                if current is None or current.config.listen != listener.listen:
+                if current is None or _moves(current.config, listener):
                     opened[name] = await self._open_service(name, listener, reuse_port=True)
         except UsageError:
             # All or nothing: one service that cannot open refuses the whole reload.
@@ -280,3 +290,8 @@ class ListenNode:
         """A JSON-able snapshot for the status page: services, agents, connections."""
         tls = not self.credentials.plaintext
         return ll_status(self.agent_address, tls, self.services, self.agents)
+
+
+def _moves(current: ServiceListener, new: ServiceListener) -> bool:
+    """Whether a reload gives the service a new listener."""
+    return current.listen != new.listen or current.protocol != new.protocol

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from tcpgc.config import LLConfig
 from tcpgc.errors import BadDataConnection, PeerRefused, ProtocolError, Unanswered
@@ -37,11 +37,29 @@ EARLY_BYTES = 16 * 1024
 Paired = tuple[Link, AgentSession, int, bytes]
 
 
+class Waiter(Protocol):
+    """What waits for a data connection: a client's `Link`, or a UDP flow
+    (`tcpgc.ll.udp_flows.Flow`)."""
+
+    @property
+    def closed(self) -> asyncio.Future[None]: ...
+    @property
+    def buffered(self) -> bytes: ...
+    @property
+    def peer(self) -> str: ...
+    @property
+    def peer_endpoint(self) -> tuple[str, int]: ...
+    @property
+    def local_endpoint(self) -> tuple[str, int]: ...
+    def abort(self) -> None: ...
+    def reset(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class _Claim:
     """A waiting client: its link, and the future its data connection is handed in."""
 
-    link: Link
+    link: Waiter
     future: asyncio.Future[Link]
 
 
@@ -96,7 +114,7 @@ class ClientPairing:
 
     # ---- one client ----------------------------------------------------------------------
 
-    async def pair(self, service: str, link: Link) -> Paired | None:
+    async def pair(self, service: str, link: Waiter) -> Paired | None:
         """Find an agent that claims this client; try the next agent if one cannot.
         Returns its data connection, the agent, how many of the client's first bytes
         went to it behind OPEN, and the stream's id; None (the client closed, and
@@ -176,7 +194,7 @@ class ClientPairing:
     def _observe_wait(self, service: str, seconds: float) -> None:
         self._metrics.child(self._metrics.data_wait, service).observe(seconds)
 
-    def _give_up(self, service: str, link: Link, refusal: str, unanswered: str) -> None:
+    def _give_up(self, service: str, link: Waiter, refusal: str, unanswered: str) -> None:
         """Close a client no agent took: it left, its first bytes went unanswered, an
         agent refused it (`refusal`), or no agent came."""
         if link.closed.done():
@@ -206,7 +224,7 @@ class ClientPairing:
         link.abort()
 
     async def _offer_ready(
-        self, agent: AgentSession, open_message: Open, link: Link, within: float
+        self, agent: AgentSession, open_message: Open, link: Waiter, within: float
     ) -> tuple[Link, int] | None:
         """Offer the client on one of the agent's ready data connections. Returns the
         claimed connection and how many of the client's first bytes it got; None when

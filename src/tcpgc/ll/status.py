@@ -9,6 +9,7 @@ from typing import Any
 from tcpgc.config import Address
 from tcpgc.ll.agents import AgentRegistry, AgentSession
 from tcpgc.ll.clients import Service
+from tcpgc.ll.udp_flows import UdpFlows
 from tcpgc.relay.resume_table import waiting_for
 
 
@@ -28,7 +29,11 @@ def ll_status(
             {
                 "name": name,
                 "listen": str(service.address),
+                "protocol": service.config.protocol,
                 "clients": service.clients,
+                "flows": (
+                    len(service.server.flows) if isinstance(service.server, UdpFlows) else None
+                ),
                 "agents": sum(1 for a in agents if name in a.services),
                 "exposed_by": service.exposed_by or None,
             }

@@ -23,6 +23,7 @@ __all__ = [
     "ByteCounter",
     "ByteTally",
     "Completion",
+    "RelayEnd",
     "RelayResult",
     "is_reset",
 ]
@@ -49,11 +50,20 @@ class ByteCounter(Protocol):
     def inc(self, amount: float = 1) -> None: ...
 
 
+class RelayEnd(Protocol):
+    """What callers see of a relay's plain side: a client's or server's connection, or
+    a UDP flow's end (`tcpgc.relay.datagrams`)."""
+
+    @property
+    def peer(self) -> str: ...
+    def abort(self) -> None: ...
+
+
 class AnyRelay(Protocol):
     """What callers hold of a relay, whichever engine runs it."""
 
     @property
-    def a(self) -> Link: ...
+    def a(self) -> RelayEnd: ...
     @property
     def b(self) -> Link | None: ...
     @property

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 from tcpgc.addresses import Address
 from tcpgc.errors import UsageError
@@ -53,13 +54,20 @@ async def listen(
     raise AssertionError("unreachable")
 
 
-def bound(server: asyncio.Server, wanted: Address) -> Address:
+class HasSockets(Protocol):
+    """A TCP server, or a UDP service's sockets."""
+
+    @property
+    def sockets(self) -> Sequence[socket.socket]: ...
+
+
+def bound(server: HasSockets, wanted: Address) -> Address:
     """The address `server` listens on: `wanted`'s host, with the port it got."""
     host, port = server.sockets[0].getsockname()[:2]
     return Address(wanted.host, port)
 
 
-def set_reuse_port(servers: Iterable[asyncio.Server], on: bool) -> None:
+def set_reuse_port(servers: Iterable[HasSockets], on: bool) -> None:
     """Let (or stop letting) another listener share these servers' ports."""
     for server in servers:
         for sock in server.sockets:
