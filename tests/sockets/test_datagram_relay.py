@@ -1,0 +1,186 @@
+"""The datagram engine on real sockets, on each event loop: a flow's UDP end (the
+agent's socket connected to a server) relayed over a data connection whose far end is
+a raw TCP socket speaking the wire format by hand. Datagrams cross whole both ways; a
+full data connection drops datagrams (counted) instead of queueing them; an idle flow
+sends its end marker and hands the connection back once the peer's comes; a malformed
+chunk ends that flow only; the peer's end marker ends the flow at once."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+from loops import LOOPS, run_on
+from tcpgc.cc.udp_flow import ServerFlowEnd, open_server_socket, start_flow
+from tcpgc.config import Address
+from tcpgc.protocol.chunks import END
+from tcpgc.protocol.datagrams import DatagramDecoder, encode_datagram
+from tcpgc.relay.datagrams import DatagramRelay, FlowCounters
+from tcpgc.transport.link import Link
+
+
+class _Rig:
+    """server (a UDP socket) <- flow end -> relay -> link `b` <-> `peer` (raw TCP)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.server.bind(("127.0.0.1", 0))
+        self.server.setblocking(False)
+        self.peer = socket.socket()
+        self.peer.setblocking(False)
+        self.drops: Counter[str] = Counter()
+        self.idle: list[Link] = []
+        self.decoder = DatagramDecoder()
+        self.link: Link | None = None
+        self._listener: asyncio.Server | None = None
+
+    async def start(self, idle_timeout: float = 30.0, first: bytes = b"") -> DatagramRelay:
+        accepted: asyncio.Queue[Link] = asyncio.Queue()
+        self._listener = await self.loop.create_server(
+            lambda: Link(on_made=accepted.put_nowait), "127.0.0.1", 0
+        )
+        await self.loop.sock_connect(self.peer, self._listener.sockets[0].getsockname())
+        self.link = await accepted.get()
+        end: ServerFlowEnd = await open_server_socket(
+            Address("127.0.0.1", self.server.getsockname()[1])
+        )
+        counters = FlowCounters(drop=lambda reason: self.drops.update([reason]))
+        return start_flow(end, self.link, first, counters, idle_timeout, self.idle.append)
+
+    async def from_server(self, within: float = 5.0) -> tuple[bytes, object]:
+        # (uvloop has no sock_recvfrom.)
+        async with asyncio.timeout(within):
+            while True:
+                try:
+                    return self.server.recvfrom(70000)
+                except BlockingIOError:
+                    await asyncio.sleep(0.002)
+
+    async def from_relay(self, count: int) -> list[bytes]:
+        """The next `count` datagrams the relay put into the data connection."""
+        got: list[bytes] = []
+        async with asyncio.timeout(5):
+            while len(got) < count and not self.decoder.ended:
+                got += self.decoder.feed(await self.loop.sock_recv(self.peer, 1 << 20))
+        return got
+
+    def close(self) -> None:
+        self.server.close()
+        self.peer.close()
+        if self.link is not None:
+            self.link.abort()
+        if self._listener is not None:
+            self._listener.close()
+
+
+@asynccontextmanager
+async def rig() -> AsyncIterator[_Rig]:
+    r = _Rig()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_datagrams_cross_whole_both_ways_first_one_first(loop: str) -> None:
+    async def main() -> None:
+        async with rig() as r:
+            relay = await r.start(first=b"first")
+            sizes = [1, 1400, 8000, 65507]
+            later = [bytes([n % 251]) * n for n in sizes]
+            await r.loop.sock_sendall(r.peer, b"".join(encode_datagram(d) for d in later))
+            seen = [(await r.from_server())[0] for _ in range(len(later) + 1)]
+            assert seen == [b"first", *later]
+            # Replies go back as whole chunks, in order.
+            replies = [b"r" * n for n in sizes]
+            client_port = relay.a.sock.getsockname()  # type: ignore[attr-defined]
+            for reply in replies:
+                r.server.sendto(reply, client_port)
+            assert await r.from_relay(len(replies)) == replies
+            assert (relay.datagrams_down, relay.datagrams_up) == (5, 4)
+            assert not r.drops
+
+    run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_idle_flow_ends_with_its_marker_and_the_connection_is_handed_back(
+    loop: str,
+) -> None:
+    async def main() -> None:
+        async with rig() as r:
+            relay = await r.start(idle_timeout=0.2)
+            result = await asyncio.wait_for(relay.done, 5)
+            assert result.ended == "idle for 0.2 s"
+            assert await r.from_relay(1) == [] and r.decoder.ended  # our end marker
+            assert relay.a.sock.fileno() == -1  # type: ignore[attr-defined]
+            assert r.idle == []  # not before the peer's end marker
+            await r.loop.sock_sendall(r.peer, END + b"next frame")
+            for _ in range(50):
+                if r.idle:
+                    break
+                await asyncio.sleep(0.01)
+            assert r.idle == [r.link]
+            assert r.link is not None and r.link.buffered == b"next frame"
+
+    run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_the_peers_end_marker_ends_the_flow_and_answers_with_ours(loop: str) -> None:
+    async def main() -> None:
+        async with rig() as r:
+            relay = await r.start()
+            await r.loop.sock_sendall(r.peer, encode_datagram(b"last") + END)
+            result = await asyncio.wait_for(relay.done, 5)
+            assert result.ended == "ended by the LL"
+            assert (await r.from_server())[0] == b"last"
+            assert await r.from_relay(1) == [] and r.decoder.ended
+            assert r.idle == [r.link]
+
+    run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_malformed_chunk_ends_the_flow_and_drops_the_connection(loop: str) -> None:
+    async def main() -> None:
+        async with rig() as r:
+            relay = await r.start()
+            await r.loop.sock_sendall(r.peer, (70000).to_bytes(4, "big") + b"x" * 10)
+            result = await asyncio.wait_for(relay.done, 5)
+            assert result.ended.startswith("error: datagram of 70000 bytes")
+            assert r.idle == []
+            assert r.link is not None and r.link.is_closing
+
+    run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_full_data_connection_drops_datagrams_and_counts_them(loop: str) -> None:
+    async def main() -> None:
+        async with rig() as r:
+            relay = await r.start()
+            # The peer reads nothing: the connection's buffers fill, then the relay's
+            # writes pause, and from then on datagrams are dropped, not queued.
+            client_port = relay.a.sock.getsockname()  # type: ignore[attr-defined]
+            payload = b"d" * 60000
+            for _ in range(400):
+                try:
+                    r.server.sendto(payload, client_port)
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+                if r.drops["queue_full"]:
+                    break
+                await asyncio.sleep(0)
+            assert r.drops["queue_full"] > 0
+            assert relay.congested
+            assert not relay.ended
+
+    run_on(loop, main)
