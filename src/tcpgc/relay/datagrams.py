@@ -21,13 +21,14 @@ malformed chunk, `close()`) ends the flow and drops `b`.
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from tcpgc.errors import ProtocolError
-from tcpgc.protocol.chunks import END, HEADER_SIZE
+from tcpgc.protocol.chunks import END
 from tcpgc.protocol.datagrams import MAX_DATAGRAM, DatagramDecoder
 from tcpgc.relay.result import ByteCounter, Completion, RelayResult
 from tcpgc.transport.link import Link
@@ -36,6 +37,7 @@ from tcpgc.transport.link_handlers import Ignoring
 #: How long a flow that ended waits for the peer's end marker before it drops the data
 #: connection instead of reusing it.
 END_WAIT = 10.0
+_header = struct.Struct(">I").pack  # a chunk's header (`tcpgc.protocol.chunks`)
 #: Bytes of datagrams gathered in one loop turn before they are written out at once.
 FLUSH_AT = 256 * 1024
 
@@ -149,7 +151,8 @@ class DatagramRelay(Completion):
 
     def send_up(self, payload: bytes) -> None:
         """A datagram from the UDP side: into the data connection, at the end of this
-        loop turn with the others read in it; dropped (counted) if it cannot go."""
+        loop turn with the others read in it; dropped (counted) if it cannot go. (Per
+        datagram, only what must be: it is counted with the others as they are written.)"""
         if self.ended:
             return
         size = len(payload)
@@ -159,21 +162,14 @@ class DatagramRelay(Completion):
         if self.congested or size > MAX_DATAGRAM:
             self.drop("queue_full")
             return
-        if not self._out:
+        out = self._out
+        if not out:
             self._loop.call_soon(self._flush)
-        self._out.append(size.to_bytes(HEADER_SIZE, "big"))
-        self._out.append(payload)
+        out.append(_header(size))
+        out.append(payload)
         self._out_bytes += size
         if self._out_bytes >= FLUSH_AT:
             self._flush()
-        self.datagrams_up += 1
-        self.result.bytes_a_to_b += size
-        self.result.last_activity = time.monotonic()
-        c = self.counters
-        if c.datagrams_up is not None:
-            c.datagrams_up.inc()
-        if c.bytes_up is not None:
-            c.bytes_up.inc(size)
 
     def sent_ahead(self, size: int, up: bool = True) -> None:
         """Count a datagram moved before the relay began: behind OPEN (`up`, on the
@@ -193,10 +189,20 @@ class DatagramRelay(Completion):
             counted.inc(size)
 
     def _flush(self) -> None:
-        if self._out:
-            out, self._out, self._out_bytes = self._out, [], 0
-            if not self.sent_end:
-                self.b.write(b"".join(out))
+        out = self._out
+        if not out or self.sent_end:
+            return
+        count, size = len(out) // 2, self._out_bytes
+        self._out, self._out_bytes = [], 0
+        self.b.write(b"".join(out))
+        self.datagrams_up += count
+        self.result.bytes_a_to_b += size
+        self.result.last_activity = time.monotonic()
+        c = self.counters
+        if c.datagrams_up is not None:
+            c.datagrams_up.inc(count)
+        if c.bytes_up is not None:
+            c.bytes_up.inc(size)
 
     def deliver(self, datagrams: list[bytes]) -> None:
         """Datagrams from the data connection, to the UDP side."""

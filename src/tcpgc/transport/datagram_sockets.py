@@ -16,17 +16,26 @@ from collections.abc import Callable
 from tcpgc.addresses import Address
 from tcpgc.errors import UsageError
 
-#: Receive buffer asked of each socket: a burst of small datagrams costs about a
-#: kilobyte each of it, so the default (208 KiB) holds only some 200 of them. The
-#: kernel caps it at net.core.rmem_max.
+#: Buffers asked of each socket: a burst of small datagrams costs about a kilobyte
+#: each of the receive buffer, so the default (208 KiB) holds only some 200 of them.
+#: The kernel caps what is asked at net.core.rmem_max (wmem_max), unless the process
+#: may exceed it (CAP_NET_ADMIN: root), as tcpgc then does.
 RECEIVE_BUFFER = 4 * 1024 * 1024
 #: Large enough for any datagram.
 RECEIVE_SIZE = 65536
 
 
+_FORCED = {socket.SO_RCVBUF: 33, socket.SO_SNDBUF: 32}  # SO_RCVBUFFORCE, SO_SNDBUFFORCE
+
+
 def _tune(sock: socket.socket) -> None:
     sock.setblocking(False)
-    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+    for option, forced in _FORCED.items():
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, forced, RECEIVE_BUFFER)
+            continue
+        except OSError:  # not permitted (or not Linux): within the system's cap
+            pass
         try:
             sock.setsockopt(socket.SOL_SOCKET, option, RECEIVE_BUFFER)
         except OSError:
