@@ -110,11 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--server", metavar="HOST:PORT", help="the server of service 'default'")
     cc.add_argument(
         "--expose",
-        metavar="[HOST:]PORT=SERVERHOST:SERVERPORT",
+        metavar="[udp:][HOST:]PORT=SERVERHOST:SERVERPORT",
         action="append",
         help="have each LL take clients on PORT (on its address HOST, default all) for "
         "this server, while this agent is connected; repeatable. The agent's credential "
-        "must allow the port ('tcpgc agent add NAME --ports LOW-HIGH' on the LL)",
+        "must allow the port ('tcpgc agent add NAME --ports LOW-HIGH' on the LL); "
+        "'udp:' exposes a UDP port",
     )
     cc.add_argument(
         "--token-file",

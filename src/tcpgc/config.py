@@ -25,6 +25,7 @@ from tcpgc.config_checks import MIN_RESUME_BUFFER as MIN_RESUME_BUFFER
 from tcpgc.config_checks import ConfigProblems, IPNetwork, NodeControls, resume_buffer
 from tcpgc.config_checks import find_key_line as find_key_line
 from tcpgc.errors import UsageError
+from tcpgc.protocol.fields import UDP_SUFFIX
 
 DEFAULT_SERVICE = "default"
 
@@ -135,7 +136,7 @@ class LLConfig(NodeControls):
     def window_of(self, service: str) -> float:
         """The resume window of `service`'s streams."""
         listener = self.services.get(service)
-        if listener is not None and listener.udp:
+        if (listener is not None and listener.udp) or service.endswith(UDP_SUFFIX):
             return 0.0  # datagrams are not resent: a flow is never resumed
         if listener is not None and listener.resume_window is not None:
             return listener.resume_window

@@ -19,6 +19,9 @@ from tcpgc.config_checks import (
 from tcpgc.errors import UsageError
 from tcpgc.protocol.messages import MAX_EXPOSES, MAX_SERVICES, expose_name
 
+#: How long a UDP flow may be idle before the agent ends it, unless configured.
+DEFAULT_UDP_IDLE = 60.0
+
 
 @dataclass(frozen=True)
 class Expose:
@@ -28,25 +31,35 @@ class Expose:
     host: str
     port: int
     server: Address
+    #: A UDP port (`udp:PORT=...`): each client address a flow, as in a UDP service.
+    udp: bool = False
 
     @property
     def name(self) -> str:
-        """The service's name, as the LL and the logs give it: ':PORT'."""
-        return expose_name(self.port)
+        """The service's name, as the LL and the logs give it: ':PORT' (':PORT/udp')."""
+        return expose_name(self.port, self.udp)
 
     def __str__(self) -> str:
         where = str(Address(self.host, self.port)) if self.host else str(self.port)
-        return f"{where}={self.server}"
+        return f"{'udp:' if self.udp else ''}{where}={self.server}"
 
 
-_EXPOSE_FORM = "expected [HOST:]PORT=SERVERHOST:SERVERPORT, e.g. 8080=127.0.0.1:80"
+_EXPOSE_FORM = (
+    "expected [udp:][HOST:]PORT=SERVERHOST:SERVERPORT, e.g. 8080=127.0.0.1:80 or "
+    "udp:5353=127.0.0.1:53"
+)
 
 
 def expose_or_problem(text: object) -> Expose | str:
-    """`[HOST:]PORT=SERVERHOST:SERVERPORT` as an Expose, or what is wrong with it."""
+    """`[udp:|tcp:][HOST:]PORT=SERVERHOST:SERVERPORT` as an Expose, or what is wrong
+    with it."""
     if not isinstance(text, str) or text.count("=") != 1:
         return f"{_EXPOSE_FORM}, got {text!r}"
     where, server_text = (part.strip() for part in text.split("="))
+    protocol, sep, rest = where.partition(":")
+    udp = sep and protocol.lower() == "udp"
+    if sep and protocol.lower() in ("udp", "tcp"):
+        where = rest
     host, port_text = "", where
     if not where.isdecimal():
         listen = address_or_problem(where)
@@ -66,7 +79,7 @@ def expose_or_problem(text: object) -> Expose | str:
         return f"{server} (in {text!r}; {_EXPOSE_FORM})"
     if not server.port:
         return f"the server's port cannot be 0 (in {text!r})"
-    return Expose(host, port, server)
+    return Expose(host, port, server, bool(udp))
 
 
 @dataclass
@@ -124,6 +137,8 @@ class CCConfig(NodeControls):
             raise UsageError(f"an agent exposes at most {MAX_EXPOSES} ports")
         self.exposes.append(expose)
         self.services[expose.name] = expose.server
+        if expose.udp:
+            self.udp_services[expose.name] = DEFAULT_UDP_IDLE
 
     def require_complete(self) -> None:
         """Raise UsageError unless the agent has an LL to serve and a service: a file
@@ -163,8 +178,6 @@ _CC_KEYS = {
     "expose",
 }
 _CC_SERVICE_KEYS = {"server", "proxy_protocol", "protocol", "udp_idle_timeout"}
-#: How long a UDP flow may be idle before the agent ends it, unless configured.
-DEFAULT_UDP_IDLE = 60.0
 
 
 def _cc_services(

@@ -55,7 +55,7 @@ class Ports:
         )
 
     def grant(self, cred, exposes, services=(), raw_id=b"\x01" * 16):  # type: ignore[no-untyped-def]
-        return self.exposes.grant(cred, raw_id, (tuple(services), tuple(exposes)))
+        return self.exposes.grant(cred, raw_id, (tuple(services), tuple(exposes), ()))
 
     def close(self) -> None:
         for entry in list(self.exposes._ports.values()):
@@ -237,3 +237,31 @@ def test_max_ports_counts_the_ports_waiting_for_the_agent(loop_name: str) -> Non
         run_on(loop_name, main)
     finally:
         made.close()
+
+
+def _udp_grant(ports: Ports, cred, tcp, udp):  # type: ignore[no-untyped-def]
+    return ports.exposes.grant(cred, b"\x01" * 16, ((), tuple(tcp), tuple(udp)))
+
+
+def test_a_udp_port_is_its_own_expose_and_counts_against_max_ports(ports: Ports) -> None:
+    p = ports.base + 3
+    cred = credential("a", (p, p + 1), max_ports=3)
+    grant, claim = _udp_grant(ports, cred, [("", p), ("", p + 1)], [("", p), ("", p + 1)])
+    assert grant[0] == (f":{p}", f":{p + 1}", f":{p}/udp")
+    assert reasons(grant) == {f":{p + 1}/udp": "expose of UDP port " + str(p + 1)
+                              + " refused: agent 'a' may expose at most 3 at once"}  # fmt: skip
+    entry = ports.exposes._ports[p, True]
+    assert entry.udp and entry.sock is not None and entry.sock.sockets[0].type == socket.SOCK_DGRAM
+    ports.exposes.cancel(claim)
+    assert not ports.exposes._ports
+
+
+def test_a_udp_port_the_ll_serves_is_refused_but_the_same_tcp_port_may_go(ports: Ports) -> None:
+    p = ports.base + 4
+    ports.config.services["dns"] = ServiceListener(Address("127.0.0.1", p), protocol="udp")
+    cred = credential("a", (p, p), max_ports=2)
+    grant, claim = _udp_grant(ports, cred, [("", p)], [("", p)])
+    assert grant[0] == (f":{p}",)
+    assert reasons(grant) == {f":{p}/udp": f"expose of UDP port {p} refused: port {p} is "
+                              "service 'dns' of this LL"}  # fmt: skip
+    ports.exposes.cancel(claim)

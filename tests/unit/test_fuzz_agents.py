@@ -86,7 +86,8 @@ def test_auth_exposes_from_random_bytes_decode_or_fail_cleanly(tail: bytes) -> N
         return
     assert isinstance(message, Auth)
     assert len(message.exposes) <= MAX_EXPOSES
-    assert all(0 < port < 65536 for _, port in message.exposes)
+    assert len(message.udp_exposes) <= MAX_EXPOSES
+    assert all(0 < port < 65536 for _, port in message.exposes + message.udp_exposes)
 
 
 @fuzz
@@ -97,6 +98,16 @@ def test_auth_exposes_round_trip(asked: tuple[tuple[str, int], ...]) -> None:
     assert isinstance(back, Auth) and back.exposes == asked
 
 
+@fuzz
+@given(exposes, exposes)
+def test_auth_udp_exposes_round_trip_apart_from_the_tcp_ones(
+    tcp: tuple[tuple[str, int], ...], udp: tuple[tuple[str, int], ...]
+) -> None:
+    auth = Auth(bytes(PROOF_SIZE), bytes(AGENT_ID_SIZE), ("web",), tcp, udp)
+    back = decode(MessageType.AUTH, auth.payload())
+    assert isinstance(back, Auth) and (back.exposes, back.udp_exposes) == (tcp, udp)
+
+
 @pytest.mark.parametrize(
     "tail",
     [
@@ -105,7 +116,10 @@ def test_auth_exposes_round_trip(asked: tuple[tuple[str, int], ...]) -> None:
         bytes([MAX_EXPOSES + 1]) + b"\x00\x1f\x40" * (MAX_EXPOSES + 1),
         b"\xff" + b"\x00\x1f\x40" * 255,
         b"\x01\x00\x1f",  # a port cut short
-        b"\x01\x00\x1f\x40\x00",  # a byte too many
+        b"\x01\x00\x1f\x40\x00\x00",  # a byte too many (after the empty UDP list)
+        b"\x00\x01\x00\x00\x00",  # UDP port 0
+        b"\x00\x01\x00\x1f",  # a UDP port cut short
+        b"\x00" + bytes([MAX_EXPOSES + 1]) + b"\x00\x1f\x40" * (MAX_EXPOSES + 1),
         b"\x01\x04\xff\xfe\xfd\xfc\x1f\x40",  # an address that is not text
         b"\x01\x0f127.0.0.1%eth0\x1f\x40",  # a scoped address
     ],
@@ -154,4 +168,17 @@ def test_duplicates_pass_the_decoder_and_are_left_to_the_grant() -> None:
     ll, auth = _challenge_and_auth(asked)
     ll._grant = lambda kid, request: seen.append(request) or ((), ())  # type: ignore[assignment]
     ll.receive(decode(MessageType.AUTH, auth.payload()))
-    assert seen == [(("web",), asked)]
+    assert seen == [(("web",), asked, ())]
+
+
+@fuzz
+@given(exposes.filter(bool))
+def test_moving_exposes_between_the_tcp_and_the_udp_list_breaks_the_proof(
+    asked: tuple[tuple[str, int], ...],
+) -> None:
+    """The proof covers which protocol each port is asked for: nobody in between can
+    turn an agent's TCP port into a UDP one, or the other way round."""
+    ll, auth = _challenge_and_auth(asked)
+    forged = dataclasses.replace(auth, exposes=(), udp_exposes=asked)
+    with pytest.raises(AuthenticationError):
+        ll.receive(decode(MessageType.AUTH, forged.payload()))

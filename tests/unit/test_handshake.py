@@ -571,7 +571,7 @@ def test_the_ll_grants_what_its_grant_decides_with_the_proven_key() -> None:
 
     agent = make_agent(exposes=(("", 8010),))
     _, _, _, _, ready = run(agent, make_ll(grant=grant))
-    assert asked == [(key_id(SECRET), (SERVICES, (("", 8010),)))]
+    assert asked == [(key_id(SECRET), (SERVICES, (("", 8010),), ()))]
     assert ready.services == ("web", ":8010")
     assert agent.ll_services == ("web", ":8010")
     assert agent.refusals == (("ssh", "service 'ssh' refused: may serve web"),)

@@ -145,8 +145,9 @@ class SessionKeeper:
         for expose in self.config.exposes:
             if expose.name in handshake.ll_services:
                 log.info(
-                    "LL %s takes clients on port %d for %s", address, expose.port, expose.server
-                )
+                    "LL %s takes clients on %s %d for %s", address,
+                    "UDP port" if expose.udp else "port", expose.port, expose.server,
+                )  # fmt: skip
         self._joined.add(address)
         self._resumes.sessions[str(address)] = handshake
         self._connected[str(address)].set()
@@ -212,7 +213,8 @@ class SessionKeeper:
         handshake = AgentHandshake(
             self.token.secret,
             services=self.config.configured_services,
-            exposes=tuple((e.host, e.port) for e in self.config.exposes),
+            exposes=tuple((e.host, e.port) for e in self.config.exposes if not e.udp),
+            udp_exposes=tuple((e.host, e.port) for e in self.config.exposes if e.udp),
             agent_id=self._agent_id,
             binding=binding,
             tls=self._dialer.tls is not None,

@@ -1,7 +1,8 @@
 """Ports agents expose (`tcpgc cc --expose`): what each agent's credential grants of what
 it asks, the listeners the LL opens for them, and how long those stay.
 
-An exposed port is a service named ':PORT' that exists while an agent holds it. Agents
+An exposed port is a service named ':PORT' (':PORT/udp' for a UDP one, a UDP service
+of its own) that exists while an agent holds it. Agents
 exposing the same port (on the same address) share it as the agents of one configured
 service do. When the last holder's session ends, the port stays open for the resume
 window, so a client's stream (and new clients, who wait for an agent as usual) see an
@@ -20,13 +21,15 @@ import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from tcpgc.config import Address, LLConfig, ServiceListener, ll_listeners
+from tcpgc.config import Address, LLConfig, ServiceListener, ll_listeners, ll_udp_listeners
+from tcpgc.errors import UsageError
 from tcpgc.identity.agents import AgentCredential
 from tcpgc.ll.agents import AgentSession
 from tcpgc.ll.clients import Clients, Service
 from tcpgc.metrics import Metrics
 from tcpgc.protocol.handshake import Grant, Request
 from tcpgc.protocol.messages import expose_name
+from tcpgc.transport.datagram_sockets import DatagramServer, bind_datagram
 from tcpgc.transport.link import Link
 
 log = logging.getLogger("tcpgc.ll")
@@ -43,7 +46,8 @@ class _Port:
 
     host: str
     port: int
-    sock: socket.socket | None
+    sock: socket.socket | DatagramServer | None
+    udp: bool = False
     service: Service | None = None
     holders: set[AgentSession] = field(default_factory=set)
     #: Who asked first, for the log lines and the status page.
@@ -75,7 +79,9 @@ class ExposedPorts:
         self._metrics = metrics
         self._services = services
         self._clients = clients
-        self._ports: dict[int, _Port] = {}
+        self._ports: dict[tuple[int, bool], _Port] = {}  # by (port, udp)
+        #: Makes the service of a UDP port, on its bound socket (set by the node).
+        self.open_udp: Callable[[str, ServiceListener, DatagramServer], Service] | None = None
 
     def grant(
         self, credential: AgentCredential | None, agent_id: bytes, request: Request
@@ -83,7 +89,7 @@ class ExposedPorts:
         """Decide what an agent holding `credential` (None: the LL's shared token) gets
         of `request`, binding the ports it is granted. Returns READY's grant, and the
         claim to `start` (or `cancel`) once the session runs (or does not)."""
-        offered, exposes = request
+        offered, exposes, udp_exposes = request
         claim = Claim()
         refusals: list[tuple[str, str]] = []
         # A ':PORT' name is only ever granted through an expose: offered as a service
@@ -106,26 +112,28 @@ class ExposedPorts:
                     refusals.append((name, text + scope.describe_services()))
         granted: list[str] = []
         held = self._held_by(credential, agent_id) if credential is not None else set()
-        for host, port in exposes:
-            name = expose_name(port)
-            why = self._refusal(credential, host, port, held, granted)
+        asked = [(h, p, False) for h, p in exposes] + [(h, p, True) for h, p in udp_exposes]
+        for host, port, udp in asked:
+            name = expose_name(port, udp)
+            why = self._refusal(credential, host, (port, udp), held, granted)
             if why is None:
-                why = self._take(host, port, claim, credential)
+                why = self._take(host, (port, udp), claim, credential)
             if why is None:
                 granted.append(name)
-                held.add(port)
+                held.add((port, udp))
             else:
-                refusals.append((name, f"expose of port {port} refused: {why}"))
+                what = f"UDP port {port}" if udp else f"port {port}"
+                refusals.append((name, f"expose of {what} refused: {why}"))
         claim.services = registered + tuple(granted)
         return (ll_services + tuple(granted), tuple(refusals)), claim
 
-    def _held_by(self, credential: AgentCredential, agent_id: bytes) -> set[int]:
+    def _held_by(self, credential: AgentCredential, agent_id: bytes) -> set[tuple[int, bool]]:
         """Ports held by other sessions of the same credential, or waiting for one of
         them to come back (a returning agent's old session is about to be replaced:
         its ports are not counted twice)."""
         return {
-            number
-            for number, port in self._ports.items()
+            key
+            for key, port in self._ports.items()
             if (not port.holders and port.left_by == credential.key_id)
             or any(h.key_id == credential.key_id and h.raw_id != agent_id for h in port.holders)
         }
@@ -134,47 +142,56 @@ class ExposedPorts:
         self,
         credential: AgentCredential | None,
         host: str,
-        port: int,
-        held: set[int],
+        key: tuple[int, bool],
+        held: set[tuple[int, bool]],
         granted: list[str],
     ) -> str | None:
         if credential is None:
             return _SHARED_TOKEN_NO_EXPOSE
+        port, udp = key
         scope = credential.scope
         if not scope.may_expose(port):
             return f"agent '{credential.name}' may expose {scope.describe_ports()}"
-        if expose_name(port) in granted:
+        if expose_name(port, udp) in granted:
             return "declared twice"
-        if port not in held and len(held) >= scope.max_ports:
+        if key not in held and len(held) >= scope.max_ports:
             return f"agent '{credential.name}' may expose at most {scope.max_ports} at once"
-        for key, address in ll_listeners(self.config):
+        listeners = ll_udp_listeners(self.config) if udp else ll_listeners(self.config)
+        for key_name, address in listeners:
             if address.port == port:
-                what = key.split(".")[1] if key.startswith("services.") else None
+                what = key_name.split(".")[1] if key_name.startswith("services.") else None
                 return (
                     f"port {port} is service '{what}' of this LL"
                     if what
-                    else f"port {port} is this LL's {key} port"
+                    else f"port {port} is this LL's {key_name} port"
                 )
-        current = self._ports.get(port)
+        current = self._ports.get(key)
         if current is not None and current.host != host:
             where = current.host or "all addresses"
             return f"port {port} is exposed on {where} by agent '{current.owner}'"
         return None
 
     def _take(
-        self, host: str, port: int, claim: Claim, credential: AgentCredential | None
+        self, host: str, key: tuple[int, bool], claim: Claim, credential: AgentCredential | None
     ) -> str | None:
-        current = self._ports.get(port)
+        current = self._ports.get(key)
         if current is not None:  # shared with the agents already holding it
             claim.ports.append(current)
             return None
+        port, udp = key
+        sock: socket.socket | DatagramServer
         try:
-            sock = _bind(host, port)
+            if udp:
+                sock = bind_datagram(Address(host, port), f"UDP port {port}")
+            else:
+                sock = _bind(host, port)
+        except UsageError as exc:
+            return str(exc)
         except OSError as exc:
             where = Address(host, port) if host else f"port {port}"
             return f"cannot listen on {where} ({exc.strerror or exc})"
-        entry = _Port(host, port, sock, owner=credential.name if credential else "")
-        self._ports[port] = entry
+        entry = _Port(host, port, sock, udp, owner=credential.name if credential else "")
+        self._ports[key] = entry
         claim.ports.append(entry)
         claim.fresh.append(entry)
         return None
@@ -195,13 +212,16 @@ class ExposedPorts:
         for entry in claim.fresh:
             if not entry.holders and entry.sock is not None:
                 entry.sock.close()
-                self._ports.pop(entry.port, None)
+                self._ports.pop((entry.port, entry.udp), None)
 
     async def _serve(self, entry: _Port) -> None:
         sock, entry.sock = entry.sock, None
-        if sock is None or self._ports.get(entry.port) is not entry:
+        if sock is None or self._ports.get((entry.port, entry.udp)) is not entry:
             return
-        name = expose_name(entry.port)
+        name = expose_name(entry.port, entry.udp)
+        if isinstance(sock, DatagramServer):
+            self._serve_udp(entry, name, sock)
+            return
         loop = asyncio.get_running_loop()
         factory: Callable[[], Link] = lambda: Link(  # noqa: E731
             on_made=lambda link: self._clients.connected(name, link)
@@ -220,6 +240,20 @@ class ExposedPorts:
             entry.owner,
             address,
         )
+
+    def _serve_udp(self, entry: _Port, name: str, sock: DatagramServer) -> None:
+        if self.open_udp is None:
+            sock.close()
+            return
+        listener = ServiceListener(Address(entry.host, entry.port), protocol="udp")
+        entry.service = self.open_udp(name, listener, sock)
+        entry.service.exposed_by = entry.owner
+        self._services[name] = entry.service
+        self._metrics.exposed_ports.inc()
+        log.info(
+            "UDP port %d exposed by agent '%s': taking datagrams on %s",
+            entry.port, entry.owner, entry.service.address,
+        )  # fmt: skip
 
     def release(self, session: AgentSession, *, at_once: bool = False) -> None:
         """`session` ended: its ports close once no one holds them, after the resume
@@ -241,9 +275,9 @@ class ExposedPorts:
                 )
 
     def _close(self, entry: _Port, why: str) -> None:
-        if entry.holders or self._ports.get(entry.port) is not entry:
+        if entry.holders or self._ports.get((entry.port, entry.udp)) is not entry:
             return
-        del self._ports[entry.port]
+        del self._ports[entry.port, entry.udp]
         if entry.closing is not None:
             entry.closing.cancel()
             entry.closing = None
@@ -257,7 +291,8 @@ class ExposedPorts:
             if self._services.get(service.name) is service:
                 del self._services[service.name]
             self._metrics.exposed_ports.dec()
-        log.info("port %d no longer exposed: %s", entry.port, why)
+        what = "UDP port" if entry.udp else "port"
+        log.info("%s %d no longer exposed: %s", what, entry.port, why)
 
     def revoked(self, key_ids: set[bytes]) -> None:
         """Credentials were revoked: the ports their agents left, waiting for them to
@@ -271,8 +306,8 @@ class ExposedPorts:
             entry.holders.clear()
             self._close(entry, "the LL is stopping")
 
-    def holders(self, port: int) -> Iterable[AgentSession]:
-        entry = self._ports.get(port)
+    def holders(self, port: int, udp: bool = False) -> Iterable[AgentSession]:
+        entry = self._ports.get((port, udp))
         return () if entry is None else tuple(entry.holders)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
 from functools import partial
 from typing import Any
 
@@ -36,6 +37,7 @@ from tcpgc.ll.watch_agents import watch_agents
 from tcpgc.memory_trim import trim_periodically
 from tcpgc.metrics import Metrics
 from tcpgc.task_set import TaskSet
+from tcpgc.transport.datagram_sockets import DatagramServer
 from tcpgc.transport.link import Link
 from tcpgc.transport.listeners import bound, listen, set_reuse_port
 
@@ -74,6 +76,7 @@ class ListenNode:
             tasks=self._tasks,
         )
         self.exposes = ExposedPorts(config, self.services, self.clients, self.metrics)
+        self.exposes.open_udp = self._udp_service
         self.agent_port = AgentPort(
             config,
             agents=self.agents,
@@ -149,13 +152,7 @@ class ListenNode:
         self, name: str, listener: ServiceListener, reuse_port: bool = False
     ) -> Service:
         if listener.udp:
-            flows = UdpFlows(
-                name, listener, pairing=self.pairing, ready=self.ready, metrics=self.metrics,
-                tasks=self._tasks, reuse_port=reuse_port,
-            )  # fmt: skip
-            service = Service(name, listener, flows, bound(flows, listener.listen))
-            flows.service = service
-            return service
+            return self._udp_service(name, listener, None, reuse_port)
         server = await listen(
             partial(Link, on_made=partial(self.clients.connected, name)),
             listener.listen,
@@ -164,6 +161,26 @@ class ListenNode:
         )
         service = Service(name, listener, server, bound(server, listener.listen))
         self.clients.start_reaper(service)
+        return service
+
+    def _udp_service(
+        self,
+        name: str,
+        listener: ServiceListener,
+        server: DatagramServer | None,
+        reuse_port: bool = False,
+    ) -> Service:
+        """A UDP service, on `server` if its socket is bound already (an exposed port)."""
+        flows = UdpFlows(
+            name, listener, pairing=self.pairing, ready=self.ready, metrics=self.metrics,
+            tasks=self._tasks, reuse_port=reuse_port, server=server,
+        )  # fmt: skip
+        address = bound(flows, listener.listen)
+        if not address.host:  # as `ss` shows it: '[::]' is both families
+            family = flows.sockets[0].family
+            address = Address("::" if family == socket.AF_INET6 else "0.0.0.0", address.port)
+        service = Service(name, listener, flows, address)
+        flows.service = service
         return service
 
     async def reload(self, config: LLConfig) -> None:

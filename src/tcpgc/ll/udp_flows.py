@@ -116,9 +116,12 @@ class UdpFlows:
         metrics: Metrics,
         tasks: TaskSet,
         reuse_port: bool = False,
+        server: DatagramServer | None = None,
     ) -> None:
+        """`server`: the socket(s) to take datagrams on, if already bound (a port an
+        agent exposes); else bound here, on the service's address."""
         self.name = name
-        self._server: DatagramServer = bind_datagram(config.listen, f"service '{name}'", reuse_port)
+        self._server = server or bind_datagram(config.listen, f"service '{name}'", reuse_port)
         self.sockets = self._server.sockets
         self.service: ServiceView | None = None
         self._pairing = pairing

@@ -139,18 +139,24 @@ def _address(raw: bytes) -> str:
 
 def is_valid_name(name: str) -> bool:
     """Service names: 1-64 of ASCII letters, digits, '-', '_' and '.'; or, for a port
-    an agent exposes, ':' and the port (see `expose_name`)."""
+    an agent exposes, ':' and the port, and '/udp' for a UDP one (see `expose_name`)."""
     if name[:1] == ":":
-        return name[1:].isdecimal() and name[1:].isascii() and 0 < int(name[1:]) < 65536
+        port = name[1:].removesuffix(UDP_SUFFIX)
+        return port.isdecimal() and port.isascii() and 0 < int(port) < 65536
     return 0 < len(name) <= MAX_NAME and all(
         c.isascii() and (c.isalnum() or c in "-_.") for c in name
     )
 
 
-def expose_name(port: int) -> str:
+#: What ends the name of a UDP port an agent exposes.
+UDP_SUFFIX = "/udp"
+
+
+def expose_name(port: int, udp: bool = False) -> str:
     """The service name of a port an agent exposes, on the wire and in logs, metrics
-    and the status page: ':8010'. A configured service's name never starts with ':'."""
-    return f":{port}"
+    and the status page: ':8010', or ':5353/udp' for a UDP one. A configured service's
+    name never starts with ':'."""
+    return f":{port}{UDP_SUFFIX}" if udp else f":{port}"
 
 
 def exposes_blob(exposes: tuple[tuple[str, int], ...]) -> bytes:
@@ -158,6 +164,11 @@ def exposes_blob(exposes: tuple[tuple[str, int], ...]) -> bytes:
     if len(exposes) > MAX_EXPOSES:
         raise ValueError(f"an agent can expose at most {MAX_EXPOSES} ports")
     return bytes([len(exposes)]) + b"".join(endpoint_field(h, p) for h, p in exposes)
+
+
+def request_blob(exposes: tuple[tuple[str, int], ...], udp: tuple[tuple[str, int], ...]) -> bytes:
+    """AUTH's two exposes lists, TCP then UDP, as sent; part of what the proof covers."""
+    return exposes_blob(exposes) + exposes_blob(udp)
 
 
 def refusals_blob(refusals: tuple[tuple[str, str], ...]) -> bytes:

@@ -4,7 +4,7 @@
     HELLO(versions, key_id, nonce_c)   ─────▶
                                        ◀─────   CHALLENGE(version, nonce_l, proof_l)
     AUTH(proof_c, agent_id, services,  ─────▶
-         exposes)
+         exposes, udp_exposes)
                                        ◀─────   READY(heartbeat, services, refusals)
                                                 or ERROR
 
@@ -47,13 +47,14 @@ from tcpgc.protocol.messages import (
     Message,
     Ready,
     expose_name,
-    exposes_blob,
+    request_blob,
     services_blob,
 )
 from tcpgc.safe_text import printable
 
-#: What an agent asks for in AUTH: its services, and the ports it exposes (host, port).
-Request = tuple[tuple[str, ...], tuple[tuple[str, int], ...]]
+#: What an agent asks for in AUTH: its services, and the TCP and the UDP ports it
+#: exposes (host, port).
+Request = tuple[tuple[str, ...], tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]
 #: What the LL grants: the services it will send the agent clients of, and each refusal
 #: as (what, why). See `LLHandshake`'s `grant`.
 Grant = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]
@@ -146,6 +147,7 @@ class AgentHandshake:
         *,
         services: tuple[str, ...],
         exposes: tuple[tuple[str, int], ...] = (),
+        udp_exposes: tuple[tuple[str, int], ...] = (),
         agent_id: bytes | None = None,
         binding: bytes = b"",
         tls: bool = True,
@@ -155,6 +157,7 @@ class AgentHandshake:
         self._secret = secret
         self._services = services
         self._exposes = exposes
+        self._udp_exposes = udp_exposes
         self.agent_id = agent_id or secrets.token_bytes(AGENT_ID_SIZE)
         #: The LL certificate's fingerprint this session is bound to: every later
         #: connection of the session must present the same one.
@@ -207,10 +210,11 @@ class AgentHandshake:
                 )
             self.version = message.version
             self.state = State.WAIT_READY
-            request = services_blob(self._services) + exposes_blob(self._exposes)
+            exposes = (self._exposes, self._udp_exposes)
+            request = services_blob(self._services) + request_blob(*exposes)
             proof = _mac(self._secret, _CC_LABEL, transcript, self.agent_id, request)
             self.session_key = _mac(self._secret, _SESSION_LABEL, transcript, self.agent_id)
-            return Auth(proof, self.agent_id, self._services, self._exposes)
+            return Auth(proof, self.agent_id, self._services, *exposes)
         if isinstance(message, Ready):
             self._expect(State.WAIT_READY, "READY")
             self.heartbeat_ms = message.heartbeat_ms
@@ -258,8 +262,9 @@ class LLHandshake:
         self.version = 0
         self.agent_id = b""
         self.services: tuple[str, ...] = ()
-        #: The ports the agent asked to expose, as (host, port).
+        #: The ports the agent asked to expose, as (host, port): TCP, and UDP.
         self.exposes: tuple[tuple[str, int], ...] = ()
+        self.udp_exposes: tuple[tuple[str, int], ...] = ()
         self.session_key = b""
         #: Which of the LL's secrets (credentials) the agent proved, once it has.
         self.key_id = b""
@@ -292,23 +297,26 @@ class LLHandshake:
             return Challenge(version, self._nonce, _mac(secret, _LL_LABEL, self._transcript))
         if isinstance(message, Auth):
             self._expect(State.WAIT_AUTH, "AUTH")
-            request = services_blob(message.services) + exposes_blob(message.exposes)
+            exposes = (message.exposes, message.udp_exposes)
+            request = services_blob(message.services) + request_blob(*exposes)
             expected = _mac(self._secret, _CC_LABEL, self._transcript, message.agent_id, request)
             if not hmac.compare_digest(message.proof, expected):
                 raise AuthenticationError("agent's proof of the secret is wrong")
             self.agent_id = message.agent_id
             self.key_id = key_id(self._secret)
             self.services = message.services
-            self.exposes = message.exposes
+            self.exposes, self.udp_exposes = exposes
             self.session_key = _mac(
                 self._secret, _SESSION_LABEL, self._transcript, message.agent_id
             )
             self.state = State.DONE
             if self._grant is None:
                 why = "this LL grants no exposed port"
-                refused = tuple((expose_name(port), why) for _, port in message.exposes)
+                refused = tuple((expose_name(port), why) for _, port in message.exposes) + tuple(
+                    (expose_name(port, udp=True), why) for _, port in message.udp_exposes
+                )
                 return Ready(self._heartbeat_ms, self._ll_services, refused[:MAX_REFUSALS])
-            granted, refusals = self._grant(self.key_id, (message.services, message.exposes))
+            granted, refusals = self._grant(self.key_id, (message.services, *exposes))
             return Ready(self._heartbeat_ms, granted[:MAX_SERVICES], refusals[:MAX_REFUSALS])
         raise ProtocolError(
             f"unexpected {message.TYPE.name} during the handshake (state {self.state.name})"

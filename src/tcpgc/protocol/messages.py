@@ -24,16 +24,12 @@ from tcpgc.protocol.fields import MAX_SERVICES as MAX_SERVICES
 from tcpgc.protocol.fields import MAX_TEXT as MAX_TEXT
 from tcpgc.protocol.fields import NONCE_SIZE as NONCE_SIZE
 from tcpgc.protocol.fields import PROOF_SIZE as PROOF_SIZE
-from tcpgc.protocol.fields import (
-    FieldReader,
-    endpoint_field,
-    name_field,
-    text_field,
-)
+from tcpgc.protocol.fields import FieldReader, endpoint_field, name_field, text_field
 from tcpgc.protocol.fields import expose_name as expose_name
 from tcpgc.protocol.fields import exposes_blob as exposes_blob
 from tcpgc.protocol.fields import is_valid_name as is_valid_name
 from tcpgc.protocol.fields import refusals_blob as refusals_blob
+from tcpgc.protocol.fields import request_blob as request_blob
 from tcpgc.protocol.fields import services_blob as services_blob
 from tcpgc.protocol.frame_auth import FrameAuth
 
@@ -43,9 +39,10 @@ from tcpgc.protocol.frame_auth import FrameAuth
 #: plaintext frame. Version 3 makes streams resumable (OPEN carries the resume window;
 #: RESUME, RESUMED and the stream's ACK records). Version 4 makes agents principals:
 #: AUTH declares the ports the agent exposes, READY says what the agent may serve and
-#: what was refused. Peers of versions 1 to 3 are refused.
-MIN_VERSION = 4
-MAX_VERSION = 4
+#: what was refused. Version 5 adds UDP: AUTH's second exposes list is of UDP ports.
+#: Peers of versions 1 to 4 are refused.
+MIN_VERSION = 5
+MAX_VERSION = 5
 
 HEADER = struct.Struct("!BH")
 
@@ -120,23 +117,24 @@ class Challenge:
 @dataclass(frozen=True)
 class Auth:
     """Agent → LL: the agent's proof, its instance id, the services it serves, and the
-    ports it asks the LL to take clients on for it (`--expose`: host, "" for the LL's
-    default, and port)."""
+    TCP and the UDP ports it asks the LL to take clients on for it (`--expose`: host, ""
+    for the LL's default, and port)."""
 
     TYPE: ClassVar[MessageType] = MessageType.AUTH
     proof: bytes
     agent_id: bytes
     services: tuple[str, ...]
     exposes: tuple[tuple[str, int], ...] = ()
+    udp_exposes: tuple[tuple[str, int], ...] = ()
 
     def payload(self) -> bytes:
-        blobs = services_blob(self.services) + exposes_blob(self.exposes)
+        blobs = services_blob(self.services) + request_blob(self.exposes, self.udp_exposes)
         return self.proof + self.agent_id + blobs
 
     @classmethod
     def parse(cls, r: FieldReader) -> Auth:
         proof, agent_id = r.take(PROOF_SIZE), r.take(AGENT_ID_SIZE)
-        return cls(proof, agent_id, r.services(), r.exposes())
+        return cls(proof, agent_id, r.services(), r.exposes(), r.exposes())
 
 
 @dataclass(frozen=True)

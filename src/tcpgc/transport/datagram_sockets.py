@@ -48,14 +48,13 @@ class DatagramServer:
 
     def __init__(self, sockets: list[socket.socket]) -> None:
         self.sockets = sockets
-        self._loop = asyncio.get_running_loop()
-        self._reading = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # once it reads
 
     def read_with(self, on_readable: Callable[[socket.socket], None]) -> None:
         """Call `on_readable(sock)` whenever one of the sockets has datagrams."""
+        self._loop = asyncio.get_running_loop()
         for sock in self.sockets:
             self._loop.add_reader(sock.fileno(), on_readable, sock)
-        self._reading = True
 
     def is_serving(self) -> bool:
         return any(sock.fileno() >= 0 for sock in self.sockets)
@@ -63,7 +62,7 @@ class DatagramServer:
     def close(self) -> None:
         for sock in self.sockets:
             if sock.fileno() >= 0:
-                if self._reading:
+                if self._loop is not None:
                     self._loop.remove_reader(sock.fileno())
                 sock.close()
 

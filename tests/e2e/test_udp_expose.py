@@ -1,0 +1,101 @@
+"""`tcpgc cc --expose udp:PORT=SERVER`, end to end: an agent with a credential of its
+own has the LL take datagrams on a UDP port for it, beside a TCP port of the same
+number; its scope's port range applies to UDP ports too; the shared join token may
+expose none; and the port closes when the agent is revoked."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from agent_tools import agent_revoke, free_port_range, start_agents_ll
+from support import Harness, echo_roundtrip
+
+pytestmark = pytest.mark.timeout(90)
+
+LOCAL = "127.0.0.1"
+
+
+class UdpEcho:
+    """A UDP server on 127.0.0.1 that answers each datagram with b'echo:' + it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((LOCAL, 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, peer = self.sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            self.sock.sendto(b"echo:" + data, peer)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def udp_echo() -> UdpEcho:  # type: ignore[misc]
+    server = UdpEcho()
+    yield server
+    server.close()
+
+
+def ask(port: int, payload: bytes, timeout: float = 3.0) -> bytes | None:
+    """One datagram to the LL's UDP `port` and its answer (None if none came)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(timeout)
+        client.sendto(payload, (LOCAL, port))
+        try:
+            return client.recv(65535)
+        except TimeoutError:
+            return None
+
+
+def test_an_agent_exposes_a_udp_port_beside_a_tcp_port_of_the_same_number(
+    harness: Harness, udp_echo: UdpEcho
+) -> None:
+    base = free_port_range(4)
+    env = start_agents_ll(harness)
+    token = env.add("edge", "--ports", f"{base}-{base + 1}")
+    tcp_server = harness.echo_server()
+    mark = env.ll.mark()
+    cc = env.start_cc(
+        token,
+        name="cc-edge",
+        exposes=[
+            f"udp:{base}={LOCAL}:{udp_echo.port}",
+            f"{base}={tcp_server.addr_str}",
+            f"udp:{base + 3}={LOCAL}:{udp_echo.port}",  # outside its range
+        ],
+    )
+    env.ll.wait_for(rf"UDP port {base} exposed by agent 'edge'", 10, since=mark)
+    assert ask(base, b"ping") == b"echo:ping"
+    assert echo_roundtrip((LOCAL, base), b"tcp bytes") == b"tcp bytes"
+    why = cc.wait_for(rf"expose of UDP port {base + 3} refused: (?P<why>.*)", 10)["why"]
+    assert f"agent 'edge' may expose only ports {base}-{base + 1}" in why
+    assert ask(base + 3, b"lost", timeout=0.5) is None  # the LL does not take it
+
+    agent_revoke(env.state_dir, "edge")
+    env.ll.wait_for(rf"UDP port {base} no longer exposed: its agent was revoked", 10)
+    assert ask(base, b"after", timeout=0.5) is None
+
+
+def test_the_shared_join_token_may_expose_no_udp_port(harness: Harness, udp_echo: UdpEcho) -> None:
+    base = free_port_range(1)
+    env = start_agents_ll(harness)
+    shared = harness.token(env.state_dir)
+    cc = env.start_cc(shared, name="cc-shared", exposes=[f"udp:{base}={LOCAL}:{udp_echo.port}"])
+    why = cc.wait_for(rf"expose of UDP port {base} refused: (?P<why>.*)", 10)["why"]
+    assert "shared join token may expose no port" in why
+    assert ask(base, b"lost", timeout=0.5) is None
