@@ -57,8 +57,8 @@ class ServiceListener:
     udp_idle_timeout: float = 60.0
     #: UDP flows of the service at once, in all and per client IP address; past either,
     #: a new flow's datagrams are dropped (counted).
-    max_flows: int = 10000
-    max_flows_per_source: int = 1000
+    max_flows: int = 2000
+    max_flows_per_source: int = 500
 
     @property
     def udp(self) -> bool:

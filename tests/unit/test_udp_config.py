@@ -34,7 +34,7 @@ def test_a_udp_service_has_its_controls_and_their_defaults() -> None:
     )
     dns, web = config.services["dns"], config.services["web"]
     assert dns.udp and not web.udp
-    assert (dns.udp_idle_timeout, dns.max_flows, dns.max_flows_per_source) == (60.0, 50, 1000)
+    assert (dns.udp_idle_timeout, dns.max_flows, dns.max_flows_per_source) == (60.0, 50, 500)
     assert config.window_of("dns") == 0.0  # a flow is never resumed
     assert config.window_of("web") == config.resume_window
 

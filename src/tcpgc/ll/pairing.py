@@ -114,7 +114,7 @@ class ClientPairing:
 
     # ---- one client ----------------------------------------------------------------------
 
-    async def pair(self, service: str, link: Waiter) -> Paired | None:
+    async def pair(self, service: str, link: Waiter, quiet: bool = False) -> Paired | None:
         """Find an agent that claims this client; try the next agent if one cannot.
         Returns its data connection, the agent, how many of the client's first bytes
         went to it behind OPEN, and the stream's id; None (the client closed, and
@@ -188,21 +188,26 @@ class ClientPairing:
                 self._table.forget(conn_id)
                 self._pending.settle(agent.peer_host)
                 claimed.cancel()
-        self._give_up(service, link, reason, unanswered)
+        self._give_up(service, link, reason, unanswered, quiet)
         return None
 
     def _observe_wait(self, service: str, seconds: float) -> None:
         self._metrics.child(self._metrics.data_wait, service).observe(seconds)
 
-    def _give_up(self, service: str, link: Waiter, refusal: str, unanswered: str) -> None:
+    def _give_up(
+        self, service: str, link: Waiter, refusal: str, unanswered: str, quiet: bool
+    ) -> None:
         """Close a client no agent took: it left, its first bytes went unanswered, an
-        agent refused it (`refusal`), or no agent came."""
+        agent refused it (`refusal`), or no agent came. `quiet`: logged at debug level
+        (the caller sums them up: a UDP flow's address can be spoofed at will)."""
+        info = logging.DEBUG if quiet else logging.INFO
+        warning = logging.DEBUG if quiet else logging.WARNING
         if link.closed.done():
             label = "left"
-            log.info("client %s of service '%s' left before it was served", link.peer, service)
+            log.log(info, "client %s of service '%s' left before it was served", link.peer, service)
         elif unanswered:
             label = "unanswered"
-            log.warning(
+            log.log(warning,
                 "client %s of service '%s' reset: %s after its first bytes went to it; "
                 "not offered to another agent, as they may have reached a server",
                 link.peer, service, unanswered,
@@ -211,7 +216,8 @@ class ClientPairing:
         elif not refusal:
             label = "no_agent"
             wait = self.config.client_wait
-            log.warning(
+            log.log(
+                warning,
                 "no agent for service '%s' within %.1f s: closing client %s",
                 service,
                 wait,
@@ -219,7 +225,7 @@ class ClientPairing:
             )
         else:
             label = "agent_refused"
-            log.warning("client %s of service '%s' closed: %s", link.peer, service, refusal)
+            log.log(warning, "client %s of service '%s' closed: %s", link.peer, service, refusal)
         self._metrics.child(self._metrics.clients_refused, service, label).inc()
         link.abort()
 

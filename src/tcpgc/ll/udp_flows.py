@@ -208,19 +208,31 @@ class UdpFlows:
 
     def _refuse(self, reason: str, why: str) -> None:
         self._drop(reason)
+        self._warn(
+            f"UDP service '{self.name}' {why}: datagrams of new flows are dropped (counted in "
+            f'tcpgc_udp_drops_total{{reason="{reason}"}})'
+        )
+
+    def _warn(self, text: str) -> None:
+        """Log `text` as a warning, at most once per WARN_EVERY seconds: what a flood
+        of spoofed addresses causes must not flood the log too."""
         now = time.monotonic()
         if now - self._warned >= WARN_EVERY:
             self._warned = now
-            log.warning(
-                "UDP service '%s' %s: datagrams of new flows are dropped (counted in "
-                "tcpgc_udp_drops_total{reason=\"%s\"})", self.name, why, reason,
-            )  # fmt: skip
+            log.warning("%s", text)
 
     # ---- pairing and relaying ---------------------------------------------------------
 
     async def _pair(self, flow: Flow) -> None:
-        paired = await self._pairing.pair(self.name, flow)
+        paired = await self._pairing.pair(self.name, flow, quiet=True)
         service = self.service
+        if paired is None and self.is_serving():
+            self._warn(
+                f"UDP service '{self.name}': no agent took flow {flow.peer} within "
+                f"{self._pairing.config.client_wait:g} s (its datagrams are dropped, counted "
+                'in tcpgc_udp_drops_total{reason="no_agent"}; at most one such line per '
+                f"{WARN_EVERY:g} s)"
+            )
         if paired is None or service is None or self.flows.get(flow.address) is not flow:
             if paired is not None:
                 paired[0].abort()
