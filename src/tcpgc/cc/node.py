@@ -153,6 +153,7 @@ class ConnectNode:
             tls=self._dialer.tls is not None,
             connected=self.connected,
             services=self.config.services,
+            udp_services=self.config.udp_services,
             relays=self._opener.relays,
             now=time.monotonic(),
         )

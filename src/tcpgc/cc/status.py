@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from typing import Any
 
 from tcpgc.addresses import format_endpoint
@@ -18,6 +19,7 @@ def cc_status(
     tls: bool,
     connected: dict[str, asyncio.Event],
     services: dict[str, Address],
+    udp_services: Collection[str],
     relays: dict[Address, dict[AnyRelay, Open]],
     now: float,
 ) -> dict[str, Any]:
@@ -30,7 +32,10 @@ def cc_status(
             {"address": address, "connected": event.is_set()}
             for address, event in connected.items()
         ],
-        "services": [{"name": name, "server": str(server)} for name, server in services.items()],
+        "services": [
+            {"name": name, "server": str(server), "protocol": _protocol(name, udp_services)}
+            for name, server in services.items()
+        ],
         "connections": [
             {
                 "ll": str(ll),
@@ -52,3 +57,7 @@ def _client(request: Open) -> str:
     if not request.client_host:
         return "unknown"
     return format_endpoint(request.client_host, request.client_port)
+
+
+def _protocol(name: str, udp_services: Collection[str]) -> str:
+    return "udp" if name in udp_services else "tcp"
