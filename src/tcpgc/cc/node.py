@@ -134,7 +134,9 @@ class ConnectNode:
 
     async def drain(self, deadline: float) -> None:
         """Leave the LLs (they send new clients to other agents), let connections in
-        flight finish for up to `deadline` seconds, then close."""
+        flight finish for up to `deadline` seconds, then close. UDP flows end at once:
+        a datagram has no end to wait for."""
+        self._opener.end_flows("the agent is stopping")
         for address in list(self._sessions):
             await self._stop_session(address)
         active = self._opener.active()

@@ -90,6 +90,13 @@ class Opener:
             relay.close()
         return len(relays)
 
+    def end_flows(self, why: str) -> None:
+        """End every UDP flow now, telling the LL (its end marker)."""
+        for relays in self.relays.values():
+            for relay in list(relays):
+                if isinstance(relay, DatagramRelay):
+                    relay.finish(why)
+
     def close_all(self) -> None:
         for relays in self.relays.values():
             for relay in list(relays):
