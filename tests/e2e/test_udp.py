@@ -303,23 +303,74 @@ _LL_TCP = 'cc = "127.0.0.1:0"\n[services.web]\nclients = "127.0.0.1:8000"\n'
 _CC_TCP = 'll = "127.0.0.1:8001"\n[services.web]\nserver = "127.0.0.1:80"\n'
 
 
+def _case(role: str, text: str, line: int, key: str, name: str) -> object:
+    return pytest.param(role, text, line, key, id=f"{role}-{name}")
+
+
 @pytest.mark.parametrize(
     ("role", "text", "line", "key"),
     [
-        ("ll", _LL_UDP.replace('"udp"', '"sctp"'), 4, "services.dns.protocol"),
-        ("ll", _LL_UDP + "max_flows = -1\n", 5, "services.dns.max_flows"),
-        ("ll", _LL_UDP + "max_flows_per_source = -1\n", 5, "services.dns.max_flows_per_source"),
-        ("ll", _LL_UDP + 'udp_idle_timeout = "x"\n', 5, "services.dns.udp_idle_timeout"),
-        ("ll", _LL_UDP + "udp_idle_timeout = -1\n", 5, "services.dns.udp_idle_timeout"),
-        ("ll", _LL_TCP + "max_flows = 10\n", 4, "services.web.max_flows"),
-        ("ll", _LL_TCP + "udp_idle_timeout = 5\n", 4, "services.web.udp_idle_timeout"),
-        ("ll", _LL_TCP + "max_flows_per_source = 5\n", 4, "services.web.max_flows_per_source"),
-        ("cc", _CC_UDP.replace('"udp"', '"sctp"'), 4, "services.dns.protocol"),
-        ("cc", _CC_UDP + 'udp_idle_timeout = "x"\n', 5, "services.dns.udp_idle_timeout"),
-        ("cc", _CC_UDP + "udp_idle_timeout = -1\n", 5, "services.dns.udp_idle_timeout"),
-        ("cc", _CC_TCP + "udp_idle_timeout = 5\n", 4, "services.web.udp_idle_timeout"),
+        _case("ll", _LL_UDP.replace('"udp"', '"sctp"'), 4, "services.dns.protocol", "sctp"),
+        _case("ll", _LL_UDP + "max_flows = -1\n", 5, "services.dns.max_flows", "max_flows"),
+        _case(
+            "ll",
+            _LL_UDP + "max_flows_per_source = -1\n",
+            5,
+            "services.dns.max_flows_per_source",
+            "max_flows_per_source",
+        ),  # fmt: skip
+        _case(
+            "ll",
+            _LL_UDP + 'udp_idle_timeout = "x"\n',
+            5,
+            "services.dns.udp_idle_timeout",
+            "idle-not-a-number",
+        ),  # fmt: skip
+        _case(
+            "ll",
+            _LL_UDP + "udp_idle_timeout = -1\n",
+            5,
+            "services.dns.udp_idle_timeout",
+            "idle-negative",
+        ),  # fmt: skip
+        _case("ll", _LL_TCP + "max_flows = 10\n", 4, "services.web.max_flows", "tcp-max_flows"),
+        _case(
+            "ll",
+            _LL_TCP + "udp_idle_timeout = 5\n",
+            4,
+            "services.web.udp_idle_timeout",
+            "tcp-udp_idle_timeout",
+        ),  # fmt: skip
+        _case(
+            "ll",
+            _LL_TCP + "max_flows_per_source = 5\n",
+            4,
+            "services.web.max_flows_per_source",
+            "tcp-max_flows_per_source",
+        ),  # fmt: skip
+        _case("cc", _CC_UDP.replace('"udp"', '"sctp"'), 4, "services.dns.protocol", "sctp"),
+        _case(
+            "cc",
+            _CC_UDP + 'udp_idle_timeout = "x"\n',
+            5,
+            "services.dns.udp_idle_timeout",
+            "idle-not-a-number",
+        ),  # fmt: skip
+        _case(
+            "cc",
+            _CC_UDP + "udp_idle_timeout = -1\n",
+            5,
+            "services.dns.udp_idle_timeout",
+            "idle-negative",
+        ),  # fmt: skip
+        _case(
+            "cc",
+            _CC_TCP + "udp_idle_timeout = 5\n",
+            4,
+            "services.web.udp_idle_timeout",
+            "tcp-udp_idle_timeout",
+        ),  # fmt: skip
     ],
-    ids=lambda v: v if isinstance(v, str) and v.startswith("services.") else None,
 )
 def test_check_names_a_bad_udp_key_in_one_line(
     tmp_path: Path, role: str, text: str, line: int, key: str
