@@ -6,6 +6,7 @@ Standard library only, besides prometheus-client's parser for /metrics."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -14,7 +15,6 @@ import socket
 import struct
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -243,6 +243,11 @@ def scrape(base: str) -> Samples:
     }
 
 
+def status_json(base: str) -> Any:
+    with urllib.request.urlopen(base + "/status.json", timeout=10) as response:
+        return json.loads(response.read())
+
+
 def metric(samples: Samples, name: str, **labels: str) -> float:
     """Sum of the samples named `name` whose labels include `labels` (0 if none)."""
     wanted = set(labels.items())
@@ -275,7 +280,9 @@ def wait_metrics(
 
 
 def rss_kib(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status").read().splitlines():
+    with open(f"/proc/{pid}/status") as status:
+        lines = status.read().splitlines()
+    for line in lines:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmRSS for {pid}")
@@ -310,6 +317,7 @@ def start_tunnel(
     harness: Harness,
     ll_services: dict[str, dict[str, Any]],
     cc_services: dict[str, dict[str, Any]],
+    ll_options: dict[str, Any] | None = None,
 ) -> UdpTunnel:
     """`tcpgc ll -c ll.toml` and `tcpgc cc -c cc.toml`, joined with the LL's token.
 
@@ -319,6 +327,7 @@ def start_tunnel(
     token = harness.token(state)
     ll_file = harness.tmp_path / "ll.toml"
     ll_top = {"cc": "127.0.0.1:0", "state_dir": str(state), "admin": "127.0.0.1:0"}
+    ll_top.update(ll_options or {})
     ll_file.write_text(node_toml(ll_top, ll_services))
     ll, agent = harness.start_ll("-c", str(ll_file))
     clients: dict[str, tuple[str, int]] = {}

@@ -114,6 +114,41 @@ def test_one_address_gets_max_flows_per_source_and_the_others_go_on(harness: Har
     assert metric(ll, "tcpgc_udp_flows_total", service="echo") == 6
 
 
+def test_a_denied_address_and_a_service_without_agent_are_dropped_and_counted(
+    harness: Harness,
+) -> None:
+    server = echo_server(harness, tag=TAG)
+    port, orphan_port = free_udp_port(), free_udp_port()
+    tunnel = start_tunnel(
+        harness,
+        {
+            "echo": udp_service(f"127.0.0.1:{port}", deny=["127.0.0.2/32"]),
+            "orphan": udp_service(f"127.0.0.1:{orphan_port}"),  # no agent serves it
+        },
+        {"echo": {"server": server.addr_str, "protocol": "udp"}},
+        ll_options={"client_wait": 1.0},
+    )
+    with (
+        UdpClient((LOCAL, port), bind_host="127.0.0.2") as denied,
+        UdpClient((LOCAL, orphan_port)) as orphan,
+        UdpClient((LOCAL, port)) as allowed,
+    ):
+        denied.send(b"denied")
+        orphan.send(b"orphan")
+        assert allowed.roundtrip(b"allowed") == TAG + b"allowed"
+        samples = wait_metrics(
+            tunnel.ll_admin,
+            lambda s: metric(s, "tcpgc_udp_drops_total", service="orphan", reason="no_agent") >= 1,
+            10,
+            "the orphan service's datagram dropped for want of an agent",
+        )
+        assert metric(samples, "tcpgc_udp_drops_total", service="echo", reason="denied") == 1
+        assert allowed.roundtrip(b"still") == TAG + b"still"
+        assert denied.pending() == [] and orphan.pending() == []
+    assert [data for _, data in server.seen] == [b"allowed", b"still"]
+    assert tunnel.ll.find_all(r"'orphan'.*no agent"), "no warning of the agentless flow"
+
+
 def _until(client: UdpClient, wanted: bytes) -> list[bytes]:
     """Datagrams received up to and including `wanted` (at most 3 before it)."""
     got = [client.recv()]
