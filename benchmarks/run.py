@@ -4,6 +4,7 @@
     python benchmarks/run.py --quick          # a ~2 minute smoke run
     python benchmarks/run.py --only plain,socat,direct
     python benchmarks/compare.py --before ../old-checkout --after .   # two versions
+    python benchmarks/run.py --udp            # the UDP section instead (udp.py, ~3 minutes)
 
 Systems: direct (no tunnel), socat (the seed's pair), ssh (OpenSSH ssh -R to an sshd of
 our own), haproxy (two HAProxy processes chained, client -> hop 1 -> hop 2 -> server,
@@ -319,7 +320,27 @@ def main(argv: list[str] | None = None) -> int:
         "(with --docs, into docs/ too)",
     )
     ap.add_argument("--docs", action="store_true", help="with --report: write docs/ as well")
+    ap.add_argument(
+        "--udp",
+        action="store_true",
+        help="measure the UDP section instead: datagrams/s, loss and round trips through "
+        "a UDP service (systems direct, tls, plain; see udp.py)",
+    )
     args = ap.parse_args(argv)
+    if args.udp and not args.report:
+        import udp
+
+        only = args.only.split(",") if args.only else [s.key for s in udp.UDP_SYSTEMS]
+        if unknown := set(only) - {s.key for s in udp.UDP_SYSTEMS}:
+            ap.error(f"--udp measures direct, tls and plain, not {', '.join(sorted(unknown))}")
+        params = udp.QUICK if args.quick else udp.FULL
+        figures = [f[0] for f in udp.FIGURES]
+        command = (
+            "python benchmarks/run.py --udp"
+            + (" --quick" if args.quick else "")
+            + (f" --only {args.only}" if args.only else "")
+        )
+        return udp.section(dict(params), only, figures, command, args.quick)
     if args.report:
         return render(json.loads(args.report.read_text()), args.report, args.docs)
     params = QUICK if args.quick else FULL
