@@ -1,6 +1,6 @@
 """The UDP load generator: one process, one JSON object on stdout. Run by udp.py.
 
-    python benchmarks/_udpload.py flood --port P --size 64 --flows 1 --window 128
+    python benchmarks/_udpload.py flood --port P --size 64 --flows 1 --window 512
     python benchmarks/_udpload.py paced --port P --rate 10000 --seconds 3
     python benchmarks/_udpload.py rtt --port P --samples 2000
     python benchmarks/_udpload.py newflow --port P --samples 200
@@ -38,6 +38,7 @@ HEAD = struct.Struct("!QQ")  # sequence number, send time in ns
 BUFFER = 4 << 20  # as the echo server's: capped by net.core.rmem_max / wmem_max
 #: datagrams in flight this long with no echo are written off (a loss must not stall)
 STALL = 0.05
+SO_MEMINFO = 55  # Linux; not in the socket module
 
 
 def _socket(host: str, port: int) -> socket.socket:
@@ -46,6 +47,15 @@ def _socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER)
     sock.connect((host, port))
     return sock
+
+
+def rx_drops(sock: socket.socket) -> int | None:
+    """Datagrams the kernel dropped at this socket (its receive buffer was full):
+    SO_MEMINFO's SK_MEMINFO_DROPS (Linux)."""
+    try:
+        return struct.unpack("9I", sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 36))[8]
+    except OSError:
+        return None
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -129,6 +139,7 @@ def flood(a: argparse.Namespace) -> dict[str, Any]:
         measuring = begin <= now
     elapsed = now - begin
     poller.close()
+    drops = [rx_drops(sock) for sock in socks]
     for sock in socks:
         sock.close()
     return {
@@ -143,6 +154,7 @@ def flood(a: argparse.Namespace) -> dict[str, Any]:
         "echoed_total": echoed,
         "sent_total": sent,
         "send_full": send_full,
+        "rx_drops": None if None in drops else sum(d or 0 for d in drops),
     }
 
 
@@ -193,6 +205,7 @@ def paced(a: argparse.Namespace) -> dict[str, Any]:
     while echoed < sent and time.monotonic() < until:
         select.select([sock], [], [], 0.01)
         drain()
+    drops = rx_drops(sock)
     sock.close()
     return {
         "rate": a.rate,
@@ -204,6 +217,7 @@ def paced(a: argparse.Namespace) -> dict[str, Any]:
         "duplicates": dupes,
         "reordered": reordered,
         "send_full": send_full,
+        "rx_drops": drops,
         "rtt": _latency(rtts),
     }
 
@@ -261,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--flows", type=int, default=1)
-    ap.add_argument("--window", type=int, default=128, help="flood: in flight per flow (0: none)")
+    ap.add_argument("--window", type=int, default=512, help="flood: in flight per flow (0: none)")
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--rate", type=float, default=10_000)

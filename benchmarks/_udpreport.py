@@ -19,6 +19,8 @@ def brief(res: dict[str, Any]) -> str:
         return f"ERROR {res['error']} {wall}"
     cpu = res.get("cpu", {})
     cpus = ", ".join(f"{role} {c['pct']:.0f} %" for role, c in cpu.items())
+    if res.get("other_cpu_pct") is not None:
+        cpus += f", others {res['other_cpu_pct']:.0f} %, host {res['host_cpu_pct']:.0f} %"
     drops = {k: v for k, v in res.get("kernel_drops", {}).items() if v}
     tcpgc = {f"{node} {k}": v for node, d in res.get("tcpgc", {}).items()
              for k, v in d.items() if k.startswith("drops")}  # fmt: skip
@@ -33,8 +35,10 @@ def brief(res: dict[str, Any]) -> str:
         return (f"{res['sent']:,} sent at {res['rate']:,.0f}/s, loss {_pct(res['loss'])}, "
                 f"RTT p50 {_f(rtt['p50_ms'], 3)} / p99 {_f(rtt['p99_ms'], 3)} ms; "
                 f"CPU {cpus}{extra} {wall}")  # fmt: skip
+    socks = res.get("sockets")
+    held = f"; sockets held: {', '.join(f'{r} {n}' for r, n in socks.items())}" if socks else ""
     return (f"p50 {_f(res['p50_ms'], 3)} ms, p99 {_f(res['p99_ms'], 3)} ms, n={res['n']}, "
-            f"lost {res['lost']}{extra} {wall}")  # fmt: skip
+            f"lost {res['lost']}{extra}{held} {wall}")  # fmt: skip
 
 
 def _pct(loss: float | None) -> str:
@@ -124,8 +128,12 @@ def tables(doc: dict[str, Any]) -> str:
                                        ("open_64", ("per_s",)), ("rtt", ("p50_ms",)),
                                        ("rtt", ("p99_ms",)))]  # fmt: skip
             lines.append(f"| {SHORT[k]} | {' | '.join(cells)} |")
-    lines += ["", "| CPU (% of one core; µs per echoed datagram) | figure | LL | CC | echo "
-              "server | generator |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "| CPU (% of one core; µs per echoed datagram) | figure | LL | CC | echo server "
+        "| generator | others on the host | host busy (all CPUs) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for k in keys:
         for fig in ("flood_64", "flood_1400", "flood_64_n", "open_64", "paced_10k", "paced_50k"):
             cpu = _get(doc, k, fig, "cpu")
@@ -141,8 +149,11 @@ def tables(doc: dict[str, Any]) -> str:
                     f"{c['pct']:.0f} % (sys {c['sys_s'] / (c['user_s'] + c['sys_s'] or 1):.0%}){us}"
                 )
 
+            other = _get(doc, k, fig, "other_cpu_pct")
+            others = "–" if other is None else f"{other:.0f} %"
             lines.append(f"| {SHORT[k]} | {fig} | {cell('LL')} | {cell('CC')} | {cell('echo')} "
-                         f"| {cell('load')} |")  # fmt: skip
+                         f"| {cell('load')} | {others} "
+                         f"| {_get(doc, k, fig, 'host_cpu_pct') or 0:.0f} % |")  # fmt: skip
     drops = ["", "| where datagrams were dropped | figure | kernel (socket buffers) | tcpgc "
              "counters |", "|---|---|---|---|"]  # fmt: skip
     for k in keys:

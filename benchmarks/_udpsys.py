@@ -70,11 +70,13 @@ def udp_drops(pid: int) -> int:
     return sum(int(r[12]) for r in _udp_table() if len(r) > 12 and r[9] in inodes)
 
 
-def snmp_udp() -> dict[str, int]:
-    """The host's UDP counters (/proc/net/snmp), e.g. RcvbufErrors."""
-    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()
-             if line.startswith("Udp:")]  # fmt: skip
-    return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:], strict=True)}
+def host_busy() -> tuple[float, float]:
+    """CPU seconds of the whole machine (all CPUs; /proc/stat): what processes ran
+    (user, nice, system: comparable with their own utime + stime), and everything
+    busy (also interrupts and softirqs, where the kernel moves loopback packets)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    return sum(fields[:3]) / tick, (sum(fields[:3]) + fields[5] + fields[6]) / tick
 
 
 def cpu_times(pid: int) -> tuple[float, float]:
@@ -157,13 +159,15 @@ class UdpDirect(System):
 class UdpTcpgc(System):
     """A `tcpgc ll` and a `tcpgc cc` with one UDP service, each with an admin endpoint
     on loopback (for the tcpgc_udp_* metrics). With `profile`, each node runs under
-    cProfile and writes `<profile>/<key>-ll.prof` and `-cc.prof` when it stops."""
+    cProfile and writes `<profile>/<key>-ll.prof` and `-cc.prof` when it stops;
+    without `metrics`, neither has an admin endpoint, so neither keeps metrics."""
 
     plaintext = False
 
-    def __init__(self, workdir: Path, profile: Path | None = None) -> None:
+    def __init__(self, workdir: Path, profile: Path | None = None, metrics: bool = True) -> None:
         super().__init__(workdir)
         self.profile = profile
+        self.with_metrics = metrics
         self.admin: dict[str, int] = {}
 
     def _argv(self, node: str, config: Path) -> list[str]:
@@ -176,7 +180,9 @@ class UdpTcpgc(System):
     def start(self, target: int) -> Addr:
         self.runs += 1
         clients, agents = free_udp_port(), free_port()
-        self.admin = {"LL": free_port(), "CC": free_port()}
+        # without an admin endpoint a node keeps no metrics (what they cost, measured)
+        self.admin = {"LL": free_port(), "CC": free_port()} if self.with_metrics else {}
+        admin = {node: f'admin = "{LOCAL}:{port}"\n' for node, port in self.admin.items()}
         state = self.workdir / f"state.{self.runs}"
         token = subprocess.run(
             tcpgc_argv("token", "--state-dir", str(state)), env=tcpgc_env(),
@@ -189,12 +195,12 @@ class UdpTcpgc(System):
         ll_conf = self.workdir / f"ll.{self.runs}.toml"
         ll_conf.write_text(
             f'cc = "{LOCAL}:{agents}"\nstate_dir = "{state}"\n'
-            f'admin = "{LOCAL}:{self.admin["LL"]}"\n{common}'
+            f"{admin.get('LL', '')}{common}"
             f'[services.{SERVICE}]\nclients = "{LOCAL}:{clients}"\nprotocol = "udp"\n'
         )
         cc_conf = self.workdir / f"cc.{self.runs}.toml"
         cc_conf.write_text(
-            f'll = ["{LOCAL}:{agents}"]\nadmin = "{LOCAL}:{self.admin["CC"]}"\n{common}'
+            f'll = ["{LOCAL}:{agents}"]\n{admin.get("CC", "")}{common}'
             f'[services.{SERVICE}]\nserver = "{LOCAL}:{target}"\nprotocol = "udp"\n'
         )
         ll = self._spawn("ll", self._argv("ll", ll_conf), env=tcpgc_env())

@@ -14,19 +14,23 @@ server) runs first, in the same run: it shows how far the generator and the echo
 go on this machine, and every tunnel figure is also given as a ratio to it.
 
 Figures:
-- datagrams/s: echoes counted over `seconds` after `warmup`, each flow keeping at most
-  `window` datagrams in flight (a closed loop: the rate the path sustains without
-  overflowing a buffer); 64 B and 1,400 B payloads, 1 flow and 8 flows; and 64 B flat
-  out (no window: what comes back when the sender never waits);
-- loss at 10,000/s and 50,000/s of 64 B (paced in 1 ms steps, one flow), with the
-  round trips under that load;
-- round trip of one 64 B datagram at a time on an open flow, and of the first
-  datagram of a new flow.
-For each: the CPU of the LL, the CC, the echo server and the generator (/proc), and
-where datagrams were dropped (kernel socket buffers: /proc/net/udp; tcpgc's own
-counters: tcpgc_udp_drops_total from each node's admin endpoint). Results go to
-benchmarks/results/udp-*.json and .md. `--profile` runs both nodes under cProfile
-(slower, so its figures are not the product's) and prints where their time goes.
+- datagrams/s: echoes counted over 3 s after 1 s of warm-up, each flow keeping at most
+  512 datagrams in flight (`--window`; a closed loop: the rate the path sustains
+  without overflowing a socket buffer); 64 B and 1,400 B payloads, 1 flow and 8 flows;
+  and 64 B flat out (no window: what comes back when the sender never waits);
+- loss at 10,000/s and 50,000/s of 64 B (one flow, 3 s, then 1 s for late echoes),
+  with the round trips under that load;
+- round trip of one 64 B datagram at a time on an open flow (2,000), and of the first
+  datagram of a new flow (200, each from a new source port).
+For each: the CPU of the LL, the CC, the echo server and the generator (/proc); what
+other processes of the host ran meanwhile (a figure disturbed by more than 20 % of a
+CPU is measured once more after the machine is quiet, and the quieter run kept); where
+datagrams were dropped (kernel socket buffers: /proc/net/udp and the generator's
+SO_MEMINFO; tcpgc's own counters: tcpgc_udp_drops_total from each node's admin
+endpoint). Results go to benchmarks/results/udp-*.json and .md. `--no-metrics` runs
+the nodes without admin endpoints (so without metrics: what they cost); `--profile`
+runs both under cProfile (slower, so its figures are not the product's) and prints
+where their time goes.
 """
 
 from __future__ import annotations
@@ -46,26 +50,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _udpreport  # noqa: E402
 import run  # noqa: E402
-from _procs import Proc, run_script, stop_all, wait_quiet  # noqa: E402
+from _procs import Proc, fd_kinds, run_script, stop_all, wait_quiet  # noqa: E402
 from _systems import System  # noqa: E402
 from _udpsys import (  # noqa: E402
     HERE,
     UDP_SYSTEMS,
     UdpTcpgc,
     cpu_times,
+    host_busy,
     metric_delta,
     probe,
-    snmp_udp,
     start_echo,
     udp_drops,
 )
 
 RESULTS = run.RESULTS
+#: CPU other processes of the host may take during a figure (% of one CPU) before the
+#: figure is measured again
+NOISY = 20.0
 
 FULL = {
     "warmup": 1.0,
     "seconds": 3.0,
-    "window": 128,
+    "window": 512,
     "flows": 8,
     "paced_seconds": 3.0,
     "drain": 1.0,
@@ -148,7 +155,7 @@ def measure(system: System, addr: tuple[str, int], echo: list[Proc], mode: str,
                 for role, pids in roles.items()
                 if role != "load"
             },  # fmt: skip
-            "snmp": snmp_udp(),
+            "host_busy": host_busy(),
             "tcpgc": system.metrics() if isinstance(system, UdpTcpgc) else {},
         }
 
@@ -177,7 +184,7 @@ def measure(system: System, addr: tuple[str, int], echo: list[Proc], mode: str,
     if mode == "paced":
         # late echoes arrive after the span: the drops counted over the whole figure
         time.sleep(0.2)
-        after.update({k: v for k, v in snapshot().items() if k in ("drops", "snmp", "tcpgc")})
+        after.update({k: v for k, v in snapshot().items() if k in ("drops", "tcpgc")})
     cpu: dict[str, Any] = {}
     for role in roles:
         if role == "load" and not span:
@@ -186,12 +193,22 @@ def measure(system: System, addr: tuple[str, int], echo: list[Proc], mode: str,
         cpu[role] = {"user_s": user, "sys_s": sys_, "pct": (user + sys_) / wall * 100}
         if mode == "flood" and out.get("echoed"):
             cpu[role]["us_per_datagram"] = (user + sys_) / out["echoed"] * 1e6
+    # what else ran on the machine meanwhile (other users of a shared host): its CPU
+    # makes this figure's numbers lower than the code's
+    busy, total = (a - b for a, b in zip(after["host_busy"], before["host_busy"], strict=True))
+    ours = sum(c["user_s"] + c["sys_s"] for c in cpu.values())
+    out["other_cpu_pct"] = max(0.0, busy - ours) / wall * 100 if span else None
+    # all CPUs together (200 % on two): how close the machine was to saturation
+    out["host_cpu_pct"] = total / wall * 100
     out["cpu"] = cpu
     out["cpu_wall_s"] = wall
     out["kernel_drops"] = {role: after["drops"][role] - before["drops"][role]
                            for role in after["drops"]}  # fmt: skip
-    out["snmp"] = {k: v - before["snmp"].get(k, 0) for k, v in after["snmp"].items()
-                   if k.endswith("Errors") and v - before["snmp"].get(k, 0)}  # fmt: skip
+    # sockets each node holds now: a flow holds a data connection until it ends
+    out["sockets"] = {role: sum(fd_kinds(pid)["socket"] for pid in pids)
+                      for role, pids in roles.items() if role in system.nodes}  # fmt: skip
+    if out.get("rx_drops"):
+        out["kernel_drops"]["load"] = out["rx_drops"]
     out["tcpgc"] = {node: metric_delta(after["tcpgc"][node], before["tcpgc"].get(node, {}),
                                        "tcpgc_udp_") for node in after["tcpgc"]}  # fmt: skip
     return out
@@ -212,7 +229,17 @@ def measure_system(system: System, p: dict[str, Any], figures: list[str],
                 continue
             t0 = time.monotonic()
             try:
-                out[name] = measure(system, addr, echo, mode, opts, p, workdir / system.key)
+                res = measure(system, addr, echo, mode, opts, p, workdir / system.key)
+                if (res.get("other_cpu_pct") or 0) > NOISY:
+                    # another user of the machine took CPU meanwhile: once more, after
+                    # waiting for a quiet machine, and the quieter of the two is kept
+                    print(f"  {name:<13} others took {res['other_cpu_pct']:.0f} % of a CPU: "
+                          "measured again", flush=True)  # fmt: skip
+                    wait_quiet()
+                    again = measure(system, addr, echo, mode, opts, p, workdir / system.key)
+                    res = min(res, again, key=lambda r: r.get("other_cpu_pct") or 0)
+                    res["measured"] = 2
+                out[name] = res
             except Exception as exc:  # noqa: BLE001 - one figure failing keeps the others
                 out[name] = {"error": f"{type(exc).__name__}: {exc}"}
             out[name]["wall_s"] = round(time.monotonic() - t0, 2)
@@ -252,8 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--figures", help="comma-separated figures: "
                     + ",".join(f[0] for f in FIGURES))  # fmt: skip
     ap.add_argument("--flows", type=int, help="flows of the *_n figures (default 8)")
-    ap.add_argument("--window", type=int, help="datagrams in flight per flow (default 128)")
+    ap.add_argument("--window", type=int, help="datagrams in flight per flow (default 512)")
     ap.add_argument("--load-procs", type=int, help="generator processes per figure (default 1)")
+    ap.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="nodes without an admin endpoint, so without metrics (what they cost)",
+    )
     ap.add_argument(
         "--profile",
         action="store_true",
@@ -278,11 +310,12 @@ def main(argv: list[str] | None = None) -> int:
             params[key] = getattr(args, key)
     command = "python benchmarks/udp.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:]))  # fmt: skip
-    return section(params, only, figures, command, args.quick, args.profile)
+    return section(params, only, figures, command, args.quick, args.profile,
+                   not args.no_metrics)  # fmt: skip
 
 
 def section(params: dict[str, Any], only: list[str], figures: list[str], command: str,
-            quick: bool, profile: bool = False) -> int:  # fmt: skip
+            quick: bool, profile: bool = False, metrics: bool = True) -> int:  # fmt: skip
     """Measure the UDP systems in `only` (direct first), print the tables, write the
     results; run.py --udp comes here too."""
     started = datetime.datetime.now(datetime.UTC)
@@ -292,6 +325,7 @@ def section(params: dict[str, Any], only: list[str], figures: list[str], command
         "quick": quick,
         "params": params,
         "profile": profile,
+        "metrics": metrics,
         "machine": run.machine(),
         "tcpgc_loop": run.tcpgc_loop(),
         "load_before": run.loadavg(),
@@ -310,7 +344,10 @@ def section(params: dict[str, Any], only: list[str], figures: list[str], command
         for cls in UDP_SYSTEMS:
             if cls.key not in only:
                 continue
-            system = cls(workdir, prof_dir) if issubclass(cls, UdpTcpgc) else cls(workdir)
+            if issubclass(cls, UdpTcpgc):
+                system: System = cls(workdir, prof_dir, metrics)
+            else:
+                system = cls(workdir)
             quiet = wait_quiet()
             print(f"== UDP {system.label} (after {quiet:.1f} s waiting for an idle machine)",
                   flush=True)  # fmt: skip
