@@ -164,8 +164,16 @@ class UdpTcpgc(System):
 
     plaintext = False
 
-    def __init__(self, workdir: Path, profile: Path | None = None, metrics: bool = True) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        profile: Path | None = None,
+        metrics: bool = True,
+        src: Path | None = None,
+    ) -> None:
+        """`src`: the source tree whose tcpgc runs (default: this working tree's src/)."""
         super().__init__(workdir)
+        self.src = src
         self.profile = profile
         self.with_metrics = metrics
         self.admin: dict[str, int] = {}
@@ -185,7 +193,7 @@ class UdpTcpgc(System):
         admin = {node: f'admin = "{LOCAL}:{port}"\n' for node, port in self.admin.items()}
         state = self.workdir / f"state.{self.runs}"
         token = subprocess.run(
-            tcpgc_argv("token", "--state-dir", str(state)), env=tcpgc_env(),
+            tcpgc_argv("token", "--state-dir", str(state)), env=tcpgc_env(src=self.src),
             capture_output=True, text=True, check=True, timeout=60,
         ).stdout.strip().splitlines()[-1]  # fmt: skip
         common = (
@@ -203,13 +211,13 @@ class UdpTcpgc(System):
             f'll = ["{LOCAL}:{agents}"]\n{admin.get("CC", "")}{common}'
             f'[services.{SERVICE}]\nserver = "{LOCAL}:{target}"\nprotocol = "udp"\n'
         )
-        ll = self._spawn("ll", self._argv("ll", ll_conf), env=tcpgc_env())
+        ll = self._spawn("ll", self._argv("ll", ll_conf), env=tcpgc_env(src=self.src))
         deadline = time.monotonic() + 20
         while not udp_bound(clients):
             if ll.popen.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the LL does not serve UDP port {clients}: {ll.tail()}")
             time.sleep(0.05)
-        cc = self._spawn("cc", self._argv("cc", cc_conf), env=tcpgc_env(token))
+        cc = self._spawn("cc", self._argv("cc", cc_conf), env=tcpgc_env(token, src=self.src))
         self.nodes = {"LL": ll, "CC": cc}
         cc.wait_log(r"connected to LL", 20)
         return (LOCAL, clients)

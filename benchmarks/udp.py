@@ -5,6 +5,7 @@
     python benchmarks/udp.py --only direct,plain
     python benchmarks/run.py --udp           # the same section, from run.py
     python benchmarks/udp.py --only plain --profile   # the nodes under cProfile
+    python benchmarks/udp.py --only plain,tls --figures flood_64,open_64 --src ../other
 
 A UDP echo server (benchmarks/_udpecho.py) and, for `tls` and `plain`, a `tcpgc ll`
 and a `tcpgc cc` with one UDP service in front of it. The load generator
@@ -51,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _udpreport  # noqa: E402
 import run  # noqa: E402
 from _procs import Proc, fd_kinds, run_script, stop_all, wait_quiet  # noqa: E402
-from _systems import System  # noqa: E402
+from _systems import ROOT, System  # noqa: E402
 from _udpsys import (  # noqa: E402
     HERE,
     UDP_SYSTEMS,
@@ -282,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, help="datagrams in flight per flow (default 512)")
     ap.add_argument("--load-procs", type=int, help="generator processes per figure (default 1)")
     ap.add_argument(
+        "--src",
+        type=Path,
+        metavar="TREE",
+        help="run the tcpgc of another checkout (its src/), e.g. to compare two versions",
+    )
+    ap.add_argument(
         "--no-metrics",
         action="store_true",
         help="nodes without an admin endpoint, so without metrics (what they cost)",
@@ -311,11 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/udp.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:]))  # fmt: skip
     return section(params, only, figures, command, args.quick, args.profile,
-                   not args.no_metrics)  # fmt: skip
+                   not args.no_metrics, args.src)  # fmt: skip
 
 
 def section(params: dict[str, Any], only: list[str], figures: list[str], command: str,
-            quick: bool, profile: bool = False, metrics: bool = True) -> int:  # fmt: skip
+            quick: bool, profile: bool = False, metrics: bool = True,
+            src: Path | None = None) -> int:  # fmt: skip
     """Measure the UDP systems in `only` (direct first), print the tables, write the
     results; run.py --udp comes here too."""
     started = datetime.datetime.now(datetime.UTC)
@@ -326,6 +334,7 @@ def section(params: dict[str, Any], only: list[str], figures: list[str], command
         "params": params,
         "profile": profile,
         "metrics": metrics,
+        "src": str((src or ROOT).resolve()),
         "machine": run.machine(),
         "tcpgc_loop": run.tcpgc_loop(),
         "load_before": run.loadavg(),
@@ -345,7 +354,7 @@ def section(params: dict[str, Any], only: list[str], figures: list[str], command
             if cls.key not in only:
                 continue
             if issubclass(cls, UdpTcpgc):
-                system: System = cls(workdir, prof_dir, metrics)
+                system: System = cls(workdir, prof_dir, metrics, src and src / "src")
             else:
                 system = cls(workdir)
             quiet = wait_quiet()
