@@ -4,7 +4,7 @@
     python benchmarks/run.py --quick          # a ~2 minute smoke run
     python benchmarks/run.py --only plain,socat,direct
     python benchmarks/compare.py --before ../old-checkout --after .   # two versions
-    python benchmarks/run.py --udp            # the UDP section instead (udp.py, ~3 minutes)
+    python benchmarks/run.py --udp            # the UDP section instead (udp.py, ~2 minutes)
 
 Systems: direct (no tunnel), socat (the seed's pair), ssh (OpenSSH ssh -R to an sshd of
 our own), haproxy (two HAProxy processes chained, client -> hop 1 -> hop 2 -> server,

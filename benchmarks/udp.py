@@ -1,7 +1,7 @@
 """UDP services through tcpgc against no tunnel, on loopback, in one run.
 
-    python benchmarks/udp.py                 # direct, TLS, plaintext: about 3 minutes
-    python benchmarks/udp.py --quick         # about 1.5 minutes
+    python benchmarks/udp.py                 # direct, TLS, plaintext: about 2 minutes
+    python benchmarks/udp.py --quick         # about 1 minute
     python benchmarks/udp.py --only direct,plain
     python benchmarks/run.py --udp           # the same section, from run.py
     python benchmarks/udp.py --only plain --profile   # the nodes under cProfile
@@ -274,7 +274,7 @@ def profiles(folder: Path, out: Path, top: int = 25) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="shorter figures (about 1.5 minutes)")
+    ap.add_argument("--quick", action="store_true", help="shorter figures (about 1 minute)")
     ap.add_argument("--only", help="comma-separated systems: "
                     + ",".join(s.key for s in UDP_SYSTEMS))  # fmt: skip
     ap.add_argument("--figures", help="comma-separated figures: "
