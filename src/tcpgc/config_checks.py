@@ -4,6 +4,7 @@ key it is about) instead of stopping at the first; and finding a key's line for 
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_network
@@ -82,7 +83,12 @@ class ConfigProblems:
         label: str = "",
     ) -> float:
         value = data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)  # nan passes `<`, and would break the timers
+            or value < minimum
+        ):
             self.add(label or key, f"expected a number of seconds >= {minimum}, got {value!r}")
             return default
         return float(value)

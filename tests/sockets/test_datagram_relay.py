@@ -21,6 +21,7 @@ from tcpgc.config import Address
 from tcpgc.protocol.chunks import END
 from tcpgc.protocol.datagrams import DatagramDecoder, encode_datagram
 from tcpgc.relay.datagrams import DatagramRelay, FlowCounters
+from tcpgc.relay.rate_limit import RateLimits
 from tcpgc.transport.link import Link
 
 
@@ -38,20 +39,29 @@ class _Rig:
         self.idle: list[Link] = []
         self.decoder = DatagramDecoder()
         self.link: Link | None = None
+        self.end: ServerFlowEnd | None = None
         self._listener: asyncio.Server | None = None
 
-    async def start(self, idle_timeout: float = 30.0, first: bytes = b"") -> DatagramRelay:
+    async def start(
+        self, idle_timeout: float = 30.0, first: bytes = b"", held: bytes = b""
+    ) -> DatagramRelay:
+        """The relay, once the data connection holds `held` (sent by the peer before
+        the relay exists, as an LL may send a flow's end right behind its OPEN)."""
         accepted: asyncio.Queue[Link] = asyncio.Queue()
         self._listener = await self.loop.create_server(
             lambda: Link(on_made=accepted.put_nowait), "127.0.0.1", 0
         )
         await self.loop.sock_connect(self.peer, self._listener.sockets[0].getsockname())
         self.link = await accepted.get()
-        end: ServerFlowEnd = await open_server_socket(
-            Address("127.0.0.1", self.server.getsockname()[1])
-        )
+        if held:
+            await self.loop.sock_sendall(self.peer, held)
+            for _ in range(1000):  # at most 5 s
+                if len(self.link.buffered) >= len(held):
+                    break
+                await asyncio.sleep(0.005)
+        self.end = await open_server_socket(Address("127.0.0.1", self.server.getsockname()[1]))
         counters = FlowCounters(drop=lambda reason: self.drops.update([reason]))
-        return start_flow(end, self.link, first, counters, idle_timeout, self.idle.append)
+        return start_flow(self.end, self.link, first, counters, idle_timeout, self.idle.append)
 
     async def from_server(self, within: float = 5.0) -> tuple[bytes, object]:
         # (uvloop has no sock_recvfrom.)
@@ -182,5 +192,52 @@ def test_a_full_data_connection_drops_datagrams_and_counts_them(loop: str) -> No
             assert r.drops["queue_full"] > 0
             assert relay.congested
             assert not relay.ended
+
+    run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize(
+    ("held", "ended"),
+    [
+        (encode_datagram(b"one") + END, "ended by the LL"),
+        ((70000).to_bytes(4, "big"), "error: datagram of 70000 bytes (at most 65527)"),
+    ],
+)
+def test_a_flow_whose_end_or_fault_came_before_its_relay_ends_cleanly(
+    loop: str, held: bytes, ended: str
+) -> None:
+    """What the data connection held when the relay was built is handled in the
+    constructor: the flow ends there and then, its socket is closed and no reader is
+    left on its descriptor (which the next socket may reuse)."""
+
+    async def main() -> None:
+        async with rig() as r:
+            relay = await r.start(first=b"first", held=held)
+            assert relay.ended and relay.result.ended == ended
+            assert (await asyncio.wait_for(relay.done, 5)).ended == ended
+            assert r.end is not None and r.end.sock.fileno() == -1
+            assert r.end.relay is None  # never read: the socket was closed first
+            await asyncio.sleep(0.05)  # a stray reader on a closed descriptor would fire
+            assert (await r.from_server())[0] == b"first"
+
+    run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_rate_limit_drops_datagrams_over_it_and_counts_them(loop: str) -> None:
+    async def main() -> None:
+        async with rig() as r:
+            relay = await r.start()
+            relay.limits = RateLimits.of(200_000)  # 25 kB/s, a burst of 16 KiB
+            client_port = relay.a.sock.getsockname()  # type: ignore[attr-defined]
+            for _ in range(100):
+                r.server.sendto(b"x" * 1000, client_port)
+            # The burst (16 KiB: 16 datagrams) goes; the rest of a 100 sent at once is
+            # over the rate and dropped, not delayed.
+            assert await r.from_relay(16) == [b"x" * 1000] * 16
+            await asyncio.sleep(0.02)
+            assert 16 <= relay.datagrams_up <= 18
+            assert r.drops["rate_limited"] == 100 - relay.datagrams_up
 
     run_on(loop, main)

@@ -26,6 +26,7 @@ from tcpgc.relay.rate_limit import (
     RateLimits,
     Throttle,
     TokenBucket,
+    admit,
     combine,
 )
 
@@ -295,3 +296,15 @@ def test_a_client_answers_to_its_service_its_own_limit_and_its_agent() -> None:
         assert clients._limits(services["free"], agent) is None  # no cost at all
 
     asyncio.run(main())
+
+
+def test_admit_polices_datagrams_without_debt() -> None:
+    """A datagram fits in every bucket or is refused whole; a refusal takes nothing."""
+    fast, slow = TokenBucket(8_000_000, now=0.0), TokenBucket(400_000, now=0.0)
+    burst = int(slow.burst)  # 16 KiB: the slow one's burst is the floor
+    assert admit((fast, slow), burst, 0.0)
+    assert not admit((fast, slow), 1, 0.0)  # the slow bucket is empty
+    assert fast.level == fast.burst - burst  # and the refusal took nothing from either
+    assert slow.level == 0
+    assert admit((fast, slow), 5000, 0.1)  # 0.1 s at 50 kB/s refilled 5,000 bytes
+    assert not admit((fast, slow), 1, 0.1)

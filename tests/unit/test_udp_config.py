@@ -101,3 +101,14 @@ def test_each_agent_mistake_is_one_problem_naming_its_key(
     problems = _problems(data, cc_config_from)
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"f.toml: {key}: ")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_number_that_is_not_finite_is_refused(value: float) -> None:
+    """nan compares false with everything, so it passed `< minimum`; an infinite idle
+    timeout would keep every flow for ever."""
+    body = {"clients": "127.0.0.1:0", "protocol": "udp", "udp_idle_timeout": value}
+    problems = _problems(_ll({"s": body}))
+    assert len(problems) == 1
+    assert problems[0].startswith("f.toml: services.s.udp_idle_timeout: ")
+    assert len(_problems({**_ll({}), "client_wait": value})) == 1

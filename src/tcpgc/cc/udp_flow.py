@@ -111,8 +111,14 @@ def start_flow(
             first = b""
             if counters.drop is not None:
                 counters.drop("send_failed")
-    relay = DatagramRelay(end, data_link, counters, idle_timeout, on_idle, "the LL")
+    try:
+        relay = DatagramRelay(end, data_link, counters, idle_timeout, on_idle, "the LL")
+    except BaseException:
+        end.abort()
+        data_link.abort()
+        raise
     if first:
         relay.sent_ahead(len(first), up=False)
-    end.relay_with(relay)
+    if not relay.ended:  # else its socket is closed: no reader for a number reused
+        end.relay_with(relay)
     return relay

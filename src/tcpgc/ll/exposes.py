@@ -34,6 +34,11 @@ from tcpgc.transport.link import Link
 
 log = logging.getLogger("tcpgc.ll")
 
+#: The flow caps of a UDP port an agent exposes (a configured UDP service sets its own):
+#: an agent may expose 32 ports, and each flow holds a data connection.
+EXPOSED_MAX_FLOWS = 500
+EXPOSED_MAX_FLOWS_PER_SOURCE = 100
+
 _SHARED_TOKEN_NO_EXPOSE = (
     "the LL's shared join token may expose no port; give this agent its own credential "
     "('tcpgc agent add NAME --ports LOW-HIGH' on the LL)"
@@ -245,7 +250,10 @@ class ExposedPorts:
         if self.open_udp is None:
             sock.close()
             return
-        listener = ServiceListener(Address(entry.host, entry.port), protocol="udp")
+        listener = ServiceListener(
+            Address(entry.host, entry.port), protocol="udp", max_flows=EXPOSED_MAX_FLOWS,
+            max_flows_per_source=EXPOSED_MAX_FLOWS_PER_SOURCE,
+        )  # fmt: skip
         entry.service = self.open_udp(name, listener, sock)
         entry.service.exposed_by = entry.owner
         self._services[name] = entry.service

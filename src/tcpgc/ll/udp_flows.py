@@ -20,6 +20,7 @@ import time
 from typing import Any, Protocol
 
 from tcpgc.config import ServiceListener
+from tcpgc.ll.admission import network_of
 from tcpgc.ll.agents import AgentSession
 from tcpgc.ll.pairing import EARLY_BYTES, ClientPairing
 from tcpgc.ll.ready import ReadyConnections
@@ -35,9 +36,12 @@ log = logging.getLogger("tcpgc.ll")
 #: Datagrams read per wake-up of a socket's reader, so that one busy service cannot
 #: hold the loop from the others.
 READ_BUDGET = 1024
-#: Datagrams, and their bytes, a flow may queue while it waits for its agent.
+#: Datagrams, and their bytes, a flow may queue while it waits for its agent, and the
+#: bytes all of a service's waiting flows may queue together: a flood of new addresses
+#: while no agent answers must cost little.
 WAIT_QUEUE = 64
 WAIT_QUEUE_BYTES = 256 * 1024
+WAITING_BYTES = 4 * 1024 * 1024
 #: At most one warning per this many seconds about flows refused at a cap.
 WARN_EVERY = 10.0
 
@@ -130,12 +134,13 @@ class UdpFlows:
         self._tasks = tasks
         self.flows: dict[Any, Flow] = {}
         self._per_source: collections.Counter[str] = collections.Counter()
+        self._waiting_bytes = 0  # queued by flows waiting for their agent
         self._warned = 0.0
         m = metrics
         self._drops = {
             reason: m.child(m.udp_drops, name, reason)
             for reason in ("queue_full", "max_flows", "source_flows", "denied", "no_agent",
-                           "send_failed", "empty")
+                           "send_failed", "empty", "rate_limited")
         }  # fmt: skip
         self._counters = FlowCounters(
             m.counting(m.udp_datagrams, name, "in"),
@@ -169,27 +174,37 @@ class UdpFlows:
                 self._new_flow(sock, address, data)
 
     def _queue(self, flow: Flow, data: bytes) -> None:
-        if len(flow.queue) >= WAIT_QUEUE or flow.queued + len(data) > WAIT_QUEUE_BYTES:
+        if (
+            len(flow.queue) >= WAIT_QUEUE
+            or flow.queued + len(data) > WAIT_QUEUE_BYTES
+            or self._waiting_bytes + len(data) > WAITING_BYTES
+        ):
             self._drop("queue_full")
             return
         flow.queue.append(data)
         flow.queued += len(data)
+        self._waiting_bytes += len(data)
 
     def _new_flow(self, sock: socket.socket, address: Any, data: bytes) -> None:
         service = self.service
         if service is None:
             return
         config = service.config
-        source = endpoint_of(address)[0]
+        host = endpoint_of(address)[0]
         if not data:
             self._drop("empty")  # a 0-byte datagram cannot cross (protocol.md)
             return
-        if config.admits(source) is not None:
+        if self._waiting_bytes + len(data) > WAITING_BYTES:
+            self._drop("queue_full")
+            return
+        if config.admits(host) is not None:
             self._drop("denied")
             return
         if len(self.flows) >= config.max_flows:
             self._refuse("max_flows", f"at its limit of {config.max_flows} flows")
             return
+        # A source is an IPv4 address, or an IPv6 /64: one host may hold a whole /64.
+        source = network_of(host) if ":" in host else host
         if self._per_source[source] >= config.max_flows_per_source:
             self._refuse(
                 "source_flows",
@@ -199,6 +214,7 @@ class UdpFlows:
         flow = Flow(self, sock, address, source)
         flow.queue.append(data)
         flow.queued = len(data)
+        self._waiting_bytes += len(data)
         self.flows[address] = flow
         self._per_source[source] += 1
         m = self._metrics
@@ -243,20 +259,26 @@ class UdpFlows:
             data_link.abort()
             flow.abort()
             return
+        queue, flow.queue = flow.queue, []
+        self._waiting_bytes -= flow.queued
+        flow.queued = 0
+        first = queue.pop(0) if early else b""  # it went behind OPEN
         relay = DatagramRelay(
             flow, data_link, self._counters, service.config.udp_idle_timeout,
             on_idle=self._ready.data_connection_idle, peer_node="the agent",
+            limits=agent.rate,  # its --rate covers its UDP flows too
         )  # fmt: skip
-        queue, flow.queue, flow.queued = flow.queue, [], 0
-        if early:  # the first datagram went behind OPEN
-            relay.sent_ahead(len(queue[0]))
-            queue = queue[1:]
+        if first:
+            relay.sent_ahead(len(first))
+        relay.on_done = lambda result: self._finished(service, agent, flow, relay, result)
+        if relay.ended:  # the agent's DATA came with the flow's end (or a fault)
+            self._drop("no_agent", len(queue))
+            return
         flow.relay = relay
         for datagram in queue:
             relay.send_up(datagram)
         service.relays.add(relay)
         agent.relays.add(relay)
-        relay.on_done = lambda result: self._finished(service, agent, flow, relay, result)
 
     def _finished(
         self,
@@ -287,7 +309,8 @@ class UdpFlows:
             del self._per_source[flow.source]
         if flow.queue:  # never paired: what it queued is lost
             self._drop("no_agent", len(flow.queue))
-            flow.queue = []
+            self._waiting_bytes -= flow.queued
+            flow.queue, flow.queued = [], 0
         m = self._metrics
         m.child(m.udp_flows_active, self.name).dec()
 

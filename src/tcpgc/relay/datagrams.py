@@ -30,6 +30,7 @@ from typing import Protocol
 from tcpgc.errors import ProtocolError
 from tcpgc.protocol.chunks import END
 from tcpgc.protocol.datagrams import MAX_DATAGRAM, DatagramDecoder
+from tcpgc.relay.rate_limit import RateLimits, admit
 from tcpgc.relay.result import ByteCounter, Completion, RelayResult
 from tcpgc.transport.link import Link
 from tcpgc.transport.link_handlers import Ignoring
@@ -112,7 +113,8 @@ class DatagramRelay(Completion):
     __slots__ = (
         "a", "b", "result", "counters", "idle_timeout", "on_idle", "datagrams_up",
         "datagrams_down", "dropped", "congested", "ended", "sent_end", "got_end",
-        "released", "leftover", "peer_node", "_out", "_out_bytes", "_timer", "_loop",
+        "released", "leftover", "peer_node", "limits", "_out", "_out_bytes", "_timer",
+        "_loop",
     )  # fmt: skip
 
     def __init__(
@@ -123,8 +125,12 @@ class DatagramRelay(Completion):
         idle_timeout: float,
         on_idle: Callable[[Link], None] | None = None,
         peer_node: str = "the other node",
+        limits: RateLimits | None = None,
     ) -> None:
+        """The flow may be over when this returns (check `ended`): what `b` holds
+        already (an end marker, a bad chunk, its EOF) is handled at once."""
         self.a = a
+        self.limits = limits
         self.peer_node = peer_node  # who ends the flow with its end marker, for the log
         self.b = b
         self.result = RelayResult()
@@ -141,11 +147,11 @@ class DatagramRelay(Completion):
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._loop = asyncio.get_running_loop()
-        b.move_to_socket()
-        b.attach(_DataSide(self))
         self._timer: asyncio.TimerHandle | None = self._loop.call_later(
             idle_timeout, self._check_idle
         )
+        b.move_to_socket()
+        b.attach(_DataSide(self))  # last: it replays what b holds, which may end the flow
 
     # ---- datagrams -----------------------------------------------------------------------
 
@@ -161,6 +167,9 @@ class DatagramRelay(Completion):
             return
         if self.congested or size > MAX_DATAGRAM:
             self.drop("queue_full")
+            return
+        if self.limits is not None and not admit(self.limits.up, size, time.monotonic()):
+            self.drop("rate_limited")
             return
         out = self._out
         if not out:
@@ -208,7 +217,12 @@ class DatagramRelay(Completion):
         """Datagrams from the data connection, to the UDP side."""
         a, c = self.a, self.counters
         sent = size = 0
+        limits = self.limits.down if self.limits is not None else ()
+        now = time.monotonic()
         for payload in datagrams:
+            if limits and not admit(limits, len(payload), now):
+                self.drop("rate_limited")
+                continue
             try:
                 a.send(payload)
             except OSError:  # its socket buffer is full, or the server refused it
@@ -289,7 +303,8 @@ class DatagramRelay(Completion):
         self.b.abort()
         if not self.ended:
             self.ended = True
-            self.result.ended = reason
+            if self.result.ended == "closed":  # a caller may have said why first
+                self.result.ended = reason
             self.a.abort()
             self._settle()
 

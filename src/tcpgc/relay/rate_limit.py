@@ -60,6 +60,19 @@ class TokenBucket:
         return 0.0 if level >= 0 else -level / self.bytes_per_s
 
 
+def admit(buckets: Sequence[TokenBucket], n: int, now: float) -> bool:
+    """Whether `n` bytes of a datagram fit in every bucket now; if so they are taken.
+    A datagram over the rate is dropped, not delayed (policing, where a stream is
+    paused): it is never taken in part, and never puts a bucket in debt."""
+    for bucket in buckets:
+        level = bucket.level + (now - bucket.stamp) * bucket.bytes_per_s
+        if min(level, bucket.burst) < n:
+            return False
+    for bucket in buckets:
+        bucket.take(n, now)
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class RateLimits:
     """The buckets a relay answers to, per direction: `up` for what the client (the
