@@ -595,11 +595,12 @@ class InsiderAgent:
     def next_open(self, timeout: float = 10.0) -> Open:
         return self.opens.get(timeout=timeout)
 
-    def claim(self, conn_id: bytes) -> socket.socket:
-        """A data connection presenting `conn_id`: the client's stream follows on it."""
+    def claim(self, conn_id: bytes, then: bytes = b"") -> socket.socket:
+        """A data connection presenting `conn_id`: the client's stream follows on it
+        (`then`: bytes sent in the same write as DATA)."""
         sock = self._dial()
         proof = data_proof(self.session_key, conn_id, self.token.fingerprint)
-        sock.sendall(encode(Data(MAX_VERSION, conn_id, proof)))
+        sock.sendall(encode(Data(MAX_VERSION, conn_id, proof)) + then)
         return sock
 
     def close(self) -> None:
