@@ -34,6 +34,8 @@ import sys
 import time
 from typing import Any
 
+from _load import summary_ms  # this script's folder is on the path
+
 HEAD = struct.Struct("!QQ")  # sequence number, send time in ns
 BUFFER = 4 << 20  # as the echo server's: capped by net.core.rmem_max / wmem_max
 #: datagrams in flight this long with no echo are written off (a loss must not stall)
@@ -58,21 +60,8 @@ def rx_drops(sock: socket.socket) -> int | None:
         return None
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
 def _latency(values_ms: list[float]) -> dict[str, Any]:
-    return {
-        "n": len(values_ms),
-        "p50_ms": _pct(values_ms, 50),
-        "p90_ms": _pct(values_ms, 90),
-        "p99_ms": _pct(values_ms, 99),
-        "max_ms": max(values_ms) if values_ms else None,
-    }
+    return summary_ms(values_ms)
 
 
 def _wait_until(at: float) -> None:

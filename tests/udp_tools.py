@@ -279,15 +279,6 @@ def wait_metrics(
         time.sleep(0.1)
 
 
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        lines = status.read().splitlines()
-    for line in lines:
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
 # ---------------------------------------------------------------------------- nodes
 
 

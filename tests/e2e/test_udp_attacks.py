@@ -11,6 +11,7 @@ import struct
 
 import pytest
 
+from attack_tools import rss_kib
 from support import Harness
 from udp_tools import (
     UdpClient,
@@ -18,7 +19,6 @@ from udp_tools import (
     free_udp_port,
     metric,
     open_flows,
-    rss_kib,
     scrape,
     send_windowed,
     start_tunnel,
