@@ -24,7 +24,7 @@ from tcpgc.metrics import Metrics
 from tcpgc.protocol.messages import Open
 from tcpgc.relay.datagrams import DatagramRelay
 from tcpgc.relay.factory import start_chunked_relay
-from tcpgc.relay.result import AnyRelay, RelayResult
+from tcpgc.relay.result import AnyRelay, RelayEnd, RelayResult
 from tcpgc.relay.resumable import ResumableRelay
 from tcpgc.transport.dial import dial
 from tcpgc.transport.failures import transport_error
@@ -201,13 +201,8 @@ class Opener:
                         failure)  # fmt: skip
             claim.refuse(f"cannot reach its server: {failure}")
             return None
-        try:
-            claimed = await claim.connect()
-        except BaseException:
-            end.abort()
-            raise
+        claimed = await _claim(claim, end)
         if claimed is None:
-            end.abort()
             return None
         data_link, data_frame, first = claimed
         data_link.write(data_frame)
@@ -229,13 +224,8 @@ class Opener:
         server_link = await self._dial_server(ll, request, claim)
         if server_link is None:
             return None
-        try:
-            claimed = await claim.connect()
-        except BaseException:  # cancelled: the session or the node is stopping
-            server_link.abort()
-            raise
+        claimed = await _claim(claim, server_link)
         if claimed is None:
-            server_link.abort()
             return None
         data_link, data_frame, early = claimed
         version = self.config.proxy_protocol.get(request.service)
@@ -267,3 +257,16 @@ class Opener:
             relay.result.bytes_b_to_a += len(early)
             counters[1].inc(len(early))
         return relay
+
+
+async def _claim(claim: Claim, server_side: RelayEnd) -> tuple[Link, bytes, bytes] | None:
+    """`claim.connect()`; the server's side is let go of if the client cannot be
+    claimed (or the claim is cancelled: the session or the node is stopping)."""
+    try:
+        claimed = await claim.connect()
+    except BaseException:
+        server_side.abort()
+        raise
+    if claimed is None:
+        server_side.abort()
+    return claimed
