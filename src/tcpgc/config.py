@@ -133,11 +133,16 @@ class LLConfig(NodeControls):
             return listener.client_rate_limit
         return self.client_rate_limit
 
+    def is_udp(self, service: str) -> bool:
+        """Whether `service` (configured, or a port an agent exposes) is UDP."""
+        listener = self.services.get(service)
+        return listener.udp if listener is not None else service.endswith(UDP_SUFFIX)
+
     def window_of(self, service: str) -> float:
         """The resume window of `service`'s streams."""
-        listener = self.services.get(service)
-        if (listener is not None and listener.udp) or service.endswith(UDP_SUFFIX):
+        if self.is_udp(service):
             return 0.0  # datagrams are not resent: a flow is never resumed
+        listener = self.services.get(service)
         if listener is not None and listener.resume_window is not None:
             return listener.resume_window
         return self.resume_window

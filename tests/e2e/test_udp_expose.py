@@ -12,6 +12,7 @@ import pytest
 
 from agent_tools import agent_revoke, free_port_range, start_agents_ll
 from support import Harness, echo_roundtrip
+from udp_tools import free_udp_port, start_tunnel
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -99,3 +100,22 @@ def test_the_shared_join_token_may_expose_no_udp_port(harness: Harness, udp_echo
     why = cc.wait_for(rf"expose of UDP port {base} refused: (?P<why>.*)", 10)["why"]
     assert "shared join token may expose no port" in why
     assert ask(base, b"lost", timeout=0.5) is None
+
+
+def test_a_service_udp_on_the_ll_and_tcp_on_the_agent_is_refused_and_said_so(
+    harness: Harness, udp_echo: UdpEcho
+) -> None:
+    """The LL's OPEN says the client is a UDP flow: an agent that serves the name as a
+    TCP service refuses it, saying how to fix it, instead of dialing TCP with datagrams."""
+    port = free_udp_port()
+    tunnel = start_tunnel(
+        harness,
+        {"dns": {"clients": f"{LOCAL}:{port}", "protocol": "udp"}},
+        {"dns": {"server": f"{LOCAL}:{udp_echo.port}"}},  # TCP on the agent: a mistake
+        ll_options={"client_wait": 2.0},
+    )
+    assert ask(port, b"query", timeout=1.0) is None
+    line = tunnel.cc.wait_for(
+        r"has service 'dns' as UDP, this agent as TCP: refused(?P<rest>.*)", 10
+    )
+    assert 'protocol = "udp"' in line["rest"]

@@ -13,6 +13,8 @@ from fuzz_settings import fuzz, timeout
 from tcpgc.errors import ProtocolError
 from tcpgc.protocol.chunks import END, HEADER_SIZE
 from tcpgc.protocol.datagrams import MAX_DATAGRAM, DatagramDecoder, encode_datagram
+from tcpgc.protocol.frame_decoder import FrameDecoder
+from tcpgc.protocol.messages import HEADER, MessageType, Open, encode
 
 pytestmark = timeout
 
@@ -103,3 +105,25 @@ def test_a_datagram_split_inside_its_header_waits_for_the_rest() -> None:
     assert decoder.pending == 6
     assert decoder.feed(wire[6:]) == [b"hello"]
     assert decoder.pending == 0
+
+
+# ---- OPEN says whether the client is a UDP flow ------------------------------------
+
+
+@fuzz
+@given(st.booleans(), st.integers(min_value=0, max_value=2**32 - 1))
+def test_open_carries_whether_its_client_is_a_udp_flow(udp: bool, window: int) -> None:
+    sent = Open(bytes(16), "dns", "192.0.2.7", 40000, "198.51.100.1", 53, window, udp)
+    decoder = FrameDecoder()
+    decoder.receive_data(encode(sent))
+    assert decoder.next_message() == sent
+
+
+@fuzz
+@given(st.integers(min_value=2, max_value=255))
+def test_an_open_with_any_other_protocol_flag_is_refused(flag: int) -> None:
+    payload = Open(bytes(16), "dns").payload()[:-1] + bytes([flag])
+    decoder = FrameDecoder()
+    decoder.receive_data(HEADER.pack(MessageType.OPEN, len(payload)) + payload)
+    with pytest.raises(ProtocolError):
+        decoder.next_message()

@@ -219,7 +219,17 @@ class Opener:
         refusal is reported to the LL as such (OPEN_FAILED) instead of as a connection
         that closes."""
         udp_idle = self.config.udp_services.get(request.service)
-        if udp_idle is not None and request.service in self.config.services:
+        if request.udp != (udp_idle is not None) and request.service in self.config.services:
+            theirs, ours = ("UDP", "TCP") if request.udp else ("TCP", "UDP")
+            self._refusals.refused(
+                f"LL {ll} has service '{request.service}' as {theirs}, this agent as {ours}: "
+                f"refused; give it the same protocol on both nodes ([services."
+                f'{request.service}] protocol = "{theirs.lower()}")'
+            )
+            claim.refuse(f"service '{request.service}' is {ours} on this agent")
+            self.metrics.child(self.metrics.clients_refused, request.service, "protocol").inc()
+            return None
+        if udp_idle is not None:
             return await self._open_flow(ll, request, claim, on_idle, udp_idle)
         server_link = await self._dial_server(ll, request, claim)
         if server_link is None:

@@ -140,8 +140,9 @@ class ClientPairing:
             conn_id = secrets.token_bytes(CONN_ID_SIZE)
             window_ms = int(self.config.window_of(service) * 1000)
             open_message = Open(
-                conn_id, service, *link.peer_endpoint, *link.local_endpoint, window_ms
-            )
+                conn_id, service, *link.peer_endpoint, *link.local_endpoint, window_ms,
+                self.config.is_udp(service),
+            )  # fmt: skip
             try:
                 ready = await self._offer_ready(agent, open_message, link, remaining)
             except PeerRefused as exc:

@@ -176,11 +176,9 @@ class Error:
 
 @dataclass(frozen=True)
 class Open:
-    """LL → agent: a client of `service` waits; claim it with a data connection.
-    Carries the client's address and the address it connected to, so the agent can
-    tell the server who the client is (PROXY protocol). Empty host: unknown.
-    `resume_window_ms`: how long the stream may wait for a resume after a break of
-    the leg (0: it is not resumable, and closes with its data connection)."""
+    """LL → agent: a client of `service` waits; claim it with a data connection. With
+    the client's address and the one it connected to (PROXY protocol; empty: unknown),
+    `resume_window_ms` (0: not resumable), and `udp`: the client is a UDP flow."""
 
     TYPE: ClassVar[MessageType] = MessageType.OPEN
     conn_id: bytes
@@ -190,6 +188,7 @@ class Open:
     local_host: str = ""
     local_port: int = 0
     resume_window_ms: int = 0
+    udp: bool = False
 
     def payload(self) -> bytes:
         return (
@@ -197,7 +196,7 @@ class Open:
             + name_field(self.service)
             + endpoint_field(self.client_host, self.client_port)
             + endpoint_field(self.local_host, self.local_port)
-            + struct.pack("!I", self.resume_window_ms)
+            + struct.pack("!IB", self.resume_window_ms, self.udp)
         )
 
     @classmethod
@@ -205,8 +204,11 @@ class Open:
         conn_id, service = r.take(CONN_ID_SIZE), r.name()
         client_host, client_port = r.endpoint()
         local_host, local_port = r.endpoint()
-        window = r.u32()
-        return cls(conn_id, service, client_host, client_port, local_host, local_port, window)
+        window, udp = r.u32(), r.u8()
+        if udp > 1:
+            raise ProtocolError(f"OPEN has a protocol flag of {udp}")
+        ends = (client_host, client_port, local_host, local_port)
+        return cls(conn_id, service, *ends, window, bool(udp))
 
 
 @dataclass(frozen=True)
