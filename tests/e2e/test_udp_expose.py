@@ -6,50 +6,22 @@ expose none; and the port closes when the agent is revoked."""
 from __future__ import annotations
 
 import socket
-import threading
 
 import pytest
 
 from agent_tools import agent_revoke, free_port_range, start_agents_ll
 from support import Harness, echo_roundtrip
-from udp_tools import free_udp_port, start_tunnel
+from udp_tools import UdpEchoServer, echo_server, free_udp_port, start_tunnel
 
 pytestmark = pytest.mark.timeout(90)
 
 LOCAL = "127.0.0.1"
 
 
-class UdpEcho:
-    """A UDP server on 127.0.0.1 that answers each datagram with b'echo:' + it."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((LOCAL, 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data, peer = self.sock.recvfrom(65535)
-            except TimeoutError:
-                continue
-            self.sock.sendto(b"echo:" + data, peer)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
-
-
 @pytest.fixture
-def udp_echo() -> UdpEcho:  # type: ignore[misc]
-    server = UdpEcho()
-    yield server
-    server.close()
+def udp_echo(harness: Harness) -> UdpEchoServer:
+    """Answers each datagram with b'echo:' + it; stopped with the harness."""
+    return echo_server(harness, tag=b"echo:")
 
 
 def ask(port: int, payload: bytes, timeout: float = 3.0) -> bytes | None:
@@ -64,7 +36,7 @@ def ask(port: int, payload: bytes, timeout: float = 3.0) -> bytes | None:
 
 
 def test_an_agent_exposes_a_udp_port_beside_a_tcp_port_of_the_same_number(
-    harness: Harness, udp_echo: UdpEcho
+    harness: Harness, udp_echo: UdpEchoServer
 ) -> None:
     base = free_port_range(4)
     env = start_agents_ll(harness)
@@ -75,9 +47,9 @@ def test_an_agent_exposes_a_udp_port_beside_a_tcp_port_of_the_same_number(
         token,
         name="cc-edge",
         exposes=[
-            f"udp:{base}={LOCAL}:{udp_echo.port}",
+            f"udp:{base}={udp_echo.addr_str}",
             f"{base}={tcp_server.addr_str}",
-            f"udp:{base + 3}={LOCAL}:{udp_echo.port}",  # outside its range
+            f"udp:{base + 3}={udp_echo.addr_str}",  # outside its range
         ],
     )
     env.ll.wait_for(rf"UDP port {base} exposed by agent 'edge'", 10, since=mark)
@@ -92,18 +64,20 @@ def test_an_agent_exposes_a_udp_port_beside_a_tcp_port_of_the_same_number(
     assert ask(base, b"after", timeout=0.5) is None
 
 
-def test_the_shared_join_token_may_expose_no_udp_port(harness: Harness, udp_echo: UdpEcho) -> None:
+def test_the_shared_join_token_may_expose_no_udp_port(
+    harness: Harness, udp_echo: UdpEchoServer
+) -> None:
     base = free_port_range(1)
     env = start_agents_ll(harness)
     shared = harness.token(env.state_dir)
-    cc = env.start_cc(shared, name="cc-shared", exposes=[f"udp:{base}={LOCAL}:{udp_echo.port}"])
+    cc = env.start_cc(shared, name="cc-shared", exposes=[f"udp:{base}={udp_echo.addr_str}"])
     why = cc.wait_for(rf"expose of UDP port {base} refused: (?P<why>.*)", 10)["why"]
     assert "shared join token may expose no port" in why
     assert ask(base, b"lost", timeout=0.5) is None
 
 
 def test_a_service_udp_on_the_ll_and_tcp_on_the_agent_is_refused_and_said_so(
-    harness: Harness, udp_echo: UdpEcho
+    harness: Harness, udp_echo: UdpEchoServer
 ) -> None:
     """The LL's OPEN says the client is a UDP flow: an agent that serves the name as a
     TCP service refuses it, saying how to fix it, instead of dialing TCP with datagrams."""
@@ -111,7 +85,7 @@ def test_a_service_udp_on_the_ll_and_tcp_on_the_agent_is_refused_and_said_so(
     tunnel = start_tunnel(
         harness,
         {"dns": {"clients": f"{LOCAL}:{port}", "protocol": "udp"}},
-        {"dns": {"server": f"{LOCAL}:{udp_echo.port}"}},  # TCP on the agent: a mistake
+        {"dns": {"server": f"{udp_echo.addr_str}"}},  # TCP on the agent: a mistake
         ll_options={"client_wait": 2.0},
     )
     assert ask(port, b"query", timeout=1.0) is None

@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from loops import LOOPS, run_on
+from loops import LOOPS, loop_turns, run_on
 from tcpgc.cc.udp_flow import ServerFlowEnd, open_server_socket, start_flow
 from tcpgc.config import Address
 from tcpgc.protocol.chunks import END
@@ -37,6 +37,7 @@ class _Rig:
         self.peer.setblocking(False)
         self.drops: Counter[str] = Counter()
         self.idle: list[Link] = []
+        self.handed_back = asyncio.Event()  # set when the relay hands `b` back (on_idle)
         self.decoder = DatagramDecoder()
         self.link: Link | None = None
         self.end: ServerFlowEnd | None = None
@@ -61,16 +62,17 @@ class _Rig:
                 await asyncio.sleep(0.005)
         self.end = await open_server_socket(Address("127.0.0.1", self.server.getsockname()[1]))
         counters = FlowCounters(drop=lambda reason: self.drops.update([reason]))
-        return start_flow(self.end, self.link, first, counters, idle_timeout, self.idle.append)
+        return start_flow(self.end, self.link, first, counters, idle_timeout, self._on_idle)
 
-    async def from_server(self, within: float = 5.0) -> tuple[bytes, object]:
-        # (uvloop has no sock_recvfrom.)
-        async with asyncio.timeout(within):
-            while True:
-                try:
-                    return self.server.recvfrom(70000)
-                except BlockingIOError:
-                    await asyncio.sleep(0.002)
+    def _on_idle(self, link: Link) -> None:
+        self.idle.append(link)
+        self.handed_back.set()
+
+    async def from_server(self) -> bytes:
+        """The next datagram the server got (uvloop has no sock_recvfrom; sock_recv
+        reads a datagram whole too)."""
+        async with asyncio.timeout(5):
+            return await self.loop.sock_recv(self.server, 70000)
 
     async def from_relay(self, count: int) -> list[bytes]:
         """The next `count` datagrams the relay put into the data connection."""
@@ -106,7 +108,7 @@ def test_datagrams_cross_whole_both_ways_first_one_first(loop: str) -> None:
             sizes = [1, 1400, 8000, 65507]
             later = [bytes([n % 251]) * n for n in sizes]
             await r.loop.sock_sendall(r.peer, b"".join(encode_datagram(d) for d in later))
-            seen = [(await r.from_server())[0] for _ in range(len(later) + 1)]
+            seen = [await r.from_server() for _ in range(len(later) + 1)]
             assert seen == [b"first", *later]
             # Replies go back as whole chunks, in order.
             replies = [b"r" * n for n in sizes]
@@ -133,10 +135,7 @@ def test_an_idle_flow_ends_with_its_marker_and_the_connection_is_handed_back(
             assert relay.a.sock.fileno() == -1  # type: ignore[attr-defined]
             assert r.idle == []  # not before the peer's end marker
             await r.loop.sock_sendall(r.peer, END + b"next frame")
-            for _ in range(50):
-                if r.idle:
-                    break
-                await asyncio.sleep(0.01)
+            await asyncio.wait_for(r.handed_back.wait(), 5)
             assert r.idle == [r.link]
             assert r.link is not None and r.link.buffered == b"next frame"
 
@@ -151,7 +150,7 @@ def test_the_peers_end_marker_ends_the_flow_and_answers_with_ours(loop: str) -> 
             await r.loop.sock_sendall(r.peer, encode_datagram(b"last") + END)
             result = await asyncio.wait_for(relay.done, 5)
             assert result.ended == "ended by the LL"
-            assert (await r.from_server())[0] == b"last"
+            assert await r.from_server() == b"last"
             assert await r.from_relay(1) == [] and r.decoder.ended
             assert r.idle == [r.link]
 
@@ -218,8 +217,8 @@ def test_a_flow_whose_end_or_fault_came_before_its_relay_ends_cleanly(
             assert (await asyncio.wait_for(relay.done, 5)).ended == ended
             assert r.end is not None and r.end.sock.fileno() == -1
             assert r.end.relay is None  # never read: the socket was closed first
-            await asyncio.sleep(0.05)  # a stray reader on a closed descriptor would fire
-            assert (await r.from_server())[0] == b"first"
+            await loop_turns()  # a stray reader on a closed descriptor would fire
+            assert await r.from_server() == b"first"
 
     run_on(loop, main)
 
@@ -236,7 +235,7 @@ def test_a_rate_limit_drops_datagrams_over_it_and_counts_them(loop: str) -> None
             # The burst (16 KiB: 16 datagrams) goes; the rest of a 100 sent at once is
             # over the rate and dropped, not delayed.
             assert await r.from_relay(16) == [b"x" * 1000] * 16
-            await asyncio.sleep(0.02)
+            await loop_turns()  # the reader has read all 100 (they were sent before)
             assert 16 <= relay.datagrams_up <= 18
             assert r.drops["rate_limited"] == 100 - relay.datagrams_up
 

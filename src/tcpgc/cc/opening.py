@@ -188,7 +188,7 @@ class Opener:
             return None
 
     async def _open_flow(
-        self, ll: Address, request: Open, claim: Claim, on_idle: OnIdle, idle_timeout: float
+        self, request: Open, claim: Claim, on_idle: OnIdle, idle_timeout: float
     ) -> AnyRelay | None:
         """A UDP flow: its own socket toward the server, then the flow claimed."""
         server = self.config.services[request.service]
@@ -230,7 +230,7 @@ class Opener:
             self.metrics.child(self.metrics.clients_refused, request.service, "protocol").inc()
             return None
         if udp_idle is not None:
-            return await self._open_flow(ll, request, claim, on_idle, udp_idle)
+            return await self._open_flow(request, claim, on_idle, udp_idle)
         server_link = await self._dial_server(ll, request, claim)
         if server_link is None:
             return None

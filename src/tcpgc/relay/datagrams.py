@@ -234,7 +234,7 @@ class DatagramRelay(Completion):
             return
         self.datagrams_down += sent
         self.result.bytes_b_to_a += size
-        self.result.last_activity = time.monotonic()
+        self.result.last_activity = now
         if c.datagrams_down is not None:
             c.datagrams_down.inc(sent)
         if c.bytes_down is not None:
